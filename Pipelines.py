@@ -1,0 +1,218 @@
+"""Model loading: which model, on which device, in which dtype. No HTTP here.
+
+``ModelPipelineInitializer(model, type_models="t2im").initialize_pipeline()`` returns an object whose
+``start()`` loads the pipeline once and exposes ``.pipeline`` and ``.device``. ``model`` is a Hugging Face hub id,
+any local directory written by ``save_pretrained``, or a random-weight preset (``random:tiny``,
+``random:sd3.5-medium``) that is built offline.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from utils.random_models import RANDOM_PRESETS, build_random_pipeline, is_random_preset
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DTYPES",
+    "ModelLoadError",
+    "ModelPipelineInitializer",
+    "PresetModels",
+    "TextToImagePipelineSD3",
+    "resolve_device",
+    "resolve_dtype",
+]
+
+
+@dataclass(frozen=True)
+class PresetModels:
+    """Known SD3-family checkpoints (hub ids) and the offline random-weight presets."""
+
+    SD3: str = "stabilityai/stable-diffusion-3-medium-diffusers"
+    SD3_5_LARGE: str = "stabilityai/stable-diffusion-3.5-large"
+    SD3_5_LARGE_TURBO: str = "stabilityai/stable-diffusion-3.5-large-turbo"
+    SD3_5_MEDIUM: str = "stabilityai/stable-diffusion-3.5-medium"
+    RANDOM_TINY: str = "random:tiny"
+    RANDOM_SD3_5_MEDIUM: str = "random:sd3.5-medium"
+
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+SUPPORTED_TYPES = ("t2im",)
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be loaded; ``hint`` says what to do about it."""
+
+    def __init__(self, message: str, hint: str) -> None:
+        super().__init__(f"{message}\nHint: {hint}")
+        self.message = message
+        self.hint = hint
+
+
+def resolve_device(requested: str | None = None) -> torch.device:
+    """The device to run on: ``requested`` if given, else cuda, then mps, then cpu."""
+    if requested and requested != "auto":
+        device = torch.device(requested)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ModelLoadError(f"device {requested!r} was asked for but CUDA is not available", "use --device cpu")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise ModelLoadError(f"device {requested!r} was asked for but MPS is not available", "use --device cpu")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_dtype(requested: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """The dtype to load in: ``requested`` if given, else bfloat16 on a GPU, float16 on MPS, float32 on CPU."""
+    if isinstance(requested, torch.dtype):
+        return requested
+    if requested and requested != "auto":
+        try:
+            return DTYPES[requested.lower()]
+        except KeyError:
+            raise ModelLoadError(
+                f"unknown dtype {requested!r}", f"use one of: auto, {', '.join(sorted(set(DTYPES)))}"
+            ) from None
+    if device.type == "cuda":
+        return torch.bfloat16
+    if device.type == "mps":
+        return torch.float16
+    return torch.float32
+
+
+def _check_local_dir(path: Path) -> None:
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise ModelLoadError(
+            f"{path} is not a diffusers pipeline directory (no model_index.json)",
+            "point --model at a directory written by pipeline.save_pretrained(), or at a hub id",
+        )
+    try:
+        class_name = json.loads(index.read_text()).get("_class_name", "")
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read {index}: {exc}", "re-save the pipeline with save_pretrained()") from exc
+    if class_name and "StableDiffusion3" not in class_name:
+        raise ModelLoadError(
+            f"{path} holds a {class_name}, not a Stable Diffusion 3 pipeline",
+            "this server serves SD3 / SD3.5 text-to-image pipelines",
+        )
+
+
+class TextToImagePipelineSD3:
+    """Loads one SD3 / SD3.5 text-to-image pipeline; ``start()`` does the work, once."""
+
+    def __init__(self, model_path: str | None = None, device: str | None = None, dtype: str | None = None) -> None:
+        self.model_path = model_path or os.environ.get("MODEL_PATH") or PresetModels.SD3_5_MEDIUM
+        self.requested_device = device
+        self.requested_dtype = dtype
+        self.pipeline: Any | None = None
+        self.device: torch.device | None = None
+        self.dtype: torch.dtype | None = None
+
+    def start(self) -> TextToImagePipelineSD3:
+        """Load the pipeline onto the resolved device and dtype. Raises ``ModelLoadError`` with a hint."""
+        if self.pipeline is not None:
+            return self
+        device = resolve_device(self.requested_device)
+        dtype = resolve_dtype(self.requested_dtype, device)
+        logger.info("loading %s on %s as %s", self.model_path, device, dtype)
+        if is_random_preset(self.model_path):
+            try:
+                pipeline = build_random_pipeline(self.model_path, device=device, dtype=dtype)
+            except ValueError as exc:
+                raise ModelLoadError(str(exc), f"use one of: {', '.join(RANDOM_PRESETS)}") from exc
+        else:
+            pipeline = self._from_pretrained(dtype).to(device)
+        # tqdm bars from concurrent requests interleave into noise on stderr; the server logs instead.
+        pipeline.set_progress_bar_config(disable=True)
+        self.pipeline, self.device, self.dtype = pipeline, device, dtype
+        return self
+
+    def _from_pretrained(self, dtype: torch.dtype) -> Any:
+        from diffusers import StableDiffusion3Pipeline
+
+        path = Path(self.model_path).expanduser()
+        looks_local = path.is_absolute() or self.model_path.startswith((".", "~")) or path.exists()
+        if looks_local:
+            if not path.is_dir():
+                raise ModelLoadError(
+                    f"model directory {self.model_path!r} does not exist",
+                    "check the path, or give a hub id such as stabilityai/stable-diffusion-3.5-medium",
+                )
+            _check_local_dir(path)
+            source = str(path)
+        else:
+            source = self.model_path
+        try:
+            return StableDiffusion3Pipeline.from_pretrained(source, torch_dtype=dtype)
+        except Exception as exc:
+            raise self._explain(exc) from exc
+
+    def _explain(self, exc: Exception) -> ModelLoadError:
+        # The useful signal is often in a chained cause (huggingface_hub errors wrapped in an OSError).
+        chain: list[BaseException] = []
+        current: BaseException | None = exc
+        while current is not None and len(chain) < 5:
+            chain.append(current)
+            current = current.__cause__ or current.__context__
+        names = " ".join(type(e).__name__ for e in chain)
+        text = " ".join(str(e) for e in chain).lower()
+        if "gated" in names.lower() or "gated" in text or " 401" in text or " 403" in text:
+            hint = "accept the model's licence on its hub page and set HF_TOKEN (or run `hf auth login`)"
+        elif "RepositoryNotFound" in names or " 404" in text:
+            hint = "check the model id, or point --model at a local directory written by save_pretrained()"
+        elif "LocalEntryNotFound" in names or any(
+            word in text for word in ("offline", "cached", "connect", "outgoing traffic", "resolve")
+        ):
+            hint = (
+                "the weights are not in the local cache and the hub cannot be reached: download them on a "
+                "connected machine (or copy the cache), point --model at a local directory, or use "
+                "--model random:tiny to run offline with random weights"
+            )
+        else:
+            hint = "check that the model is a Stable Diffusion 3 pipeline in diffusers format"
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        return ModelLoadError(f"cannot load model {self.model_path!r}: {type(exc).__name__}: {first_line}", hint)
+
+
+class ModelPipelineInitializer:
+    """Picks the loader for ``type_models`` (only ``t2im``, text-to-image, today)."""
+
+    def __init__(
+        self,
+        model: str | None = None,
+        type_models: str = "t2im",
+        device: str | None = None,
+        dtype: str | None = None,
+    ) -> None:
+        self.model = model or os.environ.get("MODEL_PATH") or PresetModels.SD3_5_MEDIUM
+        self.type_models = type_models
+        self.device = device
+        self.dtype = dtype
+
+    def initialize_pipeline(self) -> TextToImagePipelineSD3:
+        """Return the (not yet started) loader for the configured model."""
+        if self.type_models not in SUPPORTED_TYPES:
+            raise ModelLoadError(
+                f"unsupported type_models {self.type_models!r}",
+                f"use one of: {', '.join(SUPPORTED_TYPES)} (text-to-image with SD3 / SD3.5)",
+            )
+        return TextToImagePipelineSD3(self.model, device=self.device, dtype=self.dtype)
