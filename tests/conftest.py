@@ -18,3 +18,150 @@ def tiny_pipeline():
     from Pipelines import TextToImagePipelineSD3
 
     return TextToImagePipelineSD3("random:tiny", device="cpu").start().pipeline
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Live servers on loopback: in-process uvicorn (fast; lets a test inject a fault into the loader) and
+# subprocesses (for the CLI, signals and test.py).
+# ---------------------------------------------------------------------------------------------------------
+
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+from typing import Any  # noqa: E402
+
+import httpx  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def wait_ready(url: str, timeout: float = 120.0, proc: subprocess.Popen | None = None) -> None:
+    """Poll GET /ready until it answers 200."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before becoming ready")
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} not ready after {timeout}s")
+
+
+class LiveServer:
+    """A real uvicorn serving `create_app(settings)` on 127.0.0.1, in a background thread."""
+
+    def __init__(self, app: Any) -> None:
+        import uvicorn
+
+        self.app = app
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", timeout_graceful_shutdown=5)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="live-server", daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+
+    @property
+    def engine(self) -> Any:
+        return self.app.state.engine
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def tiny_loader(pipeline: Any) -> Callable[[Any], Any]:
+    """A loader handing the app an already built pipeline (the session's tiny one)."""
+    import torch
+
+    return lambda settings: SimpleNamespace(pipeline=pipeline, device=torch.device("cpu"))
+
+
+@pytest.fixture
+def make_server(tiny_pipeline, tmp_path) -> Iterator[Callable[..., LiveServer]]:
+    """Factory: make_server(loader=None, **settings) -> a ready LiveServer serving the tiny pipeline."""
+    from serverasync import Settings, create_app
+
+    servers: list[LiveServer] = []
+
+    def make(loader: Callable[[Any], Any] | None = None, wait: bool = True, **overrides: Any) -> LiveServer:
+        options = {"model": "random:tiny", "image_dir": str(tmp_path / f"images{len(servers)}"), **overrides}
+        app = create_app(Settings(**options), loader=loader or tiny_loader(tiny_pipeline))
+        live = LiveServer(app)
+        servers.append(live)
+        if wait:
+            wait_ready(live.url)
+        return live
+
+    yield make
+    for live in servers:
+        live.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerProcess:
+    """`python serverasync.py ...` in a subprocess on a free loopback port."""
+
+    def __init__(self, *args: str, tmp_path: Path, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = tmp_path / f"server-{self.port}.log"
+        command = [sys.executable, str(REPO / "serverasync.py"), "--host", "127.0.0.1", "--port", str(self.port)]
+        if "--model" not in args:
+            command += ["--model", "random:tiny"]
+        if "--image-dir" not in args:
+            command += ["--image-dir", str(tmp_path / "images")]
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [*command, *args],
+            cwd=REPO,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
+
+    def wait_ready(self, timeout: float = 120.0) -> ServerProcess:
+        wait_ready(self.url, timeout, self.proc)
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+        self._log.close()
+
+
+@pytest.fixture
+def spawn_server(tmp_path) -> Iterator[Callable[..., ServerProcess]]:
+    """Factory: spawn_server(*cli_args) -> a started (not yet ready) ServerProcess; killed at teardown."""
+    procs: list[ServerProcess] = []
+
+    def spawn(*args: str, env: dict[str, str] | None = None) -> ServerProcess:
+        proc = ServerProcess(*args, tmp_path=tmp_path, env=env)
+        procs.append(proc)
+        return proc
+
+    yield spawn
+    for proc in procs:
+        proc.stop()

@@ -1,0 +1,340 @@
+"""Admission and execution: slots, a bounded FIFO queue, deadlines and cancellation.
+
+Why not one thread per request (the reference)? Requests on one device share its compute: N requests running at
+once each take about N times as long, so a burst all finishes near the end (mean latency ~ N x S). Running at
+most ``max_concurrency`` at once, first come first served, gives the same throughput with a mean latency of about
+(N + 1) / 2 x S, and bounds memory. Beyond the slots, up to ``max_queue`` requests wait; beyond that the answer is
+an immediate overload error, before any work is done.
+
+A request that times out or whose client went away is stopped at its next denoising step (the step callback raises
+``GenerationCancelled`` in the worker thread); a queued one never runs. Its slot is released when the worker thread
+has really stopped, so ``active`` always counts threads that are computing.
+
+All bookkeeping (``_active``, ``_waiters``, counters) is touched only from the event loop thread, so it needs no
+lock; worker threads report back through ``loop.call_soon_threadsafe`` (via ``asyncio.wrap_future``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ClientGone",
+    "Engine",
+    "EngineError",
+    "GenerationCancelled",
+    "GenerationRequest",
+    "GenerationResult",
+    "GenerationTimeout",
+    "NotReady",
+    "OutOfMemory",
+    "Overloaded",
+    "pipeline_runner",
+    "release_memory",
+]
+
+
+class EngineError(Exception):
+    """Base of the engine's expected failures; the HTTP layer maps each to a status code."""
+
+
+class Overloaded(EngineError):
+    """All slots busy and the queue full: nothing was done."""
+
+
+class NotReady(EngineError):
+    """The engine is loading or draining."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class GenerationTimeout(EngineError):
+    """The request's deadline passed; its generation was stopped."""
+
+
+class ClientGone(EngineError):
+    """The client disconnected; its generation was stopped or never started."""
+
+
+class OutOfMemory(EngineError):
+    """The device (or host) ran out of memory; caches were freed."""
+
+
+class GenerationCancelled(Exception):
+    """Raised inside the worker thread, from the step callback, to stop a generation."""
+
+
+@dataclass
+class GenerationRequest:
+    """One generation, whichever API it came from."""
+
+    prompt: str
+    num_inference_steps: int
+    num_images: int
+    seed: int
+    height: int
+    width: int
+    negative_prompt: str | None = None
+    guidance_scale: float | None = None
+    request_id: str = ""
+
+
+@dataclass
+class GenerationResult:
+    images: list[Any]
+    seed: int
+    queued_s: float = 0.0  # waiting for a slot
+    first_step_s: float | None = None  # arrival -> first denoising step done
+    generate_s: float = 0.0  # in the pipeline
+
+
+@dataclass
+class _Job:
+    request: GenerationRequest
+    cancel: threading.Event = field(default_factory=threading.Event)
+    arrived: float = field(default_factory=time.monotonic)
+    first_step_at: float | None = None
+
+
+Runner = Callable[[GenerationRequest, Callable[[int], None]], list[Any]]
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError))
+
+
+def release_memory() -> None:
+    """Free Python garbage and the accelerator's cached blocks."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if torch.backends.mps.is_available():
+        torch.mps.empty_cache()
+
+
+class Engine:
+    """Runs ``runner(request, on_step)`` in worker threads under admission control.
+
+    ``runner`` must call ``on_step(step_index)`` after every denoising step; that call raises
+    ``GenerationCancelled`` when the request was abandoned.
+    """
+
+    def __init__(
+        self,
+        runner: Runner,
+        max_concurrency: int = 1,
+        max_queue: int = 32,
+        request_timeout: float = 0,
+        release: Callable[[], None] = release_memory,
+    ) -> None:
+        if max_concurrency < 1 or max_queue < 0:
+            raise ValueError("max_concurrency must be >= 1 and max_queue >= 0")
+        self.runner = runner
+        self.max_concurrency = max_concurrency
+        self.max_queue = max_queue
+        self.request_timeout = request_timeout
+        self.release = release
+        self._executor = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="generate")
+        self._active = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self.ready_reason: str | None = "loading"  # None when ready
+        self.stats = dict.fromkeys(
+            ("total", "completed", "rejected", "timed_out", "disconnected", "failed", "out_of_memory"), 0
+        )
+
+    # -- state ------------------------------------------------------------------------------------------
+
+    @property
+    def active(self) -> int:
+        """Slots in use: generations running now (including ones stopping after a cancel)."""
+        return self._active
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiters)
+
+    def set_ready(self) -> None:
+        self.ready_reason = None
+
+    def start_draining(self) -> None:
+        self.ready_reason = "draining"
+
+    # -- admission --------------------------------------------------------------------------------------
+
+    async def _acquire(self, job: _Job, gone: asyncio.Event, deadline: float | None) -> None:
+        if self._active < self.max_concurrency and not self._waiters:
+            self._active += 1
+            return
+        if len(self._waiters) >= self.max_queue:
+            raise Overloaded
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await self._race(waiter, gone, deadline)
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self._release_slot()  # the slot was handed to us as we gave up: pass it on
+            else:
+                waiter.cancel()
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+            raise
+
+    def _release_slot(self) -> None:
+        self._active -= 1
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self._active += 1
+                waiter.set_result(None)
+                return
+        if self._active == 0:
+            # Idle: a good moment to return cached memory, as it can't stall a running request.
+            self._executor.submit(self._release_if_idle)
+
+    def _release_if_idle(self) -> None:
+        if self._active == 0:
+            try:
+                self.release()
+            except Exception:  # noqa: BLE001 - clean-up must never take the engine down
+                logger.exception("memory release failed")
+
+    @staticmethod
+    async def _race(main: asyncio.Future[Any], gone: asyncio.Event, deadline: float | None) -> Any:
+        """Wait for ``main``; raise ClientGone or GenerationTimeout if the client leaves or time runs out."""
+        gone_waiter = asyncio.ensure_future(gone.wait())
+        try:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            await asyncio.wait({main, gone_waiter}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone_waiter.cancel()
+        if main.done():
+            return main.result()
+        if gone.is_set():
+            raise ClientGone
+        raise GenerationTimeout
+
+    # -- execution --------------------------------------------------------------------------------------
+
+    async def submit(self, request: GenerationRequest, gone: asyncio.Event | None = None) -> GenerationResult:
+        """Admit, run and return one generation; raise an ``EngineError`` for every expected failure."""
+        self.stats["total"] += 1
+        if self.ready_reason is not None:
+            self.stats["rejected"] += 1
+            raise NotReady(self.ready_reason)
+        job = _Job(request)
+        gone = gone if gone is not None else asyncio.Event()
+        deadline = job.arrived + self.request_timeout if self.request_timeout > 0 else None
+        try:
+            try:
+                await self._acquire(job, gone, deadline)
+            except Overloaded:
+                self.stats["rejected"] += 1
+                raise
+            admitted = time.monotonic()
+            future = asyncio.wrap_future(self._executor.submit(self._run, job))
+            # The slot is released when the thread is done, not when we stop waiting for it.
+            future.add_done_callback(lambda _f: self._release_slot())
+            try:
+                images = await self._race(future, gone, deadline)
+            except BaseException:
+                job.cancel.set()  # whatever stopped us waiting, nobody wants this result any more
+                raise
+        except ClientGone:
+            self.stats["disconnected"] += 1
+            raise
+        except GenerationTimeout:
+            self.stats["timed_out"] += 1
+            raise
+        except OutOfMemory:
+            self.stats["out_of_memory"] += 1
+            raise
+        except Exception:
+            self.stats["failed"] += 1
+            raise
+        self.stats["completed"] += 1
+        done = time.monotonic()
+        first = None if job.first_step_at is None else job.first_step_at - job.arrived
+        return GenerationResult(
+            images, request.seed, queued_s=admitted - job.arrived, first_step_s=first, generate_s=done - admitted
+        )
+
+    def _run(self, job: _Job) -> list[Any]:
+        """Worker thread: run the pipeline unless the request was abandoned while queued."""
+        if job.cancel.is_set():
+            raise GenerationCancelled
+
+        def on_step(step: int) -> None:
+            if job.first_step_at is None:
+                job.first_step_at = time.monotonic()
+            if job.cancel.is_set():
+                raise GenerationCancelled
+
+        try:
+            return self.runner(job.request, on_step)
+        except BaseException as exc:
+            if _is_oom(exc):
+                logger.error("out of memory in request %s; freeing caches", job.request.request_id)
+                del exc  # drop the traceback's references to the tensors before freeing
+                release_memory()
+                raise OutOfMemory from None
+            raise
+
+    async def drain(self, timeout: float) -> bool:
+        """Stop admitting and wait up to ``timeout`` s for running and queued requests; True if all finished."""
+        self.start_draining()
+        deadline = time.monotonic() + timeout
+        while (self._active or self._waiters) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return not (self._active or self._waiters)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def pipeline_runner(scoped: Any, device: Any = None) -> Runner:
+    """A runner that generates with ``scoped`` (a RequestScopedPipeline), one view per request.
+
+    The generator lives on the CPU: the same seed then gives the same starting noise on every device.
+    """
+
+    def run(request: GenerationRequest, on_step: Callable[[int], None]) -> list[Any]:
+        def callback(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            on_step(step)
+            return {}
+
+        kwargs: dict[str, Any] = {}
+        if request.guidance_scale is not None:
+            kwargs["guidance_scale"] = request.guidance_scale
+        output = scoped.generate(
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt,
+            num_inference_steps=request.num_inference_steps,
+            num_images_per_prompt=request.num_images,
+            height=request.height,
+            width=request.width,
+            generator=torch.Generator("cpu").manual_seed(request.seed),
+            callback_on_step_end=callback,
+            output_type="pil",
+            device=device,
+            **kwargs,
+        )
+        return list(output.images)
+
+    return run

@@ -1,0 +1,135 @@
+"""The image store: atomic saves, safe lookups, retention; and public URL building.
+
+Security notes, next to the checks they justify:
+- Only names the store itself generates (32 hex digits + ``.png``) are ever looked up, so ``..``, ``/``,
+  ``%2F``-decoded slashes and NUL bytes are refused before the file system is touched.
+- The resolved real path must lie inside the store's directory and the entry must be a regular file that is not
+  a symlink: a link planted in the directory can't be used to read other files.
+- Files are written to a temporary name in the same directory and renamed into place, so a reader never sees a
+  half-written PNG.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+import stat
+import tempfile
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ImageStore", "build_image_url", "encode_png"]
+
+IMAGE_NAME = re.compile(r"^[0-9a-f]{32}\.png$")
+
+
+def encode_png(image: Any) -> bytes:
+    """Encode a PIL image as PNG bytes (fast compression: the images are noise-like and large)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def build_image_url(base_url: str, filename: str) -> str:
+    """The absolute URL of a stored image under ``base_url`` (e.g. ``http://host:8500`` or a public URL)."""
+    return f"{base_url.rstrip('/')}/images/{filename}"
+
+
+class ImageStore:
+    """A directory of generated PNGs with retention by age and by count."""
+
+    def __init__(self, directory: str | os.PathLike[str], ttl_seconds: float = 0, max_files: int = 0) -> None:
+        self.directory = Path(directory).expanduser().resolve()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.ttl_seconds = ttl_seconds
+        self.max_files = max_files
+        # Protects _index: saves come from several threads at once, pruning from the event loop.
+        self._lock = threading.Lock()
+        self._index: OrderedDict[str, float] = OrderedDict()  # name -> mtime, oldest first
+        self._scan()
+
+    def _scan(self) -> None:
+        found = []
+        for entry in os.scandir(self.directory):
+            if IMAGE_NAME.match(entry.name) and entry.is_file(follow_symlinks=False):
+                found.append((entry.stat(follow_symlinks=False).st_mtime, entry.name))
+        for mtime, name in sorted(found):
+            self._index[name] = mtime
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._index)
+
+    def save_png(self, data: bytes) -> str:
+        """Write PNG bytes atomically under a new unguessable name and return the name."""
+        name = f"{uuid.uuid4().hex}.png"
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=".png")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            os.replace(tmp, self.directory / name)
+        except BaseException:
+            with _suppress_oserror():
+                os.unlink(tmp)
+            raise
+        with self._lock:
+            self._index[name] = time.time()
+        self.prune()
+        return name
+
+    def lookup(self, name: str) -> Path | None:
+        """The path of a stored image, or None for anything that is not one (see the module's notes)."""
+        if not IMAGE_NAME.match(name):
+            return None
+        path = self.directory / name
+        try:
+            info = os.lstat(path)
+        except OSError:
+            return None
+        if not stat.S_ISREG(info.st_mode):  # refuses symlinks (lstat does not follow them), dirs, devices
+            return None
+        real = Path(os.path.realpath(path))
+        if real.parent != self.directory:
+            return None
+        return real
+
+    def prune(self, now: float | None = None) -> int:
+        """Delete images older than the TTL and the oldest beyond the file cap; return how many went."""
+        now = time.time() if now is None else now
+        doomed: list[str] = []
+        with self._lock:
+            if self.ttl_seconds > 0:
+                for name, mtime in self._index.items():
+                    if now - mtime < self.ttl_seconds:
+                        break
+                    doomed.append(name)
+                for name in doomed:
+                    del self._index[name]
+            if self.max_files > 0:
+                while len(self._index) > self.max_files:
+                    doomed.append(self._index.popitem(last=False)[0])
+        for name in doomed:
+            with _suppress_oserror():
+                os.unlink(self.directory / name)
+        if doomed:
+            logger.debug("retention removed %d image(s)", len(doomed))
+        return len(doomed)
+
+
+class _suppress_oserror:  # noqa: N801 - used like contextlib.suppress, but logs
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
+        if exc is not None and isinstance(exc, OSError):
+            logger.warning("file clean-up failed: %s", exc)
+            return True
+        return False
