@@ -191,6 +191,9 @@ def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
     if first.get("type") == "json_invalid":
         return "The request body is not valid JSON.", None
     param = _param_of(tuple(first.get("loc", ())))
+    if param is None and tuple(first.get("loc", ())) == ("body",):
+        # Missing body, a JSON array/string, or a non-JSON Content-Type: pydantic's text names no field here.
+        return 'The body must be a JSON object (Content-Type: application/json), e.g. {"prompt": "a fox"}.', None
     msg = str(first.get("msg", "invalid value"))[:200]
     if first.get("type") == "missing":
         msg = "this field is required"
@@ -445,6 +448,10 @@ async def _load(app: FastAPI, settings: Settings, loader: Callable[[Settings], A
     )
     default = int(getattr(pipeline, "default_sample_size", 128)) * int(getattr(pipeline, "vae_scale_factor", 8))
     app.state.default_size = default
+    # The transformer's positional embedding caps the side it can generate; beyond it the pipeline raises (a 500).
+    transformer_config = getattr(getattr(pipeline, "transformer", None), "config", None)
+    pos_max = getattr(transformer_config, "pos_embed_max_size", None)
+    app.state.model_max_size = int(pos_max) * app.state.size_multiple if pos_max else None
     app.state.engine = engine
     engine.set_ready()
     logger.info(
@@ -587,9 +594,10 @@ def _add_routes(app: FastAPI, settings: Settings, store: Any) -> None:
         multiple = app.state.size_multiple
         height = app.state.default_size if height is None else height
         width = app.state.default_size if width is None else width
+        max_size = min(settings.max_image_size, app.state.model_max_size or settings.max_image_size)
         for field, value in (("height", height), ("width", width)):
-            if value > settings.max_image_size:
-                raise bad(field, f"at most {settings.max_image_size} pixels")
+            if value > max_size:
+                raise bad(field, f"at most {max_size} pixels")
             if value % multiple:
                 lower = max(multiple, value - value % multiple)
                 raise bad(field, f"must be a multiple of {multiple}; try {lower} or {lower + multiple}")
