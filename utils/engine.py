@@ -289,12 +289,12 @@ class Engine:
         try:
             return self.runner(job.request, on_step)
         except BaseException as exc:
-            if _is_oom(exc):
-                logger.error("out of memory in request %s; freeing caches", job.request.request_id)
-                del exc  # drop the traceback's references to the tensors before freeing
-                release_memory()
-                raise OutOfMemory from None
-            raise
+            if not _is_oom(exc):
+                raise
+        # Freed outside the except block: until it ends, the traceback keeps the failed request's tensors alive.
+        logger.error("out of memory in request %s; freeing caches", job.request.request_id)
+        release_memory()
+        raise OutOfMemory
 
     async def drain(self, timeout: float) -> bool:
         """Stop admitting and wait up to ``timeout`` s for running and queued requests; True if all finished."""

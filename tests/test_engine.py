@@ -1,0 +1,173 @@
+"""The engine on its own: FIFO slots, a bounded queue, deadlines and cancellation, with a stepping runner."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+
+from utils.engine import (
+    ClientGone,
+    Engine,
+    GenerationRequest,
+    GenerationTimeout,
+    NotReady,
+    OutOfMemory,
+    Overloaded,
+)
+
+
+class SteppingRunner:
+    """A runner that 'denoises' in steps of `step_s` seconds, recording what ran."""
+
+    def __init__(self, step_s: float = 0.01) -> None:
+        self.step_s = step_s
+        self.started: list[str] = []
+        self.steps: dict[str, int] = {}
+        self._lock = threading.Lock()  # protects the records: several worker threads write them
+
+    def __call__(self, request: GenerationRequest, on_step: Callable[[int], None]) -> list[str]:
+        with self._lock:
+            self.started.append(request.request_id)
+            self.steps[request.request_id] = 0
+        for step in range(request.num_inference_steps):
+            time.sleep(self.step_s)
+            with self._lock:
+                self.steps[request.request_id] += 1
+            on_step(step)
+        return [f"image-{request.request_id}"] * request.num_images
+
+
+def _req(rid: str, steps: int = 3) -> GenerationRequest:
+    return GenerationRequest(
+        prompt="p", num_inference_steps=steps, num_images=1, seed=1, height=64, width=64, request_id=rid
+    )
+
+
+def _engine(runner: SteppingRunner, **kwargs: object) -> Engine:
+    engine = Engine(runner, release=lambda: None, **kwargs)  # type: ignore[arg-type]
+    engine.set_ready()
+    return engine
+
+
+async def _settle(engine: Engine) -> None:
+    while engine.active or engine.queued:
+        await asyncio.sleep(0.005)
+
+
+def test_not_ready_until_set_ready_and_while_draining() -> None:
+    async def main() -> None:
+        engine = Engine(SteppingRunner(), release=lambda: None)
+        with pytest.raises(NotReady, match="loading"):
+            await engine.submit(_req("a"))
+        engine.set_ready()
+        assert (await engine.submit(_req("b"))).images == ["image-b"]
+        engine.start_draining()
+        with pytest.raises(NotReady, match="draining"):
+            await engine.submit(_req("c"))
+        engine.close()
+
+    asyncio.run(main())
+
+
+def test_fifo_order_and_overload_without_work() -> None:
+    async def main() -> None:
+        runner = SteppingRunner()
+        engine = _engine(runner, max_concurrency=1, max_queue=3)
+        tasks = [asyncio.create_task(engine.submit(_req(f"r{i}"))) for i in range(4)]
+        await asyncio.sleep(0)  # all four admitted or queued, in order
+        assert engine.active == 1 and engine.queued == 3
+        with pytest.raises(Overloaded):
+            await engine.submit(_req("too-many"))
+        results = await asyncio.gather(*tasks)
+        assert [r.images[0] for r in results] == [f"image-r{i}" for i in range(4)]
+        assert runner.started == ["r0", "r1", "r2", "r3"]  # first come, first served
+        assert "too-many" not in runner.started  # the overload answer did no work
+        await _settle(engine)
+        assert engine.stats["completed"] == 4 and engine.stats["rejected"] == 1
+        # Queue wait is reported: the last one waited for the three before it.
+        assert results[3].queued_s > results[0].queued_s
+        engine.close()
+
+    asyncio.run(main())
+
+
+def test_timeout_stops_at_next_step_and_frees_the_slot() -> None:
+    async def main() -> None:
+        runner = SteppingRunner(step_s=0.02)
+        engine = _engine(runner, max_concurrency=1, request_timeout=0.1)
+        with pytest.raises(GenerationTimeout):
+            await engine.submit(_req("slow", steps=1000))
+        await _settle(engine)
+        assert engine.active == 0
+        assert runner.steps["slow"] < 20  # stopped within a step or two of the deadline, not after 1000
+        engine.request_timeout = 0
+        assert (await engine.submit(_req("next"))).images == ["image-next"]  # the slot was freed
+        assert engine.stats["timed_out"] == 1
+        engine.close()
+
+    asyncio.run(main())
+
+
+def test_client_gone_while_running_and_while_queued() -> None:
+    async def main() -> None:
+        runner = SteppingRunner(step_s=0.02)
+        engine = _engine(runner, max_concurrency=1)
+        gone_running, gone_queued = asyncio.Event(), asyncio.Event()
+        running = asyncio.create_task(engine.submit(_req("running", steps=1000), gone_running))
+        queued = asyncio.create_task(engine.submit(_req("queued", steps=5), gone_queued))
+        await asyncio.sleep(0.1)
+        assert engine.active == 1 and engine.queued == 1
+        gone_queued.set()
+        with pytest.raises(ClientGone):
+            await queued
+        assert engine.queued == 0
+        gone_running.set()
+        with pytest.raises(ClientGone):
+            await running
+        await _settle(engine)
+        assert "queued" not in runner.started  # a queued request whose client left never ran
+        assert runner.steps["running"] < 50
+        assert engine.stats["disconnected"] == 2
+        engine.close()
+
+    asyncio.run(main())
+
+
+def test_out_of_memory_is_reported_and_the_engine_recovers() -> None:
+    calls = {"n": 0}
+
+    def runner(request: GenerationRequest, on_step: Callable[[int], None]) -> list[str]:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise MemoryError("cannot allocate")
+        return ["ok"]
+
+    async def main() -> None:
+        engine = Engine(runner, release=lambda: None)
+        engine.set_ready()
+        with pytest.raises(OutOfMemory):
+            await engine.submit(_req("a"))
+        assert (await engine.submit(_req("b"))).images == ["ok"]
+        assert engine.stats["out_of_memory"] == 1
+        engine.close()
+
+    asyncio.run(main())
+
+
+def test_release_runs_only_when_idle() -> None:
+    async def main() -> None:
+        runner = SteppingRunner()
+        seen: list[int] = []
+        engine = Engine(runner, max_concurrency=2, release=lambda: seen.append(engine.active))
+        engine.set_ready()
+        await asyncio.gather(*(engine.submit(_req(f"r{i}")) for i in range(6)))
+        await _settle(engine)
+        await asyncio.sleep(0.05)
+        assert seen and set(seen) == {0}
+        engine.close()
+
+    asyncio.run(main())
