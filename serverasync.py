@@ -70,6 +70,7 @@ class Settings(BaseSettings):
     shutdown_timeout: float = Field(30.0, ge=0, description="seconds to let in-flight requests finish on SIGTERM")
     image_ttl: float = Field(86_400.0, ge=0, description="seconds generated images are kept (0: forever)")
     image_max_files: int = Field(10_000, ge=0, description="most images kept on disk, oldest go first (0: no cap)")
+    image_max_bytes: int = Field(0, ge=0, description="most bytes of images kept on disk, oldest go first (0: no cap)")
     api_key: str | None = Field(None, description="if set, generation endpoints need 'Authorization: Bearer KEY'")
     cors_origins: str = Field("", description="comma-separated origins allowed by CORS ('*' allows any, no cookies)")
     max_steps: int = Field(100, ge=1, le=1000, description="largest num_inference_steps accepted")
@@ -182,7 +183,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 def _param_of(loc: tuple[Any, ...]) -> str | None:
     parts = [str(p) for p in loc if p not in ("body", "query", "path")]
-    return ".".join(parts) or None
+    # Bounded: an unknown key is client input, and answers never echo unbounded input.
+    return ".".join(parts)[:64] or None
 
 
 def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
@@ -197,6 +199,8 @@ def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
     msg = str(first.get("msg", "invalid value"))[:200]
     if first.get("type") == "missing":
         msg = "this field is required"
+    elif first.get("type") == "extra_forbidden":
+        msg = "unknown field; the accepted fields are listed at /docs"
     text = f"{param}: {msg}" if param else msg
     if len(errors) > 1:
         text += f" (and {len(errors) - 1} more problem(s))"
@@ -258,7 +262,7 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
-                    raise _BodyTooLarge
+                    raise _BodyTooLarge(self.limit)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -273,8 +277,12 @@ class BodyLimitMiddleware:
                 await too_big(scope, receive, send)
 
 
-class _BodyTooLarge(Exception):
-    pass
+class _BodyTooLarge(StarletteHTTPException):
+    """A streamed body passed the limit. An HTTPException because FastAPI's body reader re-raises those (it turns
+    any other error into a 400), so the HTTP error handler answers it with a 413 envelope."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"The request body is larger than {limit} bytes.")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -291,7 +299,8 @@ Guidance = Annotated[float, Field(ge=0.0, le=50.0)]
 class InferenceRequest(BaseModel):
     """Body of POST /api/diffusers/inference."""
 
-    model_config = ConfigDict(extra="forbid")
+    # strict: `true` is not 1 step and "5" is not a seed; JSON numbers still fill float fields.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: Prompt
     negative_prompt: Annotated[str, Field(max_length=100_000)] | None = None
@@ -323,7 +332,7 @@ class InferenceResponse(BaseModel):
 class OpenAIImageRequest(BaseModel):
     """Body of POST /v1/images/generations (OpenAI Images API). Unknown OpenAI fields are accepted and ignored."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     prompt: Prompt
     model: Annotated[str, Field(max_length=256)] | None = None
@@ -367,7 +376,12 @@ def create_app(settings: Settings | None = None, loader: Callable[[Settings], An
     from utils.utils import ImageStore
 
     settings = settings or Settings()
-    store = ImageStore(settings.image_dir, ttl_seconds=settings.image_ttl, max_files=settings.image_max_files)
+    store = ImageStore(
+        settings.image_dir,
+        ttl_seconds=settings.image_ttl,
+        max_files=settings.image_max_files,
+        max_bytes=settings.image_max_bytes,
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -496,8 +510,14 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         request_id = getattr(request.state, "request_id", "-")
         logger.exception("request %s failed", request_id)
+        # This handler answers from Starlette's outermost middleware, outside RequestIdMiddleware: set the header here.
         return error_response(
-            500, f"Internal server error (request id {request_id}).", "server_error", None, "internal_error"
+            500,
+            f"Internal server error (request id {request_id}).",
+            "server_error",
+            None,
+            "internal_error",
+            **{"X-Request-ID": request_id},
         )
 
 
@@ -600,7 +620,8 @@ def _add_routes(app: FastAPI, settings: Settings, store: Any) -> None:
                 raise bad(field, f"at most {max_size} pixels")
             if value % multiple:
                 lower = max(multiple, value - value % multiple)
-                raise bad(field, f"must be a multiple of {multiple}; try {lower} or {lower + multiple}")
+                options = " or ".join(str(v) for v in (lower, lower + multiple) if v <= max_size)
+                raise bad(field, f"must be a multiple of {multiple}; try {options}")
         return GenerationRequest(
             prompt=prompt,
             negative_prompt=negative_prompt,
@@ -627,7 +648,11 @@ def _add_routes(app: FastAPI, settings: Settings, store: Any) -> None:
             generation.prompt,
         )
         try:
-            return await engine.submit(generation, gone)
+            result = await engine.submit(generation, gone)
+            if gone.is_set():
+                # The client left as its generation finished: saving the images would leave files nobody can name.
+                raise ClientGone
+            return result
         except Overloaded:
             raise APIError(
                 503,
@@ -785,7 +810,7 @@ def _add_routes(app: FastAPI, settings: Settings, store: Any) -> None:
             body.guidance_scale,
             height,
             width,
-            {"height": "size", "width": "size"},
+            {"height": "size", "width": "size", "steps": "num_inference_steps"},
         )
         result = await run(request, generation)
         if body.response_format == "b64_json":
@@ -853,6 +878,18 @@ class _DrainingServer(uvicorn.Server):
         logger.info("signal %d: draining (up to %gs), then exiting", sig, self._app.state.settings.shutdown_timeout)
         super().handle_exit(sig, frame)
 
+    async def shutdown(self, sockets: list[Any] | None = None) -> None:
+        # uvicorn waits here for open requests. At --shutdown-timeout the engine aborts the ones still running, so
+        # each gets a 503 envelope (uvicorn's own, later timeout would cancel them into a plain-text 500).
+        engine = self._app.state.engine
+        timeout = self._app.state.settings.shutdown_timeout
+        abort = asyncio.get_running_loop().call_later(timeout, engine.abort) if engine is not None else None
+        try:
+            await super().shutdown(sockets)
+        finally:
+            if abort is not None:
+                abort.cancel()
+
 
 def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError
@@ -861,7 +898,11 @@ def main(argv: list[str] | None = None) -> int:
         settings = parse_settings(argv)
     except ValidationError as exc:
         for error in exc.errors():
-            print(f"serverasync.py: {_param_of(tuple(error['loc']))}: {error['msg']}", file=sys.stderr)  # noqa: T201
+            # Name the flag the user typed (--max-queue); cross-field checks have no field, so no prefix.
+            name = _param_of(tuple(error["loc"]))
+            where = f"--{name.replace('_', '-')}: " if name else ""
+            message = str(error["msg"]).removeprefix("Value error, ")
+            print(f"serverasync.py: error: {where}{message}", file=sys.stderr)  # noqa: T201
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -871,7 +912,9 @@ def main(argv: list[str] | None = None) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        timeout_graceful_shutdown=int(settings.shutdown_timeout) or None,
+        # A backstop only: _DrainingServer.shutdown aborts requests at --shutdown-timeout, each with a 503 envelope.
+        # (Never `int(t) or None`: 0.5 would become None, which waits forever.)
+        timeout_graceful_shutdown=int(settings.shutdown_timeout) + 5,
         access_log=settings.log_level == "debug",
     )
     server = _DrainingServer(config, app)

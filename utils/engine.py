@@ -153,6 +153,11 @@ class Engine:
         self._executor = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="generate")
         self._active = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
+        # Held while idle-time memory is released. A generation passes through it before starting, and a release
+        # only runs if no slot is taken once it holds it, so a release never overlaps (and stalls) a generation.
+        self._memory_lock = threading.Lock()
+        # Set when the shutdown timeout ends the drain: every waiting request is answered NotReady("draining").
+        self._aborted = asyncio.Event()
         self.ready_reason: str | None = "loading"  # None when ready
         self.stats = dict.fromkeys(
             ("total", "completed", "rejected", "timed_out", "disconnected", "failed", "out_of_memory"), 0
@@ -196,6 +201,13 @@ class Engine:
                     self._waiters.remove(waiter)
             raise
 
+    def _thread_done(self, future: asyncio.Future[Any]) -> None:
+        if not future.cancelled():
+            # Retrieve it: after a timeout or a disconnect nobody awaits this future, and asyncio would log
+            # "exception was never retrieved" for every abandoned request.
+            future.exception()
+        self._release_slot()
+
     def _release_slot(self) -> None:
         self._active -= 1
         while self._waiters:
@@ -209,25 +221,34 @@ class Engine:
             self._executor.submit(self._release_if_idle)
 
     def _release_if_idle(self) -> None:
-        if self._active == 0:
+        with self._memory_lock:
+            # Read from a worker thread: a slot taken since we were submitted means work is waiting; skip.
+            if self._active != 0:
+                return
             try:
                 self.release()
             except Exception:  # noqa: BLE001 - clean-up must never take the engine down
                 logger.exception("memory release failed")
 
-    @staticmethod
-    async def _race(main: asyncio.Future[Any], gone: asyncio.Event, deadline: float | None) -> Any:
-        """Wait for ``main``; raise ClientGone or GenerationTimeout if the client leaves or time runs out."""
+    async def _race(self, main: asyncio.Future[Any], gone: asyncio.Event, deadline: float | None) -> Any:
+        """Wait for ``main``; raise ClientGone, NotReady or GenerationTimeout if the client leaves, the shutdown
+        timeout ends the drain, or time runs out."""
         gone_waiter = asyncio.ensure_future(gone.wait())
+        abort_waiter = asyncio.ensure_future(self._aborted.wait())
         try:
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-            await asyncio.wait({main, gone_waiter}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                {main, gone_waiter, abort_waiter}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
         finally:
             gone_waiter.cancel()
+            abort_waiter.cancel()
         if main.done():
             return main.result()
         if gone.is_set():
             raise ClientGone
+        if self._aborted.is_set():
+            raise NotReady("draining")
         raise GenerationTimeout
 
     # -- execution --------------------------------------------------------------------------------------
@@ -250,7 +271,7 @@ class Engine:
             admitted = time.monotonic()
             future = asyncio.wrap_future(self._executor.submit(self._run, job))
             # The slot is released when the thread is done, not when we stop waiting for it.
-            future.add_done_callback(lambda _f: self._release_slot())
+            future.add_done_callback(self._thread_done)
             try:
                 images = await self._race(future, gone, deadline)
             except BaseException:
@@ -265,6 +286,11 @@ class Engine:
         except OutOfMemory:
             self.stats["out_of_memory"] += 1
             raise
+        except Overloaded:
+            raise  # counted as rejected above; not a failure as well
+        except NotReady:
+            self.stats["rejected"] += 1  # stopped by the end of a drain
+            raise
         except Exception:
             self.stats["failed"] += 1
             raise
@@ -277,6 +303,8 @@ class Engine:
 
     def _run(self, job: _Job) -> list[Any]:
         """Worker thread: run the pipeline unless the request was abandoned while queued."""
+        with self._memory_lock:
+            pass  # wait for an idle-time memory release that began before this slot was taken
         if job.cancel.is_set():
             raise GenerationCancelled
 
@@ -293,16 +321,35 @@ class Engine:
                 raise
         # Freed outside the except block: until it ends, the traceback keeps the failed request's tensors alive.
         logger.error("out of memory in request %s; freeing caches", job.request.request_id)
-        release_memory()
+        try:
+            self.release()  # the configured release (release_memory by default)
+        except Exception:  # noqa: BLE001 - the OOM answer matters more than a failed clean-up
+            logger.exception("memory release failed")
         raise OutOfMemory
 
-    async def drain(self, timeout: float) -> bool:
-        """Stop admitting and wait up to ``timeout`` s for running and queued requests; True if all finished."""
+    def abort(self) -> None:
+        """End a drain: every running and queued request is answered ``NotReady("draining")`` now, and running
+        generations stop at their next step. Call from the event loop."""
         self.start_draining()
+        if not self._aborted.is_set() and (self._active or self._waiters):
+            logger.warning("drain ended: stopping %d running and %d queued request(s)", self._active, self.queued)
+        self._aborted.set()
+
+    async def _wait_idle(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while (self._active or self._waiters) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         return not (self._active or self._waiters)
+
+    async def drain(self, timeout: float) -> bool:
+        """Stop admitting and wait up to ``timeout`` s for running and queued requests; True if all finished.
+        Requests still there then are aborted, and their threads get as long again to stop."""
+        self.start_draining()
+        if await self._wait_idle(timeout):
+            return True
+        self.abort()
+        await self._wait_idle(timeout)
+        return False
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -44,25 +44,41 @@ def build_image_url(base_url: str, filename: str) -> str:
 
 
 class ImageStore:
-    """A directory of generated PNGs with retention by age and by count."""
+    """A directory of generated PNGs with retention by age, by count and by total size (0: no limit)."""
 
-    def __init__(self, directory: str | os.PathLike[str], ttl_seconds: float = 0, max_files: int = 0) -> None:
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        ttl_seconds: float = 0,
+        max_files: int = 0,
+        max_bytes: int = 0,
+    ) -> None:
         self.directory = Path(directory).expanduser().resolve()
         self.directory.mkdir(parents=True, exist_ok=True)
         self.ttl_seconds = ttl_seconds
         self.max_files = max_files
-        # Protects _index: saves come from several threads at once, pruning from the event loop.
+        self.max_bytes = max_bytes
+        # Protects _index and _bytes: saves come from several threads at once, pruning from the event loop.
         self._lock = threading.Lock()
-        self._index: OrderedDict[str, float] = OrderedDict()  # name -> mtime, oldest first
+        self._index: OrderedDict[str, tuple[float, int]] = OrderedDict()  # name -> (mtime, size), oldest first
+        self._bytes = 0  # sum of the sizes in _index
         self._scan()
 
     def _scan(self) -> None:
         found = []
         for entry in os.scandir(self.directory):
             if IMAGE_NAME.match(entry.name) and entry.is_file(follow_symlinks=False):
-                found.append((entry.stat(follow_symlinks=False).st_mtime, entry.name))
-        for mtime, name in sorted(found):
-            self._index[name] = mtime
+                info = entry.stat(follow_symlinks=False)
+                found.append((info.st_mtime, entry.name, info.st_size))
+        for mtime, name, size in sorted(found):
+            self._index[name] = (mtime, size)
+            self._bytes += size
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes held by the stored images."""
+        with self._lock:
+            return self._bytes
 
     def __len__(self) -> int:
         with self._lock:
@@ -81,7 +97,8 @@ class ImageStore:
                 os.unlink(tmp)
             raise
         with self._lock:
-            self._index[name] = time.time()
+            self._index[name] = (time.time(), len(data))
+            self._bytes += len(data)
         self.prune()
         return name
 
@@ -102,20 +119,24 @@ class ImageStore:
         return real
 
     def prune(self, now: float | None = None) -> int:
-        """Delete images older than the TTL and the oldest beyond the file cap; return how many went."""
+        """Delete images older than the TTL and the oldest beyond the file or byte cap; return how many went."""
         now = time.time() if now is None else now
         doomed: list[str] = []
         with self._lock:
             if self.ttl_seconds > 0:
-                for name, mtime in self._index.items():
+                for name, (mtime, _size) in self._index.items():
                     if now - mtime < self.ttl_seconds:
                         break
                     doomed.append(name)
                 for name in doomed:
-                    del self._index[name]
-            if self.max_files > 0:
-                while len(self._index) > self.max_files:
-                    doomed.append(self._index.popitem(last=False)[0])
+                    self._bytes -= self._index.pop(name)[1]
+            while self._index and (
+                (self.max_files > 0 and len(self._index) > self.max_files)
+                or (self.max_bytes > 0 and self._bytes > self.max_bytes)
+            ):
+                name, (_mtime, size) = self._index.popitem(last=False)
+                self._bytes -= size
+                doomed.append(name)
         for name in doomed:
             with _suppress_oserror():
                 os.unlink(self.directory / name)

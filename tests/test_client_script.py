@@ -1,0 +1,87 @@
+"""``python test.py``, the client script for people, run as a subprocess against a live server."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from http_helpers import open_png
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_client(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run test.py with ``args``; never raises on a non-zero exit."""
+    command = [sys.executable, str(REPO / "test.py"), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=180, cwd=REPO, check=False)
+
+
+def printed_paths(stdout: str) -> list[Path]:
+    return [Path(line) for line in stdout.splitlines() if line.endswith(".png")]
+
+
+def test_downloads_every_image_and_prints_its_path(make_server: Callable[..., Any], tmp_path: Path) -> None:
+    server = make_server()
+    out = tmp_path / "out"
+    args = ["--url", server.url, "--steps", "2", "--images", "2", "--seed", "9", "--width", "96", "--height", "48"]
+    result = run_client(*args, "--out", str(out), "--prompt", "a lighthouse")
+    assert result.returncode == 0, result.stderr
+    paths = printed_paths(result.stdout)
+    assert len(paths) == 2
+    assert sorted(paths) == sorted(out.iterdir())
+    assert all(open_png(path.read_bytes()).size == (96, 48) for path in paths)
+    assert "seed 9" in result.stdout
+    assert server.engine.stats["completed"] == 1
+
+
+def test_concurrency_prints_a_latency_summary(make_server: Callable[..., Any], tmp_path: Path) -> None:
+    server = make_server(max_concurrency=2)
+    out = tmp_path / "out"
+    result = run_client("--url", server.url, "--steps", "2", "--concurrency", "4", "--seed", "1", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert len(printed_paths(result.stdout)) == 4 == len(list(out.iterdir()))
+    assert "4 sent, 4 ok, 0 failed" in result.stdout
+    for word in ("mean", "p50", "p95", "max", "images/s"):
+        assert word in result.stdout
+    assert server.engine.stats["completed"] == 4
+
+
+def test_server_errors_are_explained_and_exit_non_zero(make_server: Callable[..., Any], tmp_path: Path) -> None:
+    server = make_server(api_key="sesame")
+    out = tmp_path / "out"
+    common = ["--url", server.url, "--steps", "2", "--out", str(out)]
+    no_key = run_client(*common)
+    assert no_key.returncode == 1
+    assert "HTTP 401" in no_key.stderr and "API key" in no_key.stderr
+
+    bad_size = run_client(*common, "--api-key", "sesame", "--width", "70")
+    assert bad_size.returncode == 1
+    assert "HTTP 400: width: must be a multiple of 16; try 64 or 80" in bad_size.stderr
+    assert not out.exists() or not any(out.iterdir())
+
+    with_key = run_client(*common, "--api-key", "sesame")
+    assert with_key.returncode == 0, with_key.stderr
+    assert len(printed_paths(with_key.stdout)) == 1
+
+
+def test_unreachable_server_exits_non_zero_with_a_clear_message(tmp_path: Path) -> None:
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for extra in ([], ["--concurrency", "2"]):
+        result = run_client("--url", f"http://127.0.0.1:{port}", "--out", str(tmp_path / "out"), *extra)
+        assert result.returncode == 1
+        assert f"cannot connect to http://127.0.0.1:{port}" in result.stderr
+        assert "is the server running" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_bad_arguments_exit_2(tmp_path: Path) -> None:
+    for args in (["--steps", "0"], ["--steps", "many"], ["--url", "localhost:8500"], ["--timeout", "0"]):
+        result = run_client(*args, "--out", str(tmp_path / "out"))
+        assert result.returncode == 2, args
+        assert "error:" in result.stderr and "Traceback" not in result.stderr
