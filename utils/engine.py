@@ -237,9 +237,7 @@ class Engine:
         abort_waiter = asyncio.ensure_future(self._aborted.wait())
         try:
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-            await asyncio.wait(
-                {main, gone_waiter, abort_waiter}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-            )
+            await asyncio.wait({main, gone_waiter, abort_waiter}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             gone_waiter.cancel()
             abort_waiter.cancel()
