@@ -926,9 +926,10 @@ def main(argv: list[str] | None = None) -> int:
         server.should_exit = True
 
     app.state.on_fatal = fatal
-    # uvicorn re-raises the signal that stopped it once it is done; an orderly SIGTERM drain should exit 0, so the
-    # re-raised signal lands on this no-op handler instead of the default one that kills the process.
-    signal.signal(signal.SIGTERM, lambda *_: None)
+    # uvicorn re-raises the signal that stopped it once it is done; an orderly drain (SIGTERM, or Ctrl-C) should
+    # exit 0, so the re-raised signal lands on this no-op handler instead of the default one that kills the process.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     server.run()
     if failed:
         error = app.state.load_error
