@@ -19,6 +19,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any, Literal
 
 import psutil
@@ -443,7 +444,7 @@ async def _load(app: FastAPI, settings: Settings, loader: Callable[[Settings], A
 
     started = time.monotonic()
     try:
-        loaded = await asyncio.to_thread(lambda: _start((loader or default_loader)(settings)))
+        loaded = await _in_passing_thread(lambda: _start((loader or default_loader)(settings)))
     except Exception as exc:
         app.state.load_error = exc
         logger.error("model failed to load: %s", exc)
@@ -476,6 +477,20 @@ async def _load(app: FastAPI, settings: Settings, loader: Callable[[Settings], A
         concurrency,
         settings.max_queue,
     )
+
+
+async def _in_passing_thread(fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` in a thread that ends with it.
+
+    Loading runs torch, and a live thread that once ran torch keeps an OpenMP thread team. With more OpenMP threads
+    alive than cores, libgomp stops spin-waiting between the many small ops of a step, and every CPU generation ran
+    ~1.5x slower (bench/RESULTS.md); ``asyncio.to_thread``'s pooled threads would live on.
+    """
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="load")
+    try:
+        return await asyncio.get_running_loop().run_in_executor(executor, fn)
+    finally:
+        executor.shutdown(wait=False)
 
 
 def _start(loader: Any) -> Any:

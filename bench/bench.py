@@ -53,6 +53,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ARMS = ("serial", "serial-opt", "thread", "ours")
 # Issue targets for a burst (ours vs the other arms); reported, never asserted.
+TARGET_MIN_BURST = 16
 TARGET_VS_THREAD_THROUGHPUT = 1.0
 TARGET_VS_SERIAL_THROUGHPUT = 0.9
 TARGET_VS_THREAD_LATENCY = 0.7
@@ -252,11 +253,11 @@ def fuse_qkv(transformer: Any) -> int:
         if not isinstance(module, Attention) or module.is_cross_attention:
             continue
         module.fuse_projections(fuse=True)
-        for name in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"):
-            if getattr(module, name, None) is not None and (
-                name.startswith("to_") or getattr(module, "to_added_qkv", None) is not None
-            ):
-                delattr(module, name)
+        unused = ["to_q", "to_k", "to_v"]
+        if getattr(module, "to_added_qkv", None) is not None:
+            unused += ["add_q_proj", "add_k_proj", "add_v_proj"]
+        for name in unused:
+            delattr(module, name)
         module.set_processor(FusedJointAttnProcessor())
         fused += 1
     return fused
@@ -382,7 +383,6 @@ class SerialArm:
         self.device: Any = None
         self.idle: dict[str, int | None] = {}
         self.applied: list[str] = []
-        self.flops: float | None = None
         self._context = contextlib.ExitStack()
 
     def start(self) -> None:
@@ -396,7 +396,6 @@ class SerialArm:
         if self.with_options:
             self.applied = apply_options(self.pipe, self.args)
             self._context.enter_context(sdpa_backend_context(self.args.attention_backend))
-        self.flops = estimate_flops(self.pipe, self.args.size, self.args.steps)
         for i in range(self.args.warmup):
             self._generate(10_000_000 + i)
         # Not the children: in interleaved mode they are the other arms' servers.
@@ -473,10 +472,13 @@ _FIRST_STEP = re.compile(r"first_step;dur=([0-9.]+)")
 class ServerArm:
     """``serverasync.py`` in a subprocess on a loopback port, driven over real HTTP by one asyncio client."""
 
-    def __init__(self, name: str, args: argparse.Namespace, extra: list[str]) -> None:
+    def __init__(
+        self, name: str, args: argparse.Namespace, extra: list[str], env: dict[str, str] | None = None
+    ) -> None:
         self.name = name
         self.args = args
         self.extra = extra
+        self.env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
         self.workdir: Path | None = None
@@ -513,9 +515,15 @@ class ServerArm:
         if self.args.dtype:
             self.command += ["--dtype", self.args.dtype]
         self.command += self.extra
-        log(f"{self.name}: starting {shlex.join(self.command[1:])}")
+        log(f"{self.name}: starting {self.describe()}")
         self._log_file = open(self.workdir / "server.log", "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(self.command, cwd=REPO, stdout=self._log_file, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            self.command,
+            cwd=REPO,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **self.env},
+        )
         self._wait_ready()
         with httpx.Client(base_url=self.url, timeout=None, trust_env=False) as client:
             status = client.get("/api/status").json()
@@ -526,6 +534,16 @@ class ServerArm:
                     raise RuntimeError(f"{self.name}: warm-up request failed: {response.status_code} {response.text}")
             memory = client.get("/api/status").json().get("memory", {})
         self.idle = {"rss": PeakRSS(self.proc.pid).sample(), "gpu_allocated": memory.get("gpu_allocated_bytes")}
+
+    def describe(self) -> str:
+        """The server's command line as run (environment overrides first), for the report."""
+        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in self.env.items())
+        # The port and the temporary image directory change from run to run: placeholders read better.
+        shown = ["python", "serverasync.py"]
+        for previous, value in zip(self.command[1:], self.command[2:], strict=False):
+            shown.append({"--port": "PORT", "--image-dir": "TMPDIR"}.get(previous, value))
+        line = shlex.join(shown)
+        return f"{env} {line}".strip()
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.args.load_timeout
@@ -631,7 +649,8 @@ def make_arm(name: str, args: argparse.Namespace) -> Arm:
         return SerialArm(name, args, with_options=True)
     if name == "thread":
         return ServerArm(name, args, ["--max-concurrency", "256", "--max-queue", "1000"])
-    return ServerArm(name, args, [])  # ours: the server's defaults
+    # ours: the server's defaults, unless a candidate configuration is being tried (--ours-args, --ours-env).
+    return ServerArm(name, args, shlex.split(args.ours_args), dict(e.split("=", 1) for e in args.ours_env))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -665,15 +684,18 @@ class Workload:
 
 
 class Seeds:
-    """A distinct generation seed for every request of the run."""
+    """A distinct generation seed for every request of a workload's repeat, the same ones for every arm."""
 
     def __init__(self, start: int) -> None:
         self.next = start
+        self._given: dict[tuple[str, int], list[int]] = {}
 
-    def take(self, n: int) -> list[int]:
-        values = list(range(self.next, self.next + n))
-        self.next += n
-        return values
+    def take(self, workload: Workload, repeat: int) -> list[int]:
+        key = (workload.label, repeat)
+        if key not in self._given:
+            self._given[key] = list(range(self.next, self.next + workload.requests))
+            self.next += workload.requests
+        return self._given[key]
 
 
 @dataclass
@@ -689,6 +711,7 @@ class Report:
     capacity_from: str = ""
     flops: float | None = None
     applied: list[str] = field(default_factory=list)
+    servers: dict[str, str] = field(default_factory=dict)  # arm -> server command line
     elapsed_s: float = 0.0
 
     def add(self, workload: Workload, arm: str, run: Run) -> None:
@@ -700,7 +723,7 @@ class Report:
 
 def run_workload(arm: Arm, workload: Workload, repeat: int, args: argparse.Namespace, seeds: Seeds) -> Run:
     log(f"{arm.name}: {workload.label}, repeat {repeat + 1}/{args.repeats}")
-    run = arm.run(workload.offsets(repeat, args.seed), seeds.take(workload.requests))
+    run = arm.run(workload.offsets(repeat, args.seed), seeds.take(workload, repeat))
     if run.failures:
         log(f"{arm.name}: {len(run.failures)} failed request(s), first: {run.failures[0]}")
     return run
@@ -719,6 +742,8 @@ def capacity_of(report: Report, bursts: list[Workload]) -> tuple[float, str]:
 def benchmark(args: argparse.Namespace, report: Report) -> None:
     import torch
 
+    from utils.random_models import is_random_preset
+
     seeds = Seeds(args.seed * 1000)
     bursts = [Workload("burst", n, n) for n in args.bursts]
     # Interleaving arms per workload spreads a shared machine's load drift evenly over the arms; it keeps every
@@ -733,9 +758,12 @@ def benchmark(args: argparse.Namespace, report: Report) -> None:
             arm.start()
             arms[name] = arm
             report.idle[name] = arm.idle
+            if isinstance(arm, ServerArm):
+                report.servers[name] = arm.describe()
             if isinstance(arm, SerialArm):
-                report.flops = report.flops or arm.flops
                 report.applied = report.applied or arm.applied
+                if report.flops is None:
+                    report.flops = estimate_flops(arm.pipe, args.size, args.steps)
         return arms[name]
 
     def poisson() -> list[Workload]:
@@ -743,6 +771,10 @@ def benchmark(args: argparse.Namespace, report: Report) -> None:
             report.capacity, report.capacity_from = capacity_of(report, bursts)
         return [Workload("poisson", f, args.poisson_requests, f * report.capacity) for f in args.poisson_rates]
 
+    if not any(name.startswith("serial") for name in report.arms) and is_random_preset(args.model):
+        from utils.random_models import build_random_pipeline
+
+        report.flops = estimate_flops(build_random_pipeline(args.model, device="meta"), args.size, args.steps)
     try:
         if interleave:
             for name in report.arms:
@@ -814,8 +846,12 @@ def fmt_ratio(num: float, den: float) -> str:
     return f"{num / den:.2f}x"
 
 
-def fmt_bytes(value: int | None, unit: int = MIB, name: str = "MiB") -> str:
-    return "-" if value is None else f"{value / unit:,.0f} {name}" if unit == MIB else f"{value / unit:.2f} {name}"
+def fmt_mib(value: int | None) -> str:
+    return "-" if value is None else f"{value / MIB:,.0f} MiB"
+
+
+def fmt_gib(value: int | None) -> str:
+    return "-" if value is None else f"{value / GIB:.2f} GiB"
 
 
 def render(report: Report) -> str:
@@ -845,9 +881,11 @@ def render(report: Report) -> str:
         )
     if report.applied:
         out.append(f"- serial-opt options: {'; '.join(report.applied)}")
+    for arm, line in report.servers.items():
+        out.append(f"- {arm} server: `{line}`")
     idle = ", ".join(
-        f"{arm} {fmt_bytes(v.get('rss'))} RSS"
-        + (f" / {fmt_bytes(v.get('gpu_allocated'), GIB, 'GiB')} GPU" if v.get("gpu_allocated") is not None else "")
+        f"{arm} {fmt_mib(v.get('rss'))} RSS"
+        + (f" / {fmt_gib(v.get('gpu_allocated'))} GPU" if v.get("gpu_allocated") is not None else "")
         for arm, v in report.idle.items()
     )
     out.append(f"- idle memory after warm-up (weights): {idle}")
@@ -873,10 +911,10 @@ def render(report: Report) -> str:
             row = (
                 f"| {arm} | {stats.throughput:.3f} | {fmt_s(stats.latency())} | {fmt_s(stats.latency(50))} | "
                 f"{fmt_s(stats.latency(95))} | {fmt_s(stats.latency(100))} | {fmt_s(stats.first_step())} | "
-                f"{fmt_s(stats.first_step(95))} | {fmt_bytes(stats.peak_rss)} |"
+                f"{fmt_s(stats.first_step(95))} | {fmt_mib(stats.peak_rss)} |"
             )
             if cuda:
-                row += f" {fmt_bytes(stats.gpu_peak, GIB, 'GiB')} | {fmt_bytes(stats.gpu_max_cumulative, GIB, 'GiB')} |"
+                row += f" {fmt_gib(stats.gpu_peak)} | {fmt_gib(stats.gpu_max_cumulative)} |"
             out.append(row + f" {len(stats.failures)} |")
         ours, thread, serial = by_arm.get("ours"), by_arm.get("thread"), by_arm.get("serial")
         ratios = {
@@ -887,11 +925,13 @@ def render(report: Report) -> str:
         }
         if serial and by_arm.get("serial-opt"):
             ratios["serial-opt/serial images/s"] = fmt_ratio(by_arm["serial-opt"].throughput, serial.throughput)
+        shown = {k: v for k, v in ratios.items() if v != "n/a"}
         out.append("")
-        out.append("Ratios: " + ", ".join(f"{k} **{v}**" for k, v in ratios.items()))
-        out.append("")
+        if shown:
+            out.append("Ratios: " + ", ".join(f"{k} **{v}**" for k, v in shown.items()))
+            out.append("")
         verdict = ""
-        if workload.kind == "burst" and ours and thread and serial:
+        if workload.kind == "burst" and workload.value >= TARGET_MIN_BURST and ours and thread and serial:
             met = (
                 ours.throughput >= TARGET_VS_THREAD_THROUGHPUT * thread.throughput
                 and ours.throughput >= TARGET_VS_SERIAL_THROUGHPUT * serial.throughput
@@ -903,12 +943,13 @@ def render(report: Report) -> str:
             f"{ratios['ours/thread mean latency']} | {ratios['ours/thread first step']} | {verdict or '-'} |"
         )
 
-    if summary:
+    if summary and "ours" in report.arms:
         out.append("### Summary: ours against the other arms")
         out.append("")
         out.append(
-            f"Targets for a burst: images/s >= {TARGET_VS_THREAD_THROUGHPUT}x thread and >= "
-            f"{TARGET_VS_SERIAL_THROUGHPUT}x serial, mean latency <= {TARGET_VS_THREAD_LATENCY}x thread."
+            f"Targets for a burst of N >= {TARGET_MIN_BURST}: images/s >= {TARGET_VS_THREAD_THROUGHPUT}x thread and >= "
+            f"{TARGET_VS_SERIAL_THROUGHPUT}x serial, mean latency <= {TARGET_VS_THREAD_LATENCY}x thread (a smaller "
+            "burst has little to schedule: one request waits as long whoever runs it)."
         )
         out.append("")
         out.append(
@@ -924,7 +965,7 @@ def render(report: Report) -> str:
         floor = report.flops / (peak * 1e12)
         out.append(
             f"### Seconds per image against the floor ({report.flops / 1e12:.4g} TFLOP at {peak:g} TFLOP/s "
-            f"= {floor:.3f} s)"
+            f"= {floor:.3g} s)"
         )
         out.append("")
         out.append("| workload | " + " | ".join(f"{arm} s/image (share of peak)" for arm in report.arms) + " |")
@@ -939,7 +980,25 @@ def render(report: Report) -> str:
                     cells.append("-")
                     continue
                 per_image = 1 / stats.throughput
-                cells.append(f"{per_image:.3f} ({floor / per_image:.0%})")
+                cells.append(f"{per_image:.3g} ({floor / per_image:.0%})")
+            out.append(f"| {workload.label} | " + " | ".join(cells) + " |")
+        out.append("")
+
+    if cuda:
+        # One copy of the weights is the idle figure; the growth with N is the requests' activations.
+        out.append("### GPU memory against concurrency (peak allocated; idle = the weights, held once)")
+        out.append("")
+        idle_cells = [fmt_gib(report.idle.get(arm, {}).get("gpu_allocated")) for arm in report.arms]
+        out.append("| workload | " + " | ".join(report.arms) + " |")
+        out.append("|---|" + "---:|" * len(report.arms))
+        out.append("| idle after warm-up | " + " | ".join(idle_cells) + " |")
+        for workload in report.workloads:
+            if workload.kind != "burst":
+                continue
+            cells = []
+            for arm in report.arms:
+                stats = report.results[workload.label].get(arm)
+                cells.append(fmt_gib(stats.gpu_peak if stats else None))
             out.append(f"| {workload.label} | " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)
@@ -1006,6 +1065,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--load-timeout", type=float, default=900.0, help="seconds a server may take to load")
     parser.add_argument("--markdown", type=Path, default=None, help="append the report to this Markdown file")
     parser.add_argument("--keep-logs", action="store_true", help="keep the servers' temporary dirs and logs")
+    parser.add_argument(
+        "--ours-args",
+        default="",
+        help="extra server flags for the ours arm, to try a candidate default (e.g. '--max-concurrency 2'); "
+        "the report shows the command",
+    )
+    parser.add_argument(
+        "--ours-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment for the ours arm's server (repeatable), e.g. OMP_NUM_THREADS=1",
+    )
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for the floor (CUDA: 800)")
     options = parser.add_argument_group("GPU options (serial-opt arm; see bench/README.md)")
     options.add_argument("--fuse-qkv", action="store_true", help="fuse the attention QKV projections")
@@ -1019,6 +1091,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0 or args.poisson_requests < 1 or args.steps < 1:
         parser.error("--repeats, --poisson-requests and --steps must be >= 1, --warmup >= 0")
+    if any("=" not in e for e in args.ours_env):
+        parser.error("--ours-env takes KEY=VALUE")
     if args.size % 16:
         parser.error("--size must be a multiple of 16")
     if options_given(args) and "serial-opt" not in args.arms:

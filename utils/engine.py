@@ -120,8 +120,12 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 def release_memory() -> None:
-    """Free Python garbage and the accelerator's cached blocks."""
-    gc.collect()
+    """Return the accelerator's cached blocks to the device (nothing to do on a CPU).
+
+    No ``gc.collect()`` here: tensors are freed by reference counting, and a full collection with a pipeline loaded
+    takes ~0.2 s holding the GIL, which delayed every response on a CPU server (bench/RESULTS.md). Only an
+    out-of-memory failure collects first.
+    """
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     if torch.backends.mps.is_available():
@@ -320,6 +324,7 @@ class Engine:
         # Freed outside the except block: until it ends, the traceback keeps the failed request's tensors alive.
         logger.error("out of memory in request %s; freeing caches", job.request.request_id)
         try:
+            gc.collect()  # reference cycles from the failed call may hold tensors
             self.release()  # the configured release (release_memory by default)
         except Exception:  # noqa: BLE001 - the OOM answer matters more than a failed clean-up
             logger.exception("memory release failed")
