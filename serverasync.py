@@ -64,7 +64,7 @@ class Settings(BaseSettings):
         None, description="base URL put in image links, e.g. https://img.example.com (default: the request's host)"
     )
     max_concurrency: int | None = Field(
-        None, ge=1, le=256, description="generations running at once (default: 1 on CPU, 2 on a GPU)"
+        None, ge=1, le=256, description="generations running at once (default: 2; on a CPU the cores are split between them)"
     )
     max_queue: int = Field(64, ge=0, le=100_000, description="requests that may wait for a slot; beyond: 503")
     request_timeout: float = Field(300.0, ge=0, description="seconds before a request is answered 504 (0: none)")
@@ -365,10 +365,18 @@ class OpenAIImagesResponse(BaseModel):
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def _default_concurrency(device_type: str) -> int:
-    # CPU: one generation already uses every core; more only adds contention (bench/RESULTS.md).
-    # GPU: a second slot overlaps one request's text encoding / VAE decode with another's denoising.
-    return 1 if device_type == "cpu" else 2
+    # Two slots on either: on a GPU one request's text encoding / VAE decode overlaps another's denoising; on a CPU
+    # the two split the cores (Engine.cpu_threads), so one request's Python work overlaps the other's compute and
+    # no OpenMP barrier waits on a thread preempted by HTTP or PNG work. Measured in bench/RESULTS.md.
+    return 2 if device_type != "cpu" else min(2, _usable_cores())
 
 
 def create_app(settings: Settings | None = None, loader: Callable[[Settings], Any] | None = None) -> FastAPI:
@@ -455,7 +463,13 @@ async def _load(app: FastAPI, settings: Settings, loader: Callable[[Settings], A
     device = loaded.device
     scoped = RequestScopedPipeline(pipeline)
     concurrency = settings.max_concurrency or _default_concurrency(device.type)
-    engine = Engine(pipeline_runner(scoped, device), concurrency, settings.max_queue, settings.request_timeout)
+    engine = Engine(
+        pipeline_runner(scoped, device),
+        concurrency,
+        settings.max_queue,
+        settings.request_timeout,
+        cpu_threads=_usable_cores() if device.type == "cpu" else None,
+    )
     app.state.loaded = loaded
     app.state.scoped = scoped
     app.state.size_multiple = int(getattr(pipeline, "vae_scale_factor", 8)) * int(

@@ -171,3 +171,29 @@ def test_release_runs_only_when_idle() -> None:
         engine.close()
 
     asyncio.run(main())
+
+
+def test_cpu_cores_are_split_evenly_and_fixed_per_slot(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    calls: list[tuple[str, int]] = []
+    lock = threading.Lock()  # protects calls
+
+    def record(n: int) -> None:
+        with lock:
+            calls.append((threading.current_thread().name, n))
+
+    monkeypatch.setattr(torch, "set_num_threads", record)
+
+    async def main(**kwargs: object) -> None:
+        engine = _engine(SteppingRunner(), **kwargs)
+        await engine.submit(_req("alone"))  # alone or not, a slot's share is the same: images stay reproducible
+        await asyncio.gather(*(engine.submit(_req(f"r{i}")) for i in range(4)))
+        engine.close()
+
+    asyncio.run(main(max_concurrency=2, cpu_threads=4))
+    assert {n for _, n in calls} == {2}
+    assert len(calls) == len({thread for thread, _ in calls}) <= 2  # once per worker thread, never per request
+    calls.clear()
+    asyncio.run(main(max_concurrency=2))  # cpu_threads=None: torch's setting is left alone
+    assert calls == []

@@ -197,11 +197,13 @@ def png_names(directory: Path) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_default_concurrency_is_one_on_cpu_and_two_on_a_gpu(make_server: Callable[..., Any]) -> None:
-    from serverasync import _default_concurrency
+def test_default_concurrency_is_two_slots_sharing_the_cores(make_server: Callable[..., Any]) -> None:
+    from serverasync import _default_concurrency, _usable_cores
 
     live = make_server()
-    assert status(live)["max_concurrency"] == 1  # the tiny model runs on the CPU here
+    # The tiny model runs on the CPU here: two slots (one on a single core), splitting the cores between them.
+    assert status(live)["max_concurrency"] == min(2, _usable_cores())
+    assert live.engine.cpu_threads == _usable_cores()
     assert _default_concurrency("cuda") == 2 and _default_concurrency("mps") == 2
 
 

@@ -146,6 +146,7 @@ class Engine:
         max_queue: int = 32,
         request_timeout: float = 0,
         release: Callable[[], None] = release_memory,
+        cpu_threads: int | None = None,
     ) -> None:
         if max_concurrency < 1 or max_queue < 0:
             raise ValueError("max_concurrency must be >= 1 and max_queue >= 0")
@@ -154,7 +155,13 @@ class Engine:
         self.max_queue = max_queue
         self.request_timeout = request_timeout
         self.release = release
-        self._executor = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="generate")
+        # CPU only: the cores split evenly between the slots (None: leave torch's setting alone). The split is fixed,
+        # never adjusted to the load: a different thread count changes the floating-point reductions, and the same
+        # seed must give the same image alone or under load.
+        self.cpu_threads = cpu_threads
+        self._executor = ThreadPoolExecutor(
+            max_workers=max_concurrency, thread_name_prefix="generate", initializer=self._init_worker
+        )
         self._active = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
         # Held while idle-time memory is released. A generation passes through it before starting, and a release
@@ -166,6 +173,12 @@ class Engine:
         self.stats = dict.fromkeys(
             ("total", "completed", "rejected", "timed_out", "disconnected", "failed", "out_of_memory"), 0
         )
+
+    def _init_worker(self) -> None:
+        # OpenMP's thread count belongs to the calling thread, so each worker sets its own share. More OpenMP
+        # threads than cores make every barrier wait on a descheduled thread (bench/RESULTS.md).
+        if self.cpu_threads:
+            torch.set_num_threads(max(1, self.cpu_threads // self.max_concurrency))
 
     # -- state ------------------------------------------------------------------------------------------
 
