@@ -64,7 +64,10 @@ class Settings(BaseSettings):
         None, description="base URL put in image links, e.g. https://img.example.com (default: the request's host)"
     )
     max_concurrency: int | None = Field(
-        None, ge=1, le=256, description="generations running at once (default: 2; on a CPU the cores are split between them)"
+        None,
+        ge=1,
+        le=256,
+        description="generations running at once (default: 2; on a CPU the cores are split between them)",
     )
     max_queue: int = Field(64, ge=0, le=100_000, description="requests that may wait for a slot; beyond: 503")
     request_timeout: float = Field(300.0, ge=0, description="seconds before a request is answered 504 (0: none)")
