@@ -547,6 +547,21 @@ def test_image_store_retention_by_age_count_and_bytes(tmp_path: Path) -> None:
     assert restarted.lookup(counted_names[4]) is not None
 
 
+def test_image_store_removes_stale_temp_files_on_start(tmp_path: Path) -> None:
+    # A process killed mid-write leaves a temp file; the next start removes it once it is old, never a fresh one
+    # (another server sharing the directory may be writing it right now).
+    directory = tmp_path / "images"
+    directory.mkdir()
+    stale, fresh = directory / ".tmp-crashed.png", directory / ".tmp-writing.png"
+    stale.write_bytes(b"half a png")
+    fresh.write_bytes(b"being written")
+    old = time.time() - 2 * 3600
+    os.utime(stale, (old, old))
+    store = ImageStore(directory)
+    assert not stale.exists() and fresh.exists()
+    assert len(store) == 0
+
+
 def test_server_retention_keeps_the_disk_bounded(make_server: Callable[..., Any]) -> None:
     capped = make_server(image_max_files=2)
     urls = [post(capped.url, body(steps=1)).json()["response"][0] for _ in range(4)]

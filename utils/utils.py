@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["ImageStore", "build_image_url", "encode_png"]
 
 IMAGE_NAME = re.compile(r"^[0-9a-f]{32}\.png$")
+TEMP_PREFIX = ".tmp-"
+STALE_TEMP_SECONDS = 3600.0
 
 
 def encode_png(image: Any) -> bytes:
@@ -66,10 +68,17 @@ class ImageStore:
 
     def _scan(self) -> None:
         found = []
+        stale = time.time() - STALE_TEMP_SECONDS
         for entry in os.scandir(self.directory):
             if IMAGE_NAME.match(entry.name) and entry.is_file(follow_symlinks=False):
                 info = entry.stat(follow_symlinks=False)
                 found.append((info.st_mtime, entry.name, info.st_size))
+            elif entry.name.startswith(TEMP_PREFIX) and entry.is_file(follow_symlinks=False):
+                # Left by a process killed mid-write. Only old ones: another server may share the directory and be
+                # writing this very moment.
+                if entry.stat(follow_symlinks=False).st_mtime < stale:
+                    with _suppress_oserror():
+                        os.unlink(entry.path)
         for mtime, name, size in sorted(found):
             self._index[name] = (mtime, size)
             self._bytes += size
@@ -87,7 +96,7 @@ class ImageStore:
     def save_png(self, data: bytes) -> str:
         """Write PNG bytes atomically under a new unguessable name and return the name."""
         name = f"{uuid.uuid4().hex}.png"
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=".png")
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=TEMP_PREFIX, suffix=".png")
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
