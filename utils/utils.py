@@ -73,12 +73,15 @@ class ImageStore:
             if IMAGE_NAME.match(entry.name) and entry.is_file(follow_symlinks=False):
                 info = entry.stat(follow_symlinks=False)
                 found.append((info.st_mtime, entry.name, info.st_size))
-            elif entry.name.startswith(TEMP_PREFIX) and entry.is_file(follow_symlinks=False):
+            elif (
+                entry.name.startswith(TEMP_PREFIX)
+                and entry.is_file(follow_symlinks=False)
+                and entry.stat(follow_symlinks=False).st_mtime < stale
+            ):
                 # Left by a process killed mid-write. Only old ones: another server may share the directory and be
                 # writing this very moment.
-                if entry.stat(follow_symlinks=False).st_mtime < stale:
-                    with _suppress_oserror():
-                        os.unlink(entry.path)
+                with _suppress_oserror():
+                    os.unlink(entry.path)
         for mtime, name, size in sorted(found):
             self._index[name] = (mtime, size)
             self._bytes += size
