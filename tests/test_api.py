@@ -392,3 +392,19 @@ def test_oversized_body_is_a_413_envelope(quiet_server: Any) -> None:
 def test_wrong_method_is_an_envelope_not_a_500(quiet_server: Any) -> None:
     assert_envelope(httpx.get(quiet_server.url + NATIVE), 405)
     assert_envelope(httpx.delete(quiet_server.url + "/images/" + "0" * 32 + ".png"), 405)
+
+
+def test_openapi_publishes_the_configured_limits(make_server: Any) -> None:
+    server = make_server(
+        max_steps=7, default_steps=2, max_images_per_request=3, max_image_size=256, max_prompt_chars=50
+    )
+    schemas = httpx.get(f"{server.url}/openapi.json").json()["components"]["schemas"]
+    native, openai_body = schemas["InferenceRequest"]["properties"], schemas["OpenAIImageRequest"]["properties"]
+    assert native["num_inference_steps"]["anyOf"][0]["maximum"] == 7
+    assert native["num_images_per_prompt"]["maximum"] == 3
+    assert native["width"]["anyOf"][0]["maximum"] == 256 and native["height"]["anyOf"][0]["maximum"] == 256
+    assert native["prompt"]["maxLength"] == 50
+    assert openai_body["n"]["maximum"] == 3 and openai_body["num_inference_steps"]["anyOf"][0]["maximum"] == 7
+    # The schema is what the server enforces: one step past the published bound is refused.
+    answer = httpx.post(f"{server.url}/api/diffusers/inference", json={"prompt": "x", "num_inference_steps": 8})
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == "num_inference_steps"

@@ -22,8 +22,8 @@ EXAMPLES = 30  # per operation and mode: the whole run stays well under a minute
 CONFIG = schemathesis.Config.from_dict(
     {
         "checks": {
-            # Off: the limits configured at run time (--max-image-size, --max-steps, ...) and the rules across fields
-            # (sides a multiple of 16, size 'WxH') are tighter than the static schema, so a schema-valid request may
+            # Off: the schema publishes the configured limits, but some rules are not expressible in it (sides a
+            # multiple of the model's 16, the size string 'WxH', a blank prompt), so a schema-valid request may
             # rightly get a 400.
             "positive_data_acceptance": {"enabled": False},
             # 413 added: an oversized invalid body is refused by the body limit before it is parsed.
