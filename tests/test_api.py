@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import base64
-import threading
 from collections.abc import Callable, Iterator
-from types import SimpleNamespace
 from typing import Any
 from urllib.parse import urlparse
 
 import httpx
 import pytest
-from conftest import wait_ready
 from http_helpers import NATIVE, OPENAI, assert_envelope, fetch_png, open_png, openai_images, pixels
 
 STEPS = 2  # denoising steps: enough to exercise the loop, cheap on the tiny model
@@ -47,32 +44,6 @@ def test_welcome_health_ready_and_models(make_server: Callable[..., Any]) -> Non
     assert models["object"] == "list"
     assert [m["id"] for m in models["data"]] == ["random:tiny"]
     assert all(m["object"] == "model" for m in models["data"])
-
-
-def test_ready_and_generation_answer_503_while_the_model_loads(
-    make_server: Callable[..., Any], tiny_pipeline: Any
-) -> None:
-    import torch
-
-    release = threading.Event()
-
-    def slow_loader(settings: Any) -> Any:
-        release.wait(60)
-        return SimpleNamespace(pipeline=tiny_pipeline, device=torch.device("cpu"))
-
-    server = make_server(loader=slow_loader, wait=False)
-    try:
-        assert httpx.get(server.url + "/health").status_code == 200
-        ready = httpx.get(server.url + "/ready")
-        error = assert_envelope(ready, 503)
-        assert error["code"] == "loading" and ready.headers["retry-after"]
-        busy = post(server.url, NATIVE, {"prompt": "a fox", "num_inference_steps": STEPS})
-        assert assert_envelope(busy, 503)["code"] == "loading"
-        assert httpx.get(server.url + "/api/status").json()["ready"] is False
-    finally:
-        release.set()
-    wait_ready(server.url)
-    assert generate(server.url)["response"]
 
 
 def test_status_fields_and_request_count(make_server: Callable[..., Any]) -> None:

@@ -332,9 +332,11 @@ def test_health_is_alive_and_readiness_503_while_loading(make_server: Callable[.
         assert envelope(not_ready, 503)["code"] == "loading" and "retry-after" in not_ready.headers
         early = post(live.url, body())
         assert envelope(early, 503)["type"] == "unavailable" and "retry-after" in early.headers
+        assert httpx.get(live.url + "/api/status").json()["ready"] is False
     finally:
         release.set()
     wait_until(lambda: httpx.get(live.url + "/ready").status_code == 200, "ready once loaded")
+    assert post(live.url, body()).status_code == 200  # loaded: generation works
     live.engine.start_draining()  # what SIGTERM does first (tested for real below)
     draining = httpx.get(live.url + "/ready")
     assert envelope(draining, 503)["code"] == "draining"
