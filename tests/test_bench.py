@@ -157,3 +157,16 @@ def test_flop_estimate_matches_the_issue_for_sd35_medium(bench: ModuleType) -> N
     flops = bench.estimate_flops(pipe, 1024, 28)
     assert flops is not None
     assert 620e12 < flops < 670e12
+
+
+def test_memory_script_prints_its_table() -> None:
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "memory.py"), "--layers", "2", "--concurrency", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| concurrent requests | peak RSS growth |" in result.stdout
+    assert "\n| 2 | " in result.stdout
