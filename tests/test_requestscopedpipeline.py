@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-import gc
+import importlib.util
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 import pytest
 import torch
 
@@ -208,48 +208,23 @@ def test_offload_context_is_entered_when_offered(tiny_pipeline) -> None:
     assert entered == ["in", "out"]
 
 
-def _bigger_pipeline(tiny_pipeline: Any) -> tuple[Any, int]:
-    """The tiny pipeline with a transformer big enough (~900 MB) that one copy would show in RSS."""
-    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
-
-    config = dict(tiny_pipeline.transformer.config)
-    config.update(num_layers=24, num_attention_heads=8, attention_head_dim=64, caption_projection_dim=512)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        transformer = SD3Transformer2DModel.from_config(config)
-    pipe = StableDiffusion3Pipeline(**{**tiny_pipeline.components, "transformer": transformer})
-    pipe.set_progress_bar_config(disable=True)
-    weights = sum(p.numel() * p.element_size() for p in transformer.parameters())
-    return pipe, weights
+def _memory_bench() -> Any:
+    """bench/memory.py, which builds the big pipeline and measures the growth (one implementation for both)."""
+    path = Path(__file__).resolve().parent.parent / "bench" / "memory.py"
+    spec = importlib.util.spec_from_file_location("bench_memory", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_memory_grows_far_less_than_one_model_copy(tiny_pipeline) -> None:
-    pipe, weights = _bigger_pipeline(tiny_pipeline)
+    memory = _memory_bench()
+    # A ~900 MB transformer on the tiny pipeline's other parts: one copy would show in RSS.
+    pipe, weights = memory.build(24, tiny_pipeline)
     assert weights > 800e6
     scoped = RequestScopedPipeline(pipe)
-    process = psutil.Process()
-    # Short T5 prompts keep the activations of 16 requests small next to the weights: this test is about
-    # weights being duplicated, not about the (legitimate) per-request activations.
-    short = {"max_sequence_length": 16, "guidance_scale": 1.0}
-    _call(scoped.generate, _request(0), **short)  # warm-up: first-call allocations are not per-request growth
-    gc.collect()
-    baseline = process.memory_info().rss
-    peak = baseline
-    done = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, process.memory_info().rss)
-            time.sleep(0.005)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    try:
-        _, errors = _run_threads(lambda i: _call(scoped.generate, _request(i), **short), 16)
-    finally:
-        done.set()
-        sampler.join()
+    memory.peak_growth(scoped, 1)  # warm-up: first-call allocations are not per-request growth
+    growth, errors = memory.peak_growth(scoped, 16)
     assert errors == {}
-    growth = peak - baseline
     assert growth < 0.25 * weights, f"RSS grew {growth / 1e6:.0f} MB for {weights / 1e6:.0f} MB of weights"
