@@ -28,7 +28,7 @@ import httpx
 import pytest
 import torch
 
-from utils.utils import IMAGE_NAME, ImageStore
+from utils.image_store import IMAGE_NAME, ImageStore
 
 NATIVE = "/api/diffusers/inference"
 OPENAI = "/v1/images/generations"
@@ -198,13 +198,13 @@ def png_names(directory: Path) -> list[str]:
 
 
 def test_default_concurrency_is_two_slots_sharing_the_cores(make_server: Callable[..., Any]) -> None:
-    from serverasync import _default_concurrency, _usable_cores
+    from api.loading import default_concurrency, usable_cores
 
     live = make_server()
     # The tiny model runs on the CPU here: two slots (one on a single core), splitting the cores between them.
-    assert status(live)["max_concurrency"] == min(2, _usable_cores())
-    assert live.engine.cpu_threads == _usable_cores()
-    assert _default_concurrency("cuda") == 2 and _default_concurrency("mps") == 2
+    assert status(live)["max_concurrency"] == min(2, usable_cores())
+    assert live.engine.cpu_threads == usable_cores()
+    assert default_concurrency("cuda") == 2 and default_concurrency("mps") == 2
 
 
 def test_beyond_slots_and_queue_the_answer_is_an_immediate_503_with_no_work(faulty: Any) -> None:

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import httpx
 import psutil
 
-from utils.utils import IMAGE_NAME
+from utils.image_store import IMAGE_NAME
 
 logger = logging.getLogger(__name__)
 

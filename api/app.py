@@ -1,0 +1,95 @@
+"""``create_app(settings, loader)``: the FastAPI app, its lifespan (background model loading, drain) and middleware."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from api.errors import ERROR_RESPONSES, install_error_handlers
+from api.loading import load_model
+from api.middleware import BodyLimitMiddleware, RequestIdMiddleware
+from api.openapi import publish_limits
+from api.routes import ROUTERS
+from api.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["create_app"]
+
+
+def create_app(settings: Settings | None = None, loader: Callable[[Settings], Any] | None = None) -> FastAPI:
+    """Build the app. ``loader(settings)`` returns a started loader with ``.pipeline`` and ``.device``
+    (default: ``Pipelines.ModelPipelineInitializer``); it runs in a thread when the app starts."""
+    from utils.image_store import ImageStore
+
+    settings = settings or Settings()
+    store = ImageStore(
+        settings.image_dir,
+        ttl_seconds=settings.image_ttl,
+        max_files=settings.image_max_files,
+        max_bytes=settings.image_max_bytes,
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state = app.state
+        state.load_task = asyncio.create_task(load_model(app, settings, loader))
+        state.prune_task = asyncio.create_task(_prune_periodically(store, settings.image_ttl))
+        try:
+            yield
+        finally:
+            engine = state.engine
+            if engine is not None:
+                finished = await engine.drain(settings.shutdown_timeout)
+                if not finished:
+                    logger.warning("shutdown timeout: %d request(s) still running were abandoned", engine.active)
+                engine.close()
+            for task in (state.load_task, state.prune_task):
+                task.cancel()
+
+    app = FastAPI(title="SD3 async inference server", version="1.0.0", lifespan=lifespan, responses=ERROR_RESPONSES)
+    # The collaborators every route reads (api.deps); engine and loaded are set once the model has loaded.
+    app.state.settings = settings
+    app.state.store = store
+    app.state.engine = None
+    app.state.loaded = None
+    app.state.load_error = None
+    app.state.on_fatal = None
+
+    install_error_handlers(app)
+    _add_middleware(app, settings)
+    for router in ROUTERS:
+        app.include_router(router)
+    publish_limits(app, settings)
+    return app
+
+
+def _add_middleware(app: FastAPI, settings: Settings) -> None:
+    origins = settings.cors_origin_list
+    if origins:
+        # Credentials are only allowed with an explicit origin list: '*' with cookies would let any site act as
+        # the user.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_credentials="*" not in origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+            expose_headers=["X-Request-ID", "X-Seed", "Server-Timing", "Retry-After"],
+        )
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    app.add_middleware(RequestIdMiddleware)
+
+
+async def _prune_periodically(store: Any, ttl: float) -> None:
+    if ttl <= 0:
+        return
+    while True:
+        await asyncio.sleep(min(60.0, max(1.0, ttl / 4)))
+        await asyncio.to_thread(store.prune)

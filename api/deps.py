@@ -1,0 +1,71 @@
+"""What route handlers share: the API key check, the ready engine, request ids, base URLs, disconnect watching.
+
+Each reads its collaborators from ``request.app.state`` (set by ``api.app.create_app`` and ``api.loading``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import uuid
+from typing import Any
+
+from fastapi import Request
+
+from api.errors import APIError
+
+__all__ = ["base_url", "ready_engine", "request_id", "require_key", "watch_disconnect"]
+
+
+async def require_key(request: Request) -> None:
+    """A dependency: with ``--api-key`` set, the request must carry ``Authorization: Bearer <key>``."""
+    api_key = request.app.state.settings.api_key
+    if not api_key:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    # compare_digest: the time taken must not tell an attacker how much of a guessed key was right.
+    if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
+        raise APIError(
+            401,
+            "Missing or invalid API key: send 'Authorization: Bearer <key>'.",
+            "authentication_error",
+            code="invalid_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+def ready_engine(request: Request) -> Any:
+    """The engine, or a 503 envelope while the model is loading (or failed to load)."""
+    state = request.app.state
+    if state.engine is None:
+        code = "load_failed" if state.load_error is not None else "loading"
+        raise APIError(503, f"The model is not ready ({code}).", "unavailable", code=code, headers={"Retry-After": "5"})
+    return state.engine
+
+
+def request_id(request: Request) -> str:
+    """The id ``RequestIdMiddleware`` gave this request."""
+    return getattr(request.state, "request_id", "") or uuid.uuid4().hex
+
+
+def base_url(request: Request) -> str:
+    """The URL prefix the client can reach: --public-url, else the Host the client itself used."""
+    public_url = request.app.state.settings.public_url
+    if public_url:
+        return public_url
+    return str(request.base_url).rstrip("/")
+
+
+def watch_disconnect(request: Request) -> tuple[asyncio.Event, asyncio.Task[None]]:
+    """An event set when the client goes away (the body has been read, so the next message is a disconnect)."""
+    gone = asyncio.Event()
+
+    async def watch() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                gone.set()
+                return
+
+    return gone, asyncio.create_task(watch())

@@ -1,0 +1,162 @@
+"""One generation, whichever API it came from: limits and defaults, the engine, errors, images out.
+
+Both APIs map their bodies to one ``GenerationRequest`` (``to_generation``), run it (``run_generation``, which turns
+the engine's failures into envelopes), and store or encode the images the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from typing import TYPE_CHECKING, Any
+
+from fastapi import Request
+
+from api.deps import ready_engine, request_id, watch_disconnect
+from api.errors import APIError
+
+if TYPE_CHECKING:
+    from utils.engine import EngineError, GenerationRequest, GenerationResult
+
+# utils (torch) is imported inside the functions: importing the HTTP layer loads nothing heavy.
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["run_generation", "save_all", "timing_headers", "to_generation"]
+
+
+def to_generation(
+    request: Request,
+    names: dict[str, str],
+    *,
+    prompt: str,
+    negative_prompt: str | None,
+    steps: int | None,
+    n: int,
+    seed: int | None,
+    guidance: float | None,
+    height: int | None,
+    width: int | None,
+) -> GenerationRequest:
+    """Check the configured limits and resolve defaults; ``names`` maps our names to the API's params."""
+    from utils.engine import GenerationRequest
+
+    settings = request.app.state.settings
+
+    def bad(field: str, message: str) -> APIError:
+        return APIError(
+            400, f"{names.get(field, field)}: {message}", param=names.get(field, field), code="invalid_value"
+        )
+
+    if len(prompt) > settings.max_prompt_chars:
+        raise bad("prompt", f"at most {settings.max_prompt_chars} characters; shorten the prompt")
+    if negative_prompt is not None and len(negative_prompt) > settings.max_prompt_chars:
+        raise bad("negative_prompt", f"at most {settings.max_prompt_chars} characters")
+    if not prompt.strip():
+        raise bad("prompt", "must not be blank")
+    steps = settings.default_steps if steps is None else steps
+    if steps > settings.max_steps:
+        raise bad("steps", f"must be between 1 and {settings.max_steps}")
+    if n > settings.max_images_per_request:
+        raise bad("n", f"must be between 1 and {settings.max_images_per_request}")
+    geometry = request.app.state.geometry
+    height = geometry.default_size if height is None else height
+    width = geometry.default_size if width is None else width
+    max_size = min(settings.max_image_size, geometry.max_size or settings.max_image_size)
+    for field, value in (("height", height), ("width", width)):
+        if value > max_size:
+            raise bad(field, f"at most {max_size} pixels")
+        if value % geometry.size_multiple:
+            multiple = geometry.size_multiple
+            lower = max(multiple, value - value % multiple)
+            options = " or ".join(str(v) for v in (lower, lower + multiple) if v <= max_size)
+            raise bad(field, f"must be a multiple of {multiple}; try {options}")
+    return GenerationRequest(
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        num_inference_steps=steps,
+        num_images=n,
+        seed=secrets.randbits(32) if seed is None else seed,
+        guidance_scale=guidance,
+        height=height,
+        width=width,
+        request_id=request_id(request),
+    )
+
+
+async def run_generation(request: Request, generation: GenerationRequest) -> GenerationResult:
+    """Submit to the engine, stopping the generation if the client leaves; engine failures become envelopes."""
+    from utils.engine import ClientGone, GenerationTimeout, NotReady, OutOfMemory, Overloaded
+
+    engine = ready_engine(request)
+    gone, watcher = watch_disconnect(request)
+    logger.info(
+        "request %s: %dx%d, %d step(s), %d image(s), seed %d, prompt %.60r",
+        generation.request_id,
+        generation.width,
+        generation.height,
+        generation.num_inference_steps,
+        generation.num_images,
+        generation.seed,
+        generation.prompt,
+    )
+    try:
+        result = await engine.submit(generation, gone)
+        if gone.is_set():
+            # The client left as its generation finished: saving the images would leave files nobody can name.
+            raise ClientGone
+        return result
+    except (Overloaded, NotReady, GenerationTimeout, OutOfMemory, ClientGone) as exc:
+        if isinstance(exc, ClientGone):
+            logger.info("request %s: client disconnected, generation stopped", generation.request_id)
+        raise _as_api_error(exc, engine, request.app.state.settings.request_timeout) from None
+    finally:
+        watcher.cancel()
+
+
+def _as_api_error(exc: EngineError, engine: Any, request_timeout: float) -> APIError:
+    from utils.engine import GenerationTimeout, NotReady, OutOfMemory, Overloaded
+
+    if isinstance(exc, Overloaded):
+        return APIError(
+            503,
+            f"The server is busy: {engine.active} generating and {engine.queued} waiting. Retry later.",
+            "overloaded_error",
+            code="queue_full",
+            headers={"Retry-After": "1"},
+        )
+    if isinstance(exc, NotReady):
+        return APIError(
+            503, f"The server is {exc.reason}.", "unavailable", code=exc.reason, headers={"Retry-After": "5"}
+        )
+    if isinstance(exc, GenerationTimeout):
+        return APIError(
+            504, f"The request took longer than {request_timeout:g}s and was stopped.", "timeout_error", code="timeout"
+        )
+    if isinstance(exc, OutOfMemory):
+        return APIError(
+            503,
+            "The server ran out of memory for this request; try a smaller size or fewer images, or retry later.",
+            "out_of_memory",
+            code="out_of_memory",
+            headers={"Retry-After": "5"},
+        )
+    # ClientGone. Nobody is listening; this answer is for the log (499: client closed request, nginx's convention).
+    return APIError(499, "Client closed the request.", "client_closed", code="client_closed")
+
+
+def timing_headers(result: GenerationResult) -> dict[str, str]:
+    """``Server-Timing`` (queue, first step, generate) and ``X-Seed``."""
+    parts = [f"queue;dur={result.queued_s * 1000:.1f}", f"generate;dur={result.generate_s * 1000:.1f}"]
+    if result.first_step_s is not None:
+        parts.append(f"first_step;dur={result.first_step_s * 1000:.1f}")
+    return {"Server-Timing": ", ".join(parts), "X-Seed": str(result.seed)}
+
+
+async def save_all(store: Any, images: list[Any]) -> list[str]:
+    """Encode and store the images; return their names."""
+    from utils.image_store import encode_png
+
+    # PNG encoding and disk writes run off the generation slots, so the next request can already denoise.
+    return await asyncio.gather(*(asyncio.to_thread(lambda im=im: store.save_png(encode_png(im))) for im in images))

@@ -1,0 +1,77 @@
+"""The OpenAI Images API: POST /v1/images/generations and GET /v1/models."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import re
+import time
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+
+from api.deps import base_url, ready_engine, require_key
+from api.errors import APIError
+from api.generation import run_generation, save_all, timing_headers, to_generation
+from api.schemas import OpenAIImageRequest, OpenAIImagesResponse
+
+__all__ = ["router"]
+
+router = APIRouter()
+
+OPENAI_NAMES = {"height": "size", "width": "size", "steps": "num_inference_steps"}
+
+
+def parse_size(size: str | None) -> tuple[int | None, int | None]:
+    """``'WIDTHxHEIGHT'`` as (width, height); ``None`` or ``'auto'`` as the model's default."""
+    if not size or size == "auto":
+        return None, None
+    match = re.fullmatch(r"(\d{1,5})x(\d{1,5})", size)
+    if not match:
+        raise APIError(400, "size: use 'WIDTHxHEIGHT', e.g. '1024x1024', or 'auto'", param="size", code="invalid_value")
+    width, height = int(match.group(1)), int(match.group(2))
+    if min(width, height) < 16:
+        raise APIError(400, "size: width and height must be at least 16", param="size", code="invalid_value")
+    return width, height
+
+
+@router.post(
+    "/v1/images/generations",
+    response_model=OpenAIImagesResponse,
+    response_model_exclude_none=True,
+    dependencies=[Depends(require_key)],
+    summary="OpenAI Images API: generate images",
+)
+async def openai_generations(body: OpenAIImageRequest, request: Request) -> JSONResponse:
+    from utils.image_store import build_image_url, encode_png
+
+    ready_engine(request)  # 503 while loading, before the limits (which depend on the model) are checked
+    width, height = parse_size(body.size)
+    generation = to_generation(
+        request,
+        OPENAI_NAMES,
+        prompt=body.prompt,
+        negative_prompt=body.negative_prompt,
+        steps=body.num_inference_steps,
+        n=body.n,
+        seed=body.seed,
+        guidance=body.guidance_scale,
+        height=height,
+        width=width,
+    )
+    result = await run_generation(request, generation)
+    if body.response_format == "b64_json":
+        encoded = await asyncio.gather(*(asyncio.to_thread(encode_png, im) for im in result.images))
+        data = [{"b64_json": base64.b64encode(png).decode()} for png in encoded]
+    else:
+        base = base_url(request)
+        names = await save_all(request.app.state.store, result.images)
+        data = [{"url": build_image_url(base, name)} for name in names]
+    return JSONResponse({"created": int(time.time()), "data": data}, headers=timing_headers(result))
+
+
+@router.get("/v1/models", summary="OpenAI-style model list (the one loaded model)")
+async def models(request: Request) -> dict[str, Any]:
+    model = request.app.state.settings.model
+    return {"object": "list", "data": [{"id": model, "object": "model", "owned_by": "local"}]}

@@ -1,0 +1,81 @@
+"""Operations: the welcome document, liveness, readiness and status."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psutil
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from api.errors import error_response
+
+__all__ = ["router"]
+
+router = APIRouter()
+
+
+@router.get("/", summary="Welcome")
+async def root(request: Request) -> dict[str, Any]:
+    return {
+        "message": "SD3 async inference server. POST /api/diffusers/inference or /v1/images/generations.",
+        "model": request.app.state.settings.model,
+        "docs": "/docs",
+        "status": "/api/status",
+    }
+
+
+@router.get("/health", summary="Liveness: the process answers")
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/ready", summary="Readiness: 200 when the model is loaded and the server accepts work")
+async def ready(request: Request) -> JSONResponse:
+    state = request.app.state
+    engine = state.engine
+    if engine is not None and engine.ready_reason is None:
+        return JSONResponse({"status": "ready", "model": state.settings.model})
+    reason = (
+        engine.ready_reason if engine is not None else ("load_failed" if state.load_error is not None else "loading")
+    )
+    return error_response(503, f"Not ready: {reason}.", "unavailable", None, reason, **{"Retry-After": "5"})
+
+
+@router.get("/api/status", summary="Server status, memory and load")
+async def status(request: Request) -> dict[str, Any]:
+    state = request.app.state
+    settings, engine, loaded = state.settings, state.engine, state.loaded
+    device = str(loaded.device) if loaded is not None else (settings.device or "pending")
+    return {
+        "current_model": settings.model,
+        "type_models": settings.type_models,
+        "device": device,
+        "ready": engine is not None and engine.ready_reason is None,
+        "memory": memory_info(loaded.device if loaded is not None else None),
+        "total_requests": engine.stats["total"] if engine else 0,
+        "active_inferences": engine.active if engine else 0,
+        "queued": engine.queued if engine else 0,
+        "max_concurrency": engine.max_concurrency if engine else settings.max_concurrency,
+        "max_queue": settings.max_queue,
+        "requests": dict(engine.stats) if engine else {},
+        "images_stored": len(state.store),
+    }
+
+
+def memory_info(device: Any) -> dict[str, Any]:
+    """The process's RSS and, on CUDA, the device's allocator figures."""
+    info: dict[str, Any] = {"process_rss_bytes": psutil.Process().memory_info().rss}
+    if device is not None and getattr(device, "type", None) == "cuda":
+        import torch
+
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        free, total = torch.cuda.mem_get_info(index)
+        info.update(
+            gpu_allocated_bytes=torch.cuda.memory_allocated(index),
+            gpu_reserved_bytes=torch.cuda.memory_reserved(index),
+            gpu_max_allocated_bytes=torch.cuda.max_memory_allocated(index),
+            gpu_free_bytes=free,
+            gpu_total_bytes=total,
+        )
+    return info
