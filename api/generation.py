@@ -27,22 +27,17 @@ __all__ = ["run_generation", "save_all", "timing_headers", "to_generation"]
 
 
 def to_generation(
-    request: Request,
-    names: dict[str, str],
-    *,
-    prompt: str,
-    negative_prompt: str | None,
-    steps: int | None,
-    n: int,
-    seed: int | None,
-    guidance: float | None,
-    height: int | None,
-    width: int | None,
+    request: Request, body: Any, names: dict[str, str], *, n: int, height: int | None, width: int | None
 ) -> GenerationRequest:
-    """Check the configured limits and resolve defaults; ``names`` maps our names to the API's params."""
+    """Check the configured limits and resolve defaults; ``names`` maps our names to the API's params.
+
+    ``body`` is either API's schema: the fields both share (prompt, negative_prompt, num_inference_steps, seed,
+    guidance_scale) are read from it; the image count and size, named differently by each API, come as arguments.
+    """
     from utils.engine import GenerationRequest
 
     settings = request.app.state.settings
+    prompt, negative_prompt, steps = body.prompt, body.negative_prompt, body.num_inference_steps
 
     def bad(field: str, message: str) -> APIError:
         return APIError(
@@ -77,8 +72,8 @@ def to_generation(
         negative_prompt=negative_prompt,
         num_inference_steps=steps,
         num_images=n,
-        seed=secrets.randbits(32) if seed is None else seed,
-        guidance_scale=guidance,
+        seed=secrets.randbits(32) if body.seed is None else body.seed,
+        guidance_scale=body.guidance_scale,
         height=height,
         width=width,
         request_id=request_id(request),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, JSONResponse
 
@@ -28,16 +30,7 @@ async def inference(body: InferenceRequest, request: Request) -> JSONResponse:
 
     ready_engine(request)  # 503 while loading, before the limits (which depend on the model) are checked
     generation = to_generation(
-        request,
-        NATIVE_NAMES,
-        prompt=body.prompt,
-        negative_prompt=body.negative_prompt,
-        steps=body.num_inference_steps,
-        n=body.num_images_per_prompt,
-        seed=body.seed,
-        guidance=body.guidance_scale,
-        height=body.height,
-        width=body.width,
+        request, body, NATIVE_NAMES, n=body.num_images_per_prompt, height=body.height, width=body.width
     )
     result = await run_generation(request, generation)
     names = await save_all(request.app.state.store, result.images)
@@ -45,14 +38,8 @@ async def inference(body: InferenceRequest, request: Request) -> JSONResponse:
     payload = InferenceResponse(
         response=[build_image_url(base, name) for name in names],
         seed=result.seed,
-        parameters=ResolvedParameters(
-            prompt=generation.prompt,
-            negative_prompt=generation.negative_prompt,
-            num_inference_steps=generation.num_inference_steps,
-            num_images_per_prompt=generation.num_images,
-            guidance_scale=generation.guidance_scale,
-            height=generation.height,
-            width=generation.width,
+        parameters=ResolvedParameters.model_validate(
+            {**dataclasses.asdict(generation), "num_images_per_prompt": generation.num_images}
         ),
         request_id=generation.request_id,
     )

@@ -48,18 +48,7 @@ async def openai_generations(body: OpenAIImageRequest, request: Request) -> JSON
 
     ready_engine(request)  # 503 while loading, before the limits (which depend on the model) are checked
     width, height = parse_size(body.size)
-    generation = to_generation(
-        request,
-        OPENAI_NAMES,
-        prompt=body.prompt,
-        negative_prompt=body.negative_prompt,
-        steps=body.num_inference_steps,
-        n=body.n,
-        seed=body.seed,
-        guidance=body.guidance_scale,
-        height=height,
-        width=width,
-    )
+    generation = to_generation(request, body, OPENAI_NAMES, n=body.n, height=height, width=width)
     result = await run_generation(request, generation)
     if body.response_format == "b64_json":
         encoded = await asyncio.gather(*(asyncio.to_thread(encode_png, im) for im in result.images))
