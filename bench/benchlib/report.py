@@ -93,8 +93,25 @@ def fmt_gib(value: int | None) -> str:
 
 
 def render(report: Report) -> str:
-    args = report.args
     cuda = any(v.get("gpu_allocated") is not None for v in report.idle.values())
+    out = render_header(report)
+    summary: list[str] = []
+    for workload in report.workloads:
+        lines, row = render_workload(report, workload, cuda)
+        out += lines
+        summary.append(row)
+    if summary and "ours" in report.arms:
+        out += render_summary(summary)
+    if report.flops and (cuda or report.args.peak_tflops):
+        out += render_floor(report)
+    if cuda:
+        out += render_gpu_memory(report)
+    return "\n".join(out)
+
+
+def render_header(report: Report) -> list[str]:
+    """The title, the command, the machine and the run's settings, and the idle memory of every arm."""
+    args = report.args
     out: list[str] = []
     out.append(
         f"## Run {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}: {args.model}, {args.size}x{args.size}, "
@@ -128,115 +145,135 @@ def render(report: Report) -> str:
     )
     out.append(f"- idle memory after warm-up (weights): {idle}")
     out.append("")
+    return out
 
-    summary: list[str] = []
-    for workload in report.workloads:
-        by_arm = report.results[workload.label]
-        out.append(f"### {workload.label}")
-        out.append("")
-        header = "| arm | images/s | mean s | p50 s | p95 s | max s | first step mean s | first step p95 s | peak RSS |"
-        rule = "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
-        if cuda:
-            header += " GPU peak alloc | GPU max alloc (cum.) |"
-            rule += "---:|---:|"
-        header += " failed |"
-        rule += "---:|"
-        out += [header, rule]
-        for arm in report.arms:
-            stats = by_arm.get(arm)
-            if stats is None:
-                continue
-            row = (
-                f"| {arm} | {stats.throughput:.3f} | {fmt_s(stats.latency())} | {fmt_s(stats.latency(50))} | "
-                f"{fmt_s(stats.latency(95))} | {fmt_s(stats.latency(100))} | {fmt_s(stats.first_step())} | "
-                f"{fmt_s(stats.first_step(95))} | {fmt_mib(stats.peak_rss)} |"
-            )
-            if cuda:
-                row += f" {fmt_gib(stats.gpu_peak)} | {fmt_gib(stats.gpu_max_cumulative)} |"
-            out.append(row + f" {len(stats.failures)} |")
-        ours, thread, serial = by_arm.get("ours"), by_arm.get("thread"), by_arm.get("serial")
-        ratios = {
-            "ours/thread images/s": fmt_ratio(ours.throughput, thread.throughput) if ours and thread else "n/a",
-            "ours/serial images/s": fmt_ratio(ours.throughput, serial.throughput) if ours and serial else "n/a",
-            "ours/thread mean latency": fmt_ratio(ours.latency(), thread.latency()) if ours and thread else "n/a",
-            "ours/thread first step": fmt_ratio(ours.first_step(), thread.first_step()) if ours and thread else "n/a",
-        }
-        if serial and by_arm.get("serial-opt"):
-            ratios["serial-opt/serial images/s"] = fmt_ratio(by_arm["serial-opt"].throughput, serial.throughput)
-        shown = {k: v for k, v in ratios.items() if v != "n/a"}
-        out.append("")
-        if shown:
-            out.append("Ratios: " + ", ".join(f"{k} **{v}**" for k, v in shown.items()))
-            out.append("")
-        verdict = ""
-        if workload.kind == "burst" and workload.value >= TARGET_MIN_BURST and ours and thread and serial:
-            met = (
-                ours.throughput >= TARGET_VS_THREAD_THROUGHPUT * thread.throughput
-                and ours.throughput >= TARGET_VS_SERIAL_THROUGHPUT * serial.throughput
-                and ours.latency() <= TARGET_VS_THREAD_LATENCY * thread.latency()
-            )
-            verdict = "yes" if met else "no"
-        summary.append(
-            f"| {workload.label} | {ratios['ours/thread images/s']} | {ratios['ours/serial images/s']} | "
-            f"{ratios['ours/thread mean latency']} | {ratios['ours/thread first step']} | {verdict or '-'} |"
-        )
 
-    if summary and "ours" in report.arms:
-        out.append("### Summary: ours against the other arms")
-        out.append("")
-        out.append(
-            f"Targets for a burst of N >= {TARGET_MIN_BURST}: images/s >= {TARGET_VS_THREAD_THROUGHPUT}x thread and >= "
-            f"{TARGET_VS_SERIAL_THROUGHPUT}x serial, mean latency <= {TARGET_VS_THREAD_LATENCY}x thread (a smaller "
-            "burst has little to schedule: one request waits as long whoever runs it)."
-        )
-        out.append("")
-        out.append(
-            "| workload | ours/thread images/s | ours/serial images/s | ours/thread mean latency | "
-            "ours/thread first step | burst targets met |"
-        )
-        out.append("|---|---:|---:|---:|---:|:---:|")
-        out += summary
-        out.append("")
-
-    if report.flops and (cuda or args.peak_tflops):
-        peak = args.peak_tflops or 800.0
-        floor = report.flops / (peak * 1e12)
-        out.append(
-            f"### Seconds per image against the floor ({report.flops / 1e12:.4g} TFLOP at {peak:g} TFLOP/s "
-            f"= {floor:.3g} s)"
-        )
-        out.append("")
-        out.append("| workload | " + " | ".join(f"{arm} s/image (share of peak)" for arm in report.arms) + " |")
-        out.append("|---|" + "---:|" * len(report.arms))
-        for workload in report.workloads:
-            if workload.kind != "burst":
-                continue
-            cells = []
-            for arm in report.arms:
-                stats = report.results[workload.label].get(arm)
-                if stats is None or not stats.samples:
-                    cells.append("-")
-                    continue
-                per_image = 1 / stats.throughput
-                cells.append(f"{per_image:.3g} ({floor / per_image:.0%})")
-            out.append(f"| {workload.label} | " + " | ".join(cells) + " |")
-        out.append("")
-
+def render_workload(report: Report, workload: Workload, cuda: bool) -> tuple[list[str], str]:
+    """One workload's table and ratios, and its row of the summary table."""
+    by_arm = report.results[workload.label]
+    out = [f"### {workload.label}", ""]
+    header = "| arm | images/s | mean s | p50 s | p95 s | max s | first step mean s | first step p95 s | peak RSS |"
+    rule = "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
     if cuda:
-        # One copy of the weights is the idle figure; the growth with N is the requests' activations.
-        out.append("### GPU memory against concurrency (peak allocated; idle = the weights, held once)")
+        header += " GPU peak alloc | GPU max alloc (cum.) |"
+        rule += "---:|---:|"
+    header += " failed |"
+    rule += "---:|"
+    out += [header, rule]
+    for arm in report.arms:
+        stats = by_arm.get(arm)
+        if stats is None:
+            continue
+        row = (
+            f"| {arm} | {stats.throughput:.3f} | {fmt_s(stats.latency())} | {fmt_s(stats.latency(50))} | "
+            f"{fmt_s(stats.latency(95))} | {fmt_s(stats.latency(100))} | {fmt_s(stats.first_step())} | "
+            f"{fmt_s(stats.first_step(95))} | {fmt_mib(stats.peak_rss)} |"
+        )
+        if cuda:
+            row += f" {fmt_gib(stats.gpu_peak)} | {fmt_gib(stats.gpu_max_cumulative)} |"
+        out.append(row + f" {len(stats.failures)} |")
+    ratios = workload_ratios(by_arm)
+    shown = {k: v for k, v in ratios.items() if v != "n/a"}
+    out.append("")
+    if shown:
+        out.append("Ratios: " + ", ".join(f"{k} **{v}**" for k, v in shown.items()))
         out.append("")
-        idle_cells = [fmt_gib(report.idle.get(arm, {}).get("gpu_allocated")) for arm in report.arms]
-        out.append("| workload | " + " | ".join(report.arms) + " |")
-        out.append("|---|" + "---:|" * len(report.arms))
-        out.append("| idle after warm-up | " + " | ".join(idle_cells) + " |")
-        for workload in report.workloads:
-            if workload.kind != "burst":
+    summary = (
+        f"| {workload.label} | {ratios['ours/thread images/s']} | {ratios['ours/serial images/s']} | "
+        f"{ratios['ours/thread mean latency']} | {ratios['ours/thread first step']} | "
+        f"{burst_verdict(workload, by_arm) or '-'} |"
+    )
+    return out, summary
+
+
+def workload_ratios(by_arm: dict[str, Stats]) -> dict[str, str]:
+    """ours against thread and serial (and serial-opt against serial), "n/a" where an arm is missing."""
+    ours, thread, serial = by_arm.get("ours"), by_arm.get("thread"), by_arm.get("serial")
+    ratios = {
+        "ours/thread images/s": fmt_ratio(ours.throughput, thread.throughput) if ours and thread else "n/a",
+        "ours/serial images/s": fmt_ratio(ours.throughput, serial.throughput) if ours and serial else "n/a",
+        "ours/thread mean latency": fmt_ratio(ours.latency(), thread.latency()) if ours and thread else "n/a",
+        "ours/thread first step": fmt_ratio(ours.first_step(), thread.first_step()) if ours and thread else "n/a",
+    }
+    if serial and by_arm.get("serial-opt"):
+        ratios["serial-opt/serial images/s"] = fmt_ratio(by_arm["serial-opt"].throughput, serial.throughput)
+    return ratios
+
+
+def burst_verdict(workload: Workload, by_arm: dict[str, Stats]) -> str:
+    """Whether ours met the burst targets ("yes", "no"); "" unless a large enough burst ran ours, thread, serial."""
+    ours, thread, serial = by_arm.get("ours"), by_arm.get("thread"), by_arm.get("serial")
+    if not (workload.kind == "burst" and workload.value >= TARGET_MIN_BURST and ours and thread and serial):
+        return ""
+    met = (
+        ours.throughput >= TARGET_VS_THREAD_THROUGHPUT * thread.throughput
+        and ours.throughput >= TARGET_VS_SERIAL_THROUGHPUT * serial.throughput
+        and ours.latency() <= TARGET_VS_THREAD_LATENCY * thread.latency()
+    )
+    return "yes" if met else "no"
+
+
+def render_summary(summary: list[str]) -> list[str]:
+    """The summary table: one row per workload (from ``render_workload``), under the targets."""
+    out = ["### Summary: ours against the other arms", ""]
+    out.append(
+        f"Targets for a burst of N >= {TARGET_MIN_BURST}: images/s >= {TARGET_VS_THREAD_THROUGHPUT}x thread and >= "
+        f"{TARGET_VS_SERIAL_THROUGHPUT}x serial, mean latency <= {TARGET_VS_THREAD_LATENCY}x thread (a smaller "
+        "burst has little to schedule: one request waits as long whoever runs it)."
+    )
+    out.append("")
+    out.append(
+        "| workload | ours/thread images/s | ours/serial images/s | ours/thread mean latency | "
+        "ours/thread first step | burst targets met |"
+    )
+    out.append("|---|---:|---:|---:|---:|:---:|")
+    out += summary
+    out.append("")
+    return out
+
+
+def render_floor(report: Report) -> list[str]:
+    """Seconds per image of every arm on every burst, against the FLOP floor at the device's peak."""
+    peak = report.args.peak_tflops or 800.0
+    floor = report.flops / (peak * 1e12)
+    out = [
+        f"### Seconds per image against the floor ({report.flops / 1e12:.4g} TFLOP at {peak:g} TFLOP/s "
+        f"= {floor:.3g} s)",
+        "",
+    ]
+    out.append("| workload | " + " | ".join(f"{arm} s/image (share of peak)" for arm in report.arms) + " |")
+    out.append("|---|" + "---:|" * len(report.arms))
+    for workload in report.workloads:
+        if workload.kind != "burst":
+            continue
+        cells = []
+        for arm in report.arms:
+            stats = report.results[workload.label].get(arm)
+            if stats is None or not stats.samples:
+                cells.append("-")
                 continue
-            cells = []
-            for arm in report.arms:
-                stats = report.results[workload.label].get(arm)
-                cells.append(fmt_gib(stats.gpu_peak if stats else None))
-            out.append(f"| {workload.label} | " + " | ".join(cells) + " |")
-        out.append("")
-    return "\n".join(out)
+            per_image = 1 / stats.throughput
+            cells.append(f"{per_image:.3g} ({floor / per_image:.0%})")
+        out.append(f"| {workload.label} | " + " | ".join(cells) + " |")
+    out.append("")
+    return out
+
+
+def render_gpu_memory(report: Report) -> list[str]:
+    """Peak GPU memory of every arm on every burst, next to the idle figure."""
+    # One copy of the weights is the idle figure; the growth with N is the requests' activations.
+    out = ["### GPU memory against concurrency (peak allocated; idle = the weights, held once)", ""]
+    idle_cells = [fmt_gib(report.idle.get(arm, {}).get("gpu_allocated")) for arm in report.arms]
+    out.append("| workload | " + " | ".join(report.arms) + " |")
+    out.append("|---|" + "---:|" * len(report.arms))
+    out.append("| idle after warm-up | " + " | ".join(idle_cells) + " |")
+    for workload in report.workloads:
+        if workload.kind != "burst":
+            continue
+        cells = []
+        for arm in report.arms:
+            stats = report.results[workload.label].get(arm)
+            cells.append(fmt_gib(stats.gpu_peak if stats else None))
+        out.append(f"| {workload.label} | " + " | ".join(cells) + " |")
+    out.append("")
+    return out
