@@ -35,7 +35,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The parts live in bench/benchlib/; their names are re-exported here, where the tests and users find them.
 from benchlib.arms import ARMS, Arm, SerialArm, ServerArm, free_port, make_arm  # noqa: E402
 from benchlib.common import GIB, MIB, REPO, log  # noqa: E402
-from benchlib.driver import benchmark, capacity_of, run_workload  # noqa: E402
+from benchlib.driver import Driver, benchmark, capacity_of, run_workload  # noqa: E402
 from benchlib.options import (  # noqa: E402
     SDPA_BACKENDS,
     FusedJointAttnProcessor,
@@ -72,6 +72,7 @@ __all__ = [
     "TARGET_VS_THREAD_LATENCY",
     "TARGET_VS_THREAD_THROUGHPUT",
     "Arm",
+    "Driver",
     "FusedJointAttnProcessor",
     "PeakRSS",
     "Report",

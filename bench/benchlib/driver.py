@@ -30,24 +30,28 @@ def capacity_of(report: Report, bursts: list[Workload]) -> tuple[float, str]:
     raise RuntimeError("no burst completed: cannot set the Poisson rates")
 
 
-def benchmark(args: argparse.Namespace, report: Report) -> None:
-    import torch
+class Driver:
+    """Starts the arms as needed and runs every workload on them, into a report."""
 
-    from utils.random_models import is_random_preset
+    def __init__(self, args: argparse.Namespace, report: Report) -> None:
+        import torch
 
-    seeds = Seeds(args.seed * 1000)
-    bursts = [Workload("burst", n, n) for n in args.bursts]
-    # Interleaving arms per workload spreads a shared machine's load drift evenly over the arms; it keeps every
-    # server loaded at once, so on a GPU (memory) the arms run one after another instead.
-    on_cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-    interleave = not on_cuda if args.interleave == "auto" else args.interleave == "yes"
-    arms: dict[str, Arm] = {}
+        self.args = args
+        self.report = report
+        self.seeds = Seeds(args.seed * 1000)
+        self.bursts = [Workload("burst", n, n) for n in args.bursts]
+        # Interleaving arms per workload spreads a shared machine's load drift evenly over the arms; it keeps every
+        # server loaded at once, so on a GPU (memory) the arms run one after another instead.
+        on_cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+        self.interleave = not on_cuda if args.interleave == "auto" else args.interleave == "yes"
+        self.arms: dict[str, Arm] = {}
 
-    def started(name: str) -> Arm:
-        if name not in arms:
+    def started(self, name: str) -> Arm:
+        args, report = self.args, self.report
+        if name not in self.arms:
             arm = make_arm(name, args)
             arm.start()
-            arms[name] = arm
+            self.arms[name] = arm
             report.idle[name] = arm.idle
             if isinstance(arm, ServerArm):
                 report.servers[name] = arm.describe()
@@ -55,40 +59,50 @@ def benchmark(args: argparse.Namespace, report: Report) -> None:
                 report.applied = report.applied or arm.applied
                 if report.flops is None:
                     report.flops = estimate_flops(arm.pipe, args.size, args.steps)
-        return arms[name]
+        return self.arms[name]
 
-    def poisson() -> list[Workload]:
+    def poisson(self) -> list[Workload]:
+        """The Poisson workloads, none without rates; their rates come from the bursts measured so far."""
+        if not self.args.poisson_rates:
+            return []
+        report, requests = self.report, self.args.poisson_requests
         if report.capacity is None:
-            report.capacity, report.capacity_from = capacity_of(report, bursts)
-        return [Workload("poisson", f, args.poisson_requests, f * report.capacity) for f in args.poisson_rates]
+            report.capacity, report.capacity_from = capacity_of(report, self.bursts)
+        return [Workload("poisson", f, requests, f * report.capacity) for f in self.args.poisson_rates]
 
-    if not any(name.startswith("serial") for name in report.arms) and is_random_preset(args.model):
-        from utils.random_models import build_random_pipeline
+    def measure(self, names: list[str], workloads: list[Workload]) -> None:
+        """Every workload, every repeat, on each of the named (started) arms in turn."""
+        for workload in workloads:
+            for repeat in range(self.args.repeats):
+                for name in names:
+                    run = run_workload(self.arms[name], workload, repeat, self.args, self.seeds)
+                    self.report.add(workload, name, run)
 
-        report.flops = estimate_flops(build_random_pipeline(args.model, device="meta"), args.size, args.steps)
-    try:
-        if interleave:
-            for name in report.arms:
-                started(name)
-            for workload in bursts:
-                for repeat in range(args.repeats):
-                    for name in report.arms:
-                        report.add(workload, name, run_workload(arms[name], workload, repeat, args, seeds))
-            for workload in poisson() if args.poisson_rates else []:
-                for repeat in range(args.repeats):
-                    for name in report.arms:
-                        report.add(workload, name, run_workload(arms[name], workload, repeat, args, seeds))
-        else:
-            for name in report.arms:
-                arm = started(name)
-                for workload in bursts:
-                    for repeat in range(args.repeats):
-                        report.add(workload, name, run_workload(arm, workload, repeat, args, seeds))
-                for workload in poisson() if args.poisson_rates else []:
-                    for repeat in range(args.repeats):
-                        report.add(workload, name, run_workload(arm, workload, repeat, args, seeds))
+    def run(self) -> None:
+        from utils.random_models import is_random_preset
+
+        args = self.args
+        if not any(name.startswith("serial") for name in self.report.arms) and is_random_preset(args.model):
+            from utils.random_models import build_random_pipeline
+
+            self.report.flops = estimate_flops(build_random_pipeline(args.model, device="meta"), args.size, args.steps)
+        try:
+            if self.interleave:
+                for name in self.report.arms:
+                    self.started(name)
+                self.measure(self.report.arms, self.bursts)
+                self.measure(self.report.arms, self.poisson())
+            else:
+                for name in self.report.arms:
+                    self.started(name)
+                    self.measure([name], self.bursts)
+                    self.measure([name], self.poisson())
+                    self.arms[name].stop()
+                    del self.arms[name]
+        finally:
+            for arm in self.arms.values():
                 arm.stop()
-                del arms[name]
-    finally:
-        for arm in arms.values():
-            arm.stop()
+
+
+def benchmark(args: argparse.Namespace, report: Report) -> None:
+    Driver(args, report).run()
