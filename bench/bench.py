@@ -85,6 +85,7 @@ __all__ = [
     "Workload",
     "apply_options",
     "benchmark",
+    "build_parser",
     "capacity_of",
     "estimate_flops",
     "fmt_gib",
@@ -127,7 +128,7 @@ def _arms(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bench/bench.py",
         description="Serial vs thread-per-request vs our server, side by side (see bench/README.md).",
@@ -175,6 +176,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="environment for the ours arm's server (repeatable), e.g. OMP_NUM_THREADS=1",
     )
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for the floor (CUDA: 800)")
+    add_gpu_options(parser)
+    return parser
+
+
+def add_gpu_options(parser: argparse.ArgumentParser) -> None:
     options = parser.add_argument_group("GPU options (serial-opt arm; see bench/README.md)")
     options.add_argument("--fuse-qkv", action="store_true", help="fuse the attention QKV projections")
     options.add_argument("--attention-backend", choices=SDPA_BACKENDS, default="default", help="torch SDPA backend")
@@ -184,6 +190,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="default",
         help="torch.compile mode (not reduce-overhead: CUDA graphs are unsafe with concurrent threads)",
     )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0 or args.poisson_requests < 1 or args.steps < 1:
         parser.error("--repeats, --poisson-requests and --steps must be >= 1, --warmup >= 0")
