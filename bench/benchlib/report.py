@@ -7,6 +7,7 @@ import contextlib
 import datetime
 import os
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -243,18 +244,14 @@ def render_floor(report: Report) -> list[str]:
     ]
     out.append("| workload | " + " | ".join(f"{arm} s/image (share of peak)" for arm in report.arms) + " |")
     out.append("|---|" + "---:|" * len(report.arms))
-    for workload in report.workloads:
-        if workload.kind != "burst":
-            continue
-        cells = []
-        for arm in report.arms:
-            stats = report.results[workload.label].get(arm)
-            if stats is None or not stats.samples:
-                cells.append("-")
-                continue
-            per_image = 1 / stats.throughput
-            cells.append(f"{per_image:.3g} ({floor / per_image:.0%})")
-        out.append(f"| {workload.label} | " + " | ".join(cells) + " |")
+
+    def cell(stats: Stats | None) -> str:
+        if stats is None or not stats.samples:
+            return "-"
+        per_image = 1 / stats.throughput
+        return f"{per_image:.3g} ({floor / per_image:.0%})"
+
+    out += burst_rows(report, cell)
     out.append("")
     return out
 
@@ -267,13 +264,17 @@ def render_gpu_memory(report: Report) -> list[str]:
     out.append("| workload | " + " | ".join(report.arms) + " |")
     out.append("|---|" + "---:|" * len(report.arms))
     out.append("| idle after warm-up | " + " | ".join(idle_cells) + " |")
+    out += burst_rows(report, lambda stats: fmt_gib(stats.gpu_peak if stats else None))
+    out.append("")
+    return out
+
+
+def burst_rows(report: Report, cell: Callable[[Stats | None], str]) -> list[str]:
+    """One table row per burst: one cell per arm, from its stats (None where the arm did not run)."""
+    rows = []
     for workload in report.workloads:
         if workload.kind != "burst":
             continue
-        cells = []
-        for arm in report.arms:
-            stats = report.results[workload.label].get(arm)
-            cells.append(fmt_gib(stats.gpu_peak if stats else None))
-        out.append(f"| {workload.label} | " + " | ".join(cells) + " |")
-    out.append("")
-    return out
+        by_arm = report.results[workload.label]
+        rows.append(f"| {workload.label} | " + " | ".join(cell(by_arm.get(arm)) for arm in report.arms) + " |")
+    return rows
