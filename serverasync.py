@@ -9,6 +9,7 @@ and ``/ready`` says 503 meanwhile).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -19,6 +20,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from api import Settings, create_app, parse_settings
+from api.app import stop_requests
 from api.errors import param_of
 
 logger = logging.getLogger("serverasync")
@@ -32,25 +34,34 @@ class _DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
         super().__init__(config)
         self._app = app
+        self._stopping = False  # a second Ctrl-C has ended the drain
 
     def handle_exit(self, sig: int, frame: Any) -> None:
+        if self.should_exit and sig == signal.SIGINT and not self._stopping:
+            # A second Ctrl-C ends the drain now: every open request is answered 503 "draining" (uvicorn's own
+            # force-quit would cancel them into plain-text 500s and tracebacks). A third one quits at once.
+            self._stopping = True
+            logger.warning("second interrupt: answering open requests 503 and exiting (Ctrl-C again quits at once)")
+            with contextlib.suppress(RuntimeError):  # no running loop: nothing to stop
+                asyncio.get_running_loop().call_soon_threadsafe(stop_requests, self._app)
+            return
         engine = self._app.state.engine
         if engine is not None:
             engine.start_draining()
-        logger.info("signal %d: draining (up to %gs), then exiting", sig, self._app.state.settings.shutdown_timeout)
+        if not self.should_exit:
+            timeout = self._app.state.settings.shutdown_timeout
+            logger.info("signal %d: draining (up to %gs; Ctrl-C again to stop now), then exiting", sig, timeout)
         super().handle_exit(sig, frame)
 
     async def shutdown(self, sockets: list[Any] | None = None) -> None:
-        # uvicorn waits here for open requests. At --shutdown-timeout the engine aborts the ones still running, so
-        # each gets a 503 envelope (uvicorn's own, later timeout would cancel them into a plain-text 500).
-        engine = self._app.state.engine
+        # uvicorn waits here for open requests. At --shutdown-timeout every request still open is answered 503
+        # "draining" (uvicorn's own, later timeout would cancel them into a plain-text 500).
         timeout = self._app.state.settings.shutdown_timeout
-        abort = asyncio.get_running_loop().call_later(timeout, engine.abort) if engine is not None else None
+        stop = asyncio.get_running_loop().call_later(timeout, stop_requests, self._app)
         try:
             await super().shutdown(sockets)
         finally:
-            if abort is not None:
-                abort.cancel()
+            stop.cancel()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        # A backstop only: _DrainingServer.shutdown aborts requests at --shutdown-timeout, each with a 503 envelope.
+        # A backstop only: _DrainingServer.shutdown answers open requests at --shutdown-timeout, each with a 503.
         # (Never `int(t) or None`: 0.5 would become None, which waits forever.)
         timeout_graceful_shutdown=int(settings.shutdown_timeout) + 5,
         access_log=settings.log_level == "debug",

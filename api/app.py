@@ -13,14 +13,14 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from api.errors import ERROR_RESPONSES, install_error_handlers
 from api.loading import load_model
-from api.middleware import BodyLimitMiddleware, RequestIdMiddleware
+from api.middleware import BodyLimitMiddleware, RequestIdMiddleware, StopOnShutdownMiddleware
 from api.openapi import publish_limits
 from api.routes import ROUTERS
 from api.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["create_app"]
+__all__ = ["create_app", "stop_requests"]
 
 
 def create_app(settings: Settings | None = None, loader: Callable[[Settings], Any] | None = None) -> FastAPI:
@@ -61,6 +61,7 @@ def create_app(settings: Settings | None = None, loader: Callable[[Settings], An
     app.state.loaded = None
     app.state.load_error = None
     app.state.on_fatal = None
+    app.state.requests_stopped = asyncio.Event()
 
     install_error_handlers(app)
     _add_middleware(app, settings)
@@ -84,7 +85,16 @@ def _add_middleware(app: FastAPI, settings: Settings) -> None:
             expose_headers=["X-Request-ID", "X-Seed", "Server-Timing", "Retry-After"],
         )
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    app.add_middleware(StopOnShutdownMiddleware, stopped=app.state.requests_stopped)
     app.add_middleware(RequestIdMiddleware)
+
+
+def stop_requests(app: FastAPI) -> None:
+    """End a drain now: every open request is answered 503 ``draining`` (the engine's own, then the rest).
+    Call from the event loop."""
+    if app.state.engine is not None:
+        app.state.engine.abort()
+    app.state.requests_stopped.set()
 
 
 async def _prune_periodically(store: Any, ttl: float) -> None:
