@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
+import socket
 import sys
 from typing import Any
 
@@ -21,9 +23,15 @@ from fastapi import FastAPI
 
 from api import Settings, create_app, parse_settings
 from api.app import stop_requests
-from api.errors import param_of
+from api.settings import SettingsError
 
 logger = logging.getLogger("serverasync")
+
+# Exit statuses (README, "Exit codes").
+EXIT_OK = 0  # stopped by SIGTERM / Ctrl-C after draining
+EXIT_LOAD_FAILED = 1  # the model could not be loaded (the log says why, with a hint)
+EXIT_BAD_OPTION = 2  # an option is invalid, or cannot work on this machine (no such device, not enough memory)
+EXIT_CANNOT_LISTEN = 3  # the address or port cannot be listened on (in use, privileged, not this machine's)
 
 __all__ = ["Settings", "create_app", "main", "parse_settings"]
 
@@ -65,26 +73,41 @@ class _DrainingServer(uvicorn.Server):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pydantic import ValidationError
-
+    """Run the server; the exit status is one of the ``EXIT_*`` codes (README, "Exit codes")."""
     try:
         settings = parse_settings(argv)
-    except ValidationError as exc:
-        for error in exc.errors():
-            # Name the flag the user typed (--max-queue); cross-field checks have no field, so no prefix.
-            name = param_of(tuple(error["loc"]))
-            where = f"--{name.replace('_', '-')}: " if name else ""
-            message = str(error["msg"]).removeprefix("Value error, ")
-            print(f"serverasync.py: error: {where}{message}", file=sys.stderr)  # noqa: T201
-        return 2
+    except SettingsError as exc:
+        for line in exc.lines:
+            print(f"serverasync.py: error: {line}", file=sys.stderr)  # noqa: T201
+        return EXIT_BAD_OPTION
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # The port first: finding it taken must not wait for anything, least of all a model load.
+    try:
+        sock = _listen(settings.host, settings.port)
+    except OSError as exc:
+        print(
+            f"serverasync.py: error: cannot listen on {settings.host}:{settings.port}: {exc.strerror}", file=sys.stderr
+        )  # noqa: T201
+        print(f"Hint: {_LISTEN_HINTS.get(exc.errno or 0, 'check --host and --port')}", file=sys.stderr)  # noqa: T201
+        return EXIT_CANNOT_LISTEN
+    from Pipelines import ModelLoadError, preflight, quiet_library_logs
+
+    quiet_library_logs()
+    try:
+        device, dtype = preflight(settings.model, settings.device, settings.dtype)
+    except ModelLoadError as exc:
+        sock.close()
+        print(f"serverasync.py: error: {exc}", file=sys.stderr)  # noqa: T201
+        return EXIT_BAD_OPTION
+    _log_start(settings, sock, device, dtype)
     app = create_app(settings)
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
-        log_level=settings.log_level,
+        # uvicorn's start-up lines repeat what _log_start said; its warnings and errors still show.
+        log_level="warning" if settings.log_level == "info" else settings.log_level,
         # A backstop only: _DrainingServer.shutdown answers open requests at --shutdown-timeout, each with a 503.
         # (Never `int(t) or None`: 0.5 would become None, which waits forever.)
         timeout_graceful_shutdown=int(settings.shutdown_timeout) + 5,
@@ -103,12 +126,47 @@ def main(argv: list[str] | None = None) -> int:
     # exit 0, so the re-raised signal lands on this no-op handler instead of the default one that kills the process.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    server.run()
-    if failed:
-        error = app.state.load_error
-        print(f"serverasync.py: {error}", file=sys.stderr)  # noqa: T201
-        return 1
-    return 0
+    server.run(sockets=[sock])
+    # A failed load was logged, with its hint, by api.loading.
+    return EXIT_LOAD_FAILED if failed else EXIT_OK
+
+
+_LISTEN_HINTS = {
+    errno.EADDRINUSE: "another process uses that port: stop it, or choose another with --port (0 picks a free one)",
+    errno.EACCES: "ports below 1024 need privileges: choose a port above 1023 with --port",
+    errno.EADDRNOTAVAIL: "that address is not one of this machine's: use --host 127.0.0.1 or --host 0.0.0.0",
+}
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The listening socket uvicorn will serve on, bound now (before anything loads)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart need not wait for TIME_WAIT
+        sock.bind((host, port))
+        sock.listen(2048)  # listening, so no other process can take the port meanwhile (uvicorn's backlog)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _log_start(settings: Settings, sock: socket.socket, device: Any, dtype: Any) -> None:
+    port = sock.getsockname()[1]
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    logger.info(
+        "serving %s on %s as %s (engine: threads) at http://%s:%d; loading the model (GET /ready says when done)",
+        settings.model,
+        device,
+        str(dtype).removeprefix("torch."),
+        host,
+        port,
+    )
+    if settings.host in ("0.0.0.0", "::", "") and not settings.api_key:
+        logger.warning(
+            "listening on all interfaces with no API key: anyone who can reach this machine can generate images; "
+            "set SERVER_API_KEY, or use --host 127.0.0.1 to serve this machine only"
+        )
 
 
 if __name__ == "__main__":
