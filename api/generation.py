@@ -75,7 +75,8 @@ def to_generation(
         num_inference_steps=steps,
         num_images=n,
         seed=secrets.randbits(32) if body.seed is None else body.seed,
-        guidance_scale=body.guidance_scale,
+        # The value used, so the answer reports it: the pipeline's own default when the request gave none.
+        guidance_scale=request.app.state.default_guidance if body.guidance_scale is None else body.guidance_scale,
         height=height,
         width=width,
         request_id=request_id(request),

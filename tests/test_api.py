@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import base64
+import inspect
 from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import urlparse
 
 import httpx
 import pytest
+from diffusers import StableDiffusion3Pipeline
 from http_helpers import NATIVE, OPENAI, assert_envelope, fetch_png, open_png, openai_images, pixels
 
 STEPS = 2  # denoising steps: enough to exercise the loop, cheap on the tiny model
@@ -107,7 +109,13 @@ def test_native_defaults_are_resolved_and_reported(make_server: Callable[..., An
     assert (params["num_inference_steps"], params["height"], params["width"]) == (28, 64, 64)
     assert params["num_images_per_prompt"] == 1
     assert 0 <= answer["seed"] < 2**32  # drawn by the server, returned so the image can be reproduced
-    assert open_png(fetch_png(answer["response"][0])).size == (64, 64)
+    image = fetch_png(answer["response"][0])
+    assert open_png(image).size == (64, 64)
+    # The guidance scale used: the pipeline's own default, reported, and the image is the one that value gives.
+    default = inspect.signature(StableDiffusion3Pipeline.__call__).parameters["guidance_scale"].default
+    assert isinstance(params["guidance_scale"], float) and params["guidance_scale"] == default
+    explicit = {"prompt": "a red fox", "seed": answer["seed"], "guidance_scale": default}
+    assert fetch_png(post(server.url, NATIVE, explicit).json()["response"][0]) == image
 
     custom = make_server(default_steps=3)
     assert post(custom.url, NATIVE, {"prompt": "a red fox"}).json()["parameters"]["num_inference_steps"] == 3

@@ -51,9 +51,12 @@ def test_the_ops_router_serves_alone_from_app_state(tmp_path) -> None:
 
 
 def _request(**settings: Any) -> Any:
-    """What to_generation reads of a request: app.state (settings, geometry) and the request id."""
+    """What to_generation reads of a request: app.state (settings, geometry, default guidance) and the request id."""
     state = SimpleNamespace(
-        settings=Settings(model="random:tiny", **settings), geometry=ModelGeometry(16, 64, 1024), engine=object()
+        settings=Settings(model="random:tiny", **settings),
+        geometry=ModelGeometry(16, 64, 1024),
+        default_guidance=6.5,
+        engine=object(),
     )
     return SimpleNamespace(app=SimpleNamespace(state=state), state=SimpleNamespace(request_id="rid"))
 
@@ -68,6 +71,8 @@ def test_to_generation_resolves_defaults_and_draws_a_seed() -> None:
     assert (generation.height, generation.width) == (64, 48)
     assert 0 <= generation.seed < 2**32 and generation.request_id == "rid"
     assert to_generation(_request(), _body(seed=5), {}, n=1, height=None, width=None).seed == 5
+    assert generation.guidance_scale == 6.5  # the pipeline's default, resolved so the answer can report it
+    assert to_generation(_request(), _body(guidance_scale=2.0), {}, n=1, height=None, width=None).guidance_scale == 2
 
 
 @pytest.mark.parametrize(
