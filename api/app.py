@@ -10,6 +10,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi_offline import FastAPIOffline
 
 from api.errors import ERROR_RESPONSES, install_error_handlers
 from api.loading import load_model
@@ -53,7 +54,16 @@ def create_app(settings: Settings | None = None, loader: Callable[[Settings], An
             for task in (state.load_task, state.prune_task):
                 task.cancel()
 
-    app = FastAPI(title="SD3 async inference server", version="1.0.0", lifespan=lifespan, responses=ERROR_RESPONSES)
+    # /docs with Swagger UI's script and CSS served from the fastapi-offline package, so it works with no network;
+    # no /redoc (one set of docs).
+    app = FastAPIOffline(
+        title="SD3 async inference server",
+        version="1.0.0",
+        lifespan=lifespan,
+        responses=ERROR_RESPONSES,
+        redoc_url=None,
+        static_url="/docs/static",
+    )
     # The collaborators every route reads (api.deps); engine and loaded are set once the model has loaded.
     app.state.settings = settings
     app.state.store = store
