@@ -144,6 +144,7 @@ def test_weights_needed_by_the_presets_match_the_readme() -> None:
         ("random:sd3.5-medium", torch.float32, "31.6 GB"),
         ("random:sd3.5-medium", torch.bfloat16, "25.3 GB"),
         ("random:tiny", torch.float32, "1.4 MB"),
+        ("random:tiny", torch.float16, "0.9 MB"),
     ):
         need = required_bytes(preset, dtype)
         assert need is not None
