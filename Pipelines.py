@@ -8,6 +8,7 @@ any local directory written by ``save_pretrained``, or a random-weight preset (`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -17,7 +18,8 @@ from typing import Any
 
 import torch
 
-from utils.random_models import RANDOM_PRESETS, build_random_pipeline, is_random_preset
+from api.settings import DTYPE_ALIASES
+from utils.random_models import RANDOM_PRESETS, build_random_pipeline, is_random_preset, parameter_counts
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +29,10 @@ __all__ = [
     "ModelPipelineInitializer",
     "PresetModels",
     "TextToImagePipelineSD3",
+    "available_bytes",
+    "preflight",
+    "quiet_library_logs",
+    "required_bytes",
     "resolve_device",
     "resolve_dtype",
 ]
@@ -44,14 +50,7 @@ class PresetModels:
     RANDOM_SD3_5_MEDIUM: str = "random:sd3.5-medium"
 
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, canonical) for name, canonical in DTYPE_ALIASES.items()}
 SUPPORTED_TYPES = ("t2im",)
 
 
@@ -70,6 +69,11 @@ def resolve_device(requested: str | None = None) -> torch.device:
         device = torch.device(requested)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ModelLoadError(f"device {requested!r} was asked for but CUDA is not available", "use --device cpu")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise ModelLoadError(
+                f"device {requested!r} was asked for but there are {torch.cuda.device_count()} CUDA device(s)",
+                f"use --device cuda:0 .. cuda:{torch.cuda.device_count() - 1}",
+            )
         if device.type == "mps" and not torch.backends.mps.is_available():
             raise ModelLoadError(f"device {requested!r} was asked for but MPS is not available", "use --device cpu")
         return device
@@ -96,6 +100,76 @@ def resolve_dtype(requested: str | torch.dtype | None, device: torch.device) -> 
     if device.type == "mps":
         return torch.float16
     return torch.float32
+
+
+def required_bytes(model: str, dtype: torch.dtype) -> int | None:
+    """Peak bytes of building the model's weights in ``dtype``; None where that is unknown before loading (hub ids,
+    local directories: their size is only known once downloaded)."""
+    if model not in RANDOM_PRESETS:
+        return None
+    counts = parameter_counts(model).values()
+    # A random preset initialises each component in float32, then casts it: the largest one briefly holds 4 bytes
+    # a weight while the components before it already hold ``dtype``.
+    return sum(counts) * dtype.itemsize + max(counts) * max(0, 4 - dtype.itemsize)
+
+
+def available_bytes(device: torch.device) -> int:
+    """Memory the weights can still take on ``device``: free GPU memory, or on CPU (and MPS, whose memory is the
+    machine's) the available RAM, capped by a container's memory limit and the process's address-space limit."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    import resource
+
+    import psutil
+
+    room = [psutil.virtual_memory().available]
+    limit = Path("/sys/fs/cgroup/memory.max")
+    with contextlib.suppress(OSError, ValueError):
+        room.append(int(limit.read_text()) - int((limit.parent / "memory.current").read_text()))
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        room.append(soft - psutil.Process().memory_info().vms)
+    return max(0, min(room))
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.1f} GB"
+
+
+def check_memory(model: str, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse, with the figures and what to change, a model whose weights cannot fit; before allocating any."""
+    need = required_bytes(model, dtype)
+    if need is None:
+        return
+    have = available_bytes(device)
+    if need <= have:
+        return
+    options = []
+    if dtype.itemsize > 2:
+        options.append(f"--dtype bfloat16 (about {_gb(required_bytes(model, torch.bfloat16) or 0)})")
+    if device.type != "cuda":
+        options.append("a GPU with enough memory (--device cuda)")
+    options.append("--model random:tiny to try the server without large weights")
+    raise ModelLoadError(
+        f"{model} needs about {_gb(need)} to build its weights in {str(dtype).removeprefix('torch.')}, "
+        f"but {device} has {_gb(have)} available",
+        "use " + ", or ".join(options),
+    )
+
+
+def preflight(model: str, device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
+    """Everything about the model that can be checked before loading it: the device exists, the dtype is known and
+    the weights fit. Raises ``ModelLoadError`` with a hint."""
+    resolved_device = resolve_device(device)
+    resolved_dtype = resolve_dtype(dtype, resolved_device)
+    check_memory(model, resolved_device, resolved_dtype)
+    return resolved_device, resolved_dtype
+
+
+def quiet_library_logs() -> None:
+    """Silence start-up noise that asks nothing of the user: transformers warns, on every start, that torchvision is
+    not installed (image processors the SD3 pipeline never uses)."""
+    logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
 
 
 def _check_local_dir(path: Path) -> None:
@@ -133,7 +207,7 @@ class TextToImagePipelineSD3:
             return self
         device = resolve_device(self.requested_device)
         dtype = resolve_dtype(self.requested_dtype, device)
-        logger.info("loading %s on %s as %s", self.model_path, device, dtype)
+        logger.debug("loading %s on %s as %s", self.model_path, device, dtype)  # the server logs its own line
         if is_random_preset(self.model_path):
             try:
                 pipeline = build_random_pipeline(self.model_path, device=device, dtype=dtype)
@@ -162,7 +236,7 @@ class TextToImagePipelineSD3:
         else:
             source = self.model_path
         try:
-            return StableDiffusion3Pipeline.from_pretrained(source, torch_dtype=dtype)
+            return StableDiffusion3Pipeline.from_pretrained(source, dtype=dtype)
         except Exception as exc:
             raise self._explain(exc) from exc
 

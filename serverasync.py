@@ -9,9 +9,12 @@ and ``/ready`` says 503 meanwhile).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import logging
 import os
 import signal
+import socket
 import sys
 from typing import Any
 
@@ -19,9 +22,16 @@ import uvicorn
 from fastapi import FastAPI
 
 from api import Settings, create_app, parse_settings
-from api.errors import param_of
+from api.app import stop_requests
+from api.settings import SettingsError
 
 logger = logging.getLogger("serverasync")
+
+# Exit statuses (README, "Exit codes").
+EXIT_OK = 0  # stopped by SIGTERM / Ctrl-C after draining
+EXIT_LOAD_FAILED = 1  # the model could not be loaded (the log says why, with a hint)
+EXIT_BAD_OPTION = 2  # an option is invalid, or cannot work on this machine (no such device, not enough memory)
+EXIT_CANNOT_LISTEN = 3  # the address or port cannot be listened on (in use, privileged, not this machine's)
 
 __all__ = ["Settings", "create_app", "main", "parse_settings"]
 
@@ -32,49 +42,73 @@ class _DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
         super().__init__(config)
         self._app = app
+        self._stopping = False  # a second Ctrl-C has ended the drain
 
     def handle_exit(self, sig: int, frame: Any) -> None:
+        if self.should_exit and sig == signal.SIGINT and not self._stopping:
+            # A second Ctrl-C ends the drain now: every open request is answered 503 "draining" (uvicorn's own
+            # force-quit would cancel them into plain-text 500s and tracebacks). A third one quits at once.
+            self._stopping = True
+            logger.warning("second interrupt: answering open requests 503 and exiting (Ctrl-C again quits at once)")
+            with contextlib.suppress(RuntimeError):  # no running loop: nothing to stop
+                asyncio.get_running_loop().call_soon_threadsafe(stop_requests, self._app)
+            return
         engine = self._app.state.engine
         if engine is not None:
             engine.start_draining()
-        logger.info("signal %d: draining (up to %gs), then exiting", sig, self._app.state.settings.shutdown_timeout)
+        if not self.should_exit:
+            timeout = self._app.state.settings.shutdown_timeout
+            logger.info("signal %d: draining (up to %gs; Ctrl-C again to stop now), then exiting", sig, timeout)
         super().handle_exit(sig, frame)
 
     async def shutdown(self, sockets: list[Any] | None = None) -> None:
-        # uvicorn waits here for open requests. At --shutdown-timeout the engine aborts the ones still running, so
-        # each gets a 503 envelope (uvicorn's own, later timeout would cancel them into a plain-text 500).
-        engine = self._app.state.engine
+        # uvicorn waits here for open requests. At --shutdown-timeout every request still open is answered 503
+        # "draining" (uvicorn's own, later timeout would cancel them into a plain-text 500).
         timeout = self._app.state.settings.shutdown_timeout
-        abort = asyncio.get_running_loop().call_later(timeout, engine.abort) if engine is not None else None
+        stop = asyncio.get_running_loop().call_later(timeout, stop_requests, self._app)
         try:
             await super().shutdown(sockets)
         finally:
-            if abort is not None:
-                abort.cancel()
+            stop.cancel()
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pydantic import ValidationError
-
+    """Run the server; the exit status is one of the ``EXIT_*`` codes (README, "Exit codes")."""
     try:
         settings = parse_settings(argv)
-    except ValidationError as exc:
-        for error in exc.errors():
-            # Name the flag the user typed (--max-queue); cross-field checks have no field, so no prefix.
-            name = param_of(tuple(error["loc"]))
-            where = f"--{name.replace('_', '-')}: " if name else ""
-            message = str(error["msg"]).removeprefix("Value error, ")
-            print(f"serverasync.py: error: {where}{message}", file=sys.stderr)  # noqa: T201
-        return 2
+    except SettingsError as exc:
+        for line in exc.lines:
+            print(f"serverasync.py: error: {line}", file=sys.stderr)  # noqa: T201
+        return EXIT_BAD_OPTION
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # The port first: finding it taken must not wait for anything, least of all a model load.
+    try:
+        sock = _listen(settings.host, settings.port)
+    except OSError as exc:
+        print(
+            f"serverasync.py: error: cannot listen on {settings.host}:{settings.port}: {exc.strerror}", file=sys.stderr
+        )  # noqa: T201
+        print(f"Hint: {_LISTEN_HINTS.get(exc.errno or 0, 'check --host and --port')}", file=sys.stderr)  # noqa: T201
+        return EXIT_CANNOT_LISTEN
+    from Pipelines import ModelLoadError, preflight, quiet_library_logs
+
+    quiet_library_logs()
+    try:
+        device, dtype = preflight(settings.model, settings.device, settings.dtype)
+    except ModelLoadError as exc:
+        sock.close()
+        print(f"serverasync.py: error: {exc}", file=sys.stderr)  # noqa: T201
+        return EXIT_BAD_OPTION
+    _log_start(settings, sock, device, dtype)
     app = create_app(settings)
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
-        log_level=settings.log_level,
-        # A backstop only: _DrainingServer.shutdown aborts requests at --shutdown-timeout, each with a 503 envelope.
+        # uvicorn's start-up lines repeat what _log_start said; its warnings and errors still show.
+        log_level="warning" if settings.log_level == "info" else settings.log_level,
+        # A backstop only: _DrainingServer.shutdown answers open requests at --shutdown-timeout, each with a 503.
         # (Never `int(t) or None`: 0.5 would become None, which waits forever.)
         timeout_graceful_shutdown=int(settings.shutdown_timeout) + 5,
         access_log=settings.log_level == "debug",
@@ -92,12 +126,47 @@ def main(argv: list[str] | None = None) -> int:
     # exit 0, so the re-raised signal lands on this no-op handler instead of the default one that kills the process.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    server.run()
-    if failed:
-        error = app.state.load_error
-        print(f"serverasync.py: {error}", file=sys.stderr)  # noqa: T201
-        return 1
-    return 0
+    server.run(sockets=[sock])
+    # A failed load was logged, with its hint, by api.loading.
+    return EXIT_LOAD_FAILED if failed else EXIT_OK
+
+
+_LISTEN_HINTS = {
+    errno.EADDRINUSE: "another process uses that port: stop it, or choose another with --port (0 picks a free one)",
+    errno.EACCES: "ports below 1024 need privileges: choose a port above 1023 with --port",
+    errno.EADDRNOTAVAIL: "that address is not one of this machine's: use --host 127.0.0.1 or --host 0.0.0.0",
+}
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The listening socket uvicorn will serve on, bound now (before anything loads)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart need not wait for TIME_WAIT
+        sock.bind((host, port))
+        sock.listen(2048)  # listening, so no other process can take the port meanwhile (uvicorn's backlog)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _log_start(settings: Settings, sock: socket.socket, device: Any, dtype: Any) -> None:
+    port = sock.getsockname()[1]
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    logger.info(
+        "serving %s on %s as %s (engine: threads) at http://%s:%d; loading the model (GET /ready says when done)",
+        settings.model,
+        device,
+        str(dtype).removeprefix("torch."),
+        host,
+        port,
+    )
+    if settings.host in ("0.0.0.0", "::", "") and not settings.api_key:
+        logger.warning(
+            "listening on all interfaces with no API key: anyone who can reach this machine can generate images; "
+            "set SERVER_API_KEY, or use --host 127.0.0.1 to serve this machine only"
+        )
 
 
 if __name__ == "__main__":

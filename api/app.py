@@ -10,17 +10,18 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi_offline import FastAPIOffline
 
 from api.errors import ERROR_RESPONSES, install_error_handlers
 from api.loading import load_model
-from api.middleware import BodyLimitMiddleware, RequestIdMiddleware
+from api.middleware import BodyLimitMiddleware, RequestIdMiddleware, StopOnShutdownMiddleware
 from api.openapi import publish_limits
 from api.routes import ROUTERS
 from api.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["create_app"]
+__all__ = ["create_app", "stop_requests"]
 
 
 def create_app(settings: Settings | None = None, loader: Callable[[Settings], Any] | None = None) -> FastAPI:
@@ -53,7 +54,16 @@ def create_app(settings: Settings | None = None, loader: Callable[[Settings], An
             for task in (state.load_task, state.prune_task):
                 task.cancel()
 
-    app = FastAPI(title="SD3 async inference server", version="1.0.0", lifespan=lifespan, responses=ERROR_RESPONSES)
+    # /docs with Swagger UI's script and CSS served from the fastapi-offline package, so it works with no network;
+    # no /redoc (one set of docs).
+    app = FastAPIOffline(
+        title="SD3 async inference server",
+        version="1.0.0",
+        lifespan=lifespan,
+        responses=ERROR_RESPONSES,
+        redoc_url=None,
+        static_url="/docs/static",
+    )
     # The collaborators every route reads (api.deps); engine and loaded are set once the model has loaded.
     app.state.settings = settings
     app.state.store = store
@@ -61,6 +71,7 @@ def create_app(settings: Settings | None = None, loader: Callable[[Settings], An
     app.state.loaded = None
     app.state.load_error = None
     app.state.on_fatal = None
+    app.state.requests_stopped = asyncio.Event()
 
     install_error_handlers(app)
     _add_middleware(app, settings)
@@ -84,7 +95,16 @@ def _add_middleware(app: FastAPI, settings: Settings) -> None:
             expose_headers=["X-Request-ID", "X-Seed", "Server-Timing", "Retry-After"],
         )
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    app.add_middleware(StopOnShutdownMiddleware, stopped=app.state.requests_stopped)
     app.add_middleware(RequestIdMiddleware)
+
+
+def stop_requests(app: FastAPI) -> None:
+    """End a drain now: every open request is answered 503 ``draining`` (the engine's own, then the rest).
+    Call from the event loop."""
+    if app.state.engine is not None:
+        app.state.engine.abort()
+    app.state.requests_stopped.set()
 
 
 async def _prune_periodically(store: Any, ttl: float) -> None:

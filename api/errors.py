@@ -11,6 +11,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.limits import limit_messages
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["ERROR_RESPONSES", "APIError", "ErrorResponse", "error_response", "install_error_handlers", "param_of"]
@@ -64,6 +66,9 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+_BOUND_ERRORS = frozenset({"less_than_equal", "less_than", "greater_than_equal", "greater_than", "string_too_long"})
+
+
 def param_of(loc: tuple[Any, ...]) -> str | None:
     parts = [str(p) for p in loc if p not in ("body", "query", "path")]
     # Bounded: an unknown key is client input, and answers never echo unbounded input.
@@ -99,7 +104,15 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = validation_message(list(exc.errors()))
+        errors = list(exc.errors())
+        message, param = validation_message(errors)
+        if errors[0].get("type") in _BOUND_ERRORS and param is not None:
+            # Past the schema's hard bound: say what this server accepts (its configured limit), as the configured
+            # check does, never pydantic's "<= 64".
+            state = request.app.state
+            accepted = limit_messages(state.settings, getattr(state, "geometry", None)).get(param)
+            if accepted is not None:
+                message = f"{param}: {accepted}" + (f" (and {len(errors) - 1} more problem(s))" if errors[1:] else "")
         return error_response(400, message, "invalid_request_error", param, "invalid_value")
 
     @app.exception_handler(StarletteHTTPException)

@@ -15,6 +15,7 @@ from fastapi import Request
 
 from api.deps import ready_engine, request_id, watch_disconnect
 from api.errors import APIError
+from api.limits import limit_messages, max_side
 
 if TYPE_CHECKING:
     from utils.engine import EngineError, GenerationRequest, GenerationResult
@@ -37,6 +38,8 @@ def to_generation(
     from utils.engine import GenerationRequest
 
     settings = request.app.state.settings
+    geometry = request.app.state.geometry
+    limits = limit_messages(settings, geometry)
     prompt, negative_prompt, steps = body.prompt, body.negative_prompt, body.num_inference_steps
 
     def bad(field: str, message: str) -> APIError:
@@ -45,23 +48,22 @@ def to_generation(
         )
 
     if len(prompt) > settings.max_prompt_chars:
-        raise bad("prompt", f"at most {settings.max_prompt_chars} characters; shorten the prompt")
+        raise bad("prompt", limits["prompt"])
     if negative_prompt is not None and len(negative_prompt) > settings.max_prompt_chars:
-        raise bad("negative_prompt", f"at most {settings.max_prompt_chars} characters")
+        raise bad("negative_prompt", limits["negative_prompt"])
     if not prompt.strip():
         raise bad("prompt", "must not be blank")
     steps = settings.default_steps if steps is None else steps
     if steps > settings.max_steps:
-        raise bad("steps", f"must be between 1 and {settings.max_steps}")
+        raise bad("steps", limits["num_inference_steps"])
     if n > settings.max_images_per_request:
-        raise bad("n", f"must be between 1 and {settings.max_images_per_request}")
-    geometry = request.app.state.geometry
+        raise bad("n", limits[names.get("n", "n")])
     height = geometry.default_size if height is None else height
     width = geometry.default_size if width is None else width
-    max_size = min(settings.max_image_size, geometry.max_size or settings.max_image_size)
+    max_size = max_side(settings, geometry)
     for field, value in (("height", height), ("width", width)):
-        if value > max_size:
-            raise bad(field, f"at most {max_size} pixels")
+        if not 16 <= value <= max_size:
+            raise bad(field, limits[field])
         if value % geometry.size_multiple:
             multiple = geometry.size_multiple
             lower = max(multiple, value - value % multiple)
@@ -73,7 +75,8 @@ def to_generation(
         num_inference_steps=steps,
         num_images=n,
         seed=secrets.randbits(32) if body.seed is None else body.seed,
-        guidance_scale=body.guidance_scale,
+        # The value used, so the answer reports it: the pipeline's own default when the request gave none.
+        guidance_scale=request.app.state.default_guidance if body.guidance_scale is None else body.guidance_scale,
         height=height,
         width=width,
         request_id=request_id(request),

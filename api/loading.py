@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import time
@@ -17,7 +18,7 @@ from api.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ModelGeometry", "default_concurrency", "load_model", "usable_cores"]
+__all__ = ["ModelGeometry", "default_concurrency", "default_guidance_scale", "load_model", "usable_cores"]
 
 
 def usable_cores() -> int:
@@ -50,6 +51,15 @@ class ModelGeometry:
         transformer_config = getattr(getattr(pipeline, "transformer", None), "config", None)
         pos_max = getattr(transformer_config, "pos_embed_max_size", None)
         return cls(multiple, default, int(pos_max) * multiple if pos_max else None)
+
+
+def default_guidance_scale(pipeline: Any) -> float | None:
+    """The guidance scale the pipeline uses when a call names none: its ``__call__``'s default (SD3's is 7.0).
+    Read from the pipeline, so the value an answer reports is the one that was used, whatever the pipeline."""
+    parameter = inspect.signature(type(pipeline).__call__).parameters.get("guidance_scale")
+    if parameter is None or parameter.default is inspect.Parameter.empty:
+        return None
+    return float(parameter.default)
 
 
 async def load_model(app: FastAPI, settings: Settings, loader: Callable[[Settings], Any] | None) -> None:
@@ -85,6 +95,7 @@ async def load_model(app: FastAPI, settings: Settings, loader: Callable[[Setting
     app.state.loaded = loaded
     app.state.scoped = scoped
     app.state.geometry = ModelGeometry.of(pipeline)
+    app.state.default_guidance = default_guidance_scale(pipeline)
     app.state.engine = engine
     engine.set_ready()
     logger.info(

@@ -1,7 +1,10 @@
-"""Pure ASGI middleware (so the disconnect watcher sees the real receive channel): request ids, body limits."""
+"""Pure ASGI middleware (so the disconnect watcher sees the real receive channel): request ids, body limits, and
+the answer to requests still open when a drain ends."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
 import uuid
 
@@ -10,7 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import error_response
 
-__all__ = ["BodyLimitMiddleware", "RequestIdMiddleware"]
+__all__ = ["BodyLimitMiddleware", "RequestIdMiddleware", "StopOnShutdownMiddleware"]
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
@@ -84,3 +87,51 @@ class _BodyTooLarge(StarletteHTTPException):
 
     def __init__(self, limit: int) -> None:
         super().__init__(413, f"The request body is larger than {limit} bytes.")
+
+
+class StopOnShutdownMiddleware:
+    """Answers every request still open when ``stopped`` is set (the end of a drain) with a 503 envelope.
+
+    The engine answers its own requests (running or queued) 503 ``draining`` when it is aborted; this covers the
+    rest, e.g. a client still sending its body. Without it uvicorn cancels such a request at its own, later timeout
+    and answers a plain-text 500 with a traceback in the log.
+    """
+
+    def __init__(self, app: ASGIApp, stopped: asyncio.Event, grace: float = 1.0) -> None:
+        self.app = app
+        self.stopped = stopped
+        self.grace = grace  # how long a request gets to answer by itself once stopped (the engine's answer is ms)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        task = asyncio.ensure_future(self.app(scope, receive, tracking_send))
+        stop = asyncio.ensure_future(self.stopped.wait())
+        try:
+            await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if not task.done():
+                await asyncio.wait({task}, timeout=self.grace)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        finally:
+            stop.cancel()
+        if task.done():
+            task.result()  # re-raises the app's exception, if any, for the error handlers
+            return
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        if not started:
+            draining = error_response(
+                503, "The server is draining.", "unavailable", code="draining", **{"Retry-After": "5"}
+            )
+            await draining(scope, receive, send)

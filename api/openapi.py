@@ -6,6 +6,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from api.schemas import OPENAI_MAX_N
 from api.settings import Settings
 
 __all__ = ["publish_limits"]
@@ -28,7 +29,7 @@ def publish_limits(app: FastAPI, settings: Settings) -> None:
             "prompt": ("maxLength", settings.max_prompt_chars),
             "negative_prompt": ("maxLength", settings.max_prompt_chars),
             "num_inference_steps": ("maximum", settings.max_steps),
-            "n": ("maximum", min(10, images)),
+            "n": ("maximum", min(OPENAI_MAX_N, images)),
         },
     }
 

@@ -15,6 +15,7 @@ Seed = Annotated[int, Field(ge=0, le=2**32 - 1, description="seed for reproducib
 Steps = Annotated[int, Field(ge=1, le=1000)]
 Side = Annotated[int, Field(ge=16, le=8192, description="pixels, a multiple of 16")]
 Guidance = Annotated[float, Field(ge=0.0, le=50.0)]
+OPENAI_MAX_N = 10  # the OpenAI Images API's own bound on n
 
 
 class InferenceRequest(BaseModel):
@@ -57,7 +58,7 @@ class OpenAIImageRequest(BaseModel):
 
     prompt: Prompt
     model: Annotated[str, Field(max_length=256)] | None = None
-    n: Annotated[int, Field(ge=1, le=10)] = 1
+    n: Annotated[int, Field(ge=1, le=OPENAI_MAX_N)] = 1
     size: Annotated[str, Field(max_length=16, description="'WIDTHxHEIGHT' or 'auto'")] | None = None
     response_format: Literal["url", "b64_json"] | None = "url"
     quality: Annotated[str, Field(max_length=32)] | None = None

@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
+from collections.abc import Mapping
+from typing import Any
 
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["ENV_PREFIX", "Settings", "parse_settings"]
+__all__ = ["DTYPE_ALIASES", "ENV_PREFIX", "Settings", "SettingsError", "parse_settings"]
 
 ENV_PREFIX = "SERVER_"
+# Accepted --dtype names and the torch dtype each means (Pipelines maps them; this module stays free of torch).
+DTYPE_ALIASES: dict[str, str] = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+}
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d{1,3})?)$")
 
 
 class Settings(BaseSettings):
@@ -27,8 +40,14 @@ class Settings(BaseSettings):
     type_models: str = Field("t2im", description="pipeline type; only t2im (text-to-image) today")
     host: str = Field("0.0.0.0", description="address to bind")
     port: int = Field(8500, ge=0, le=65535, description="port to bind (0: any free port)")
-    device: str | None = Field(None, description="cuda, cuda:1, mps or cpu (default: cuda, then mps, then cpu)")
-    dtype: str | None = Field(None, description="float32, bfloat16 or float16 (default: bf16 on GPU, fp32 on CPU)")
+    device: str | None = Field(
+        None, description="auto, cpu, mps, cuda or cuda:N (default: auto, which picks cuda, then mps, then cpu)"
+    )
+    dtype: str | None = Field(
+        None,
+        description="auto, float32 (fp32), bfloat16 (bf16) or float16 (fp16) "
+        "(default: auto, which is bfloat16 on CUDA, float16 on MPS, float32 on CPU)",
+    )
     image_dir: str = Field("images", description="directory for generated images")
     public_url: str | None = Field(
         None, description="base URL put in image links, e.g. https://img.example.com (default: the request's host)"
@@ -69,6 +88,21 @@ class Settings(BaseSettings):
             raise ValueError("type_models must be 't2im' (text-to-image)")
         return value
 
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str | None) -> str | None:
+        # Availability (is there a CUDA device?) needs torch: checked by Pipelines.preflight, still before loading.
+        if value is not None and not _DEVICE.match(value.lower()):
+            raise ValueError("device must be auto, cpu, mps, cuda or cuda:N")
+        return value.lower() if value else value
+
+    @field_validator("dtype")
+    @classmethod
+    def _check_dtype(cls, value: str | None) -> str | None:
+        if value is not None and value.lower() not in ("auto", *DTYPE_ALIASES):
+            raise ValueError("dtype must be auto, float32 (fp32), bfloat16 (bf16) or float16 (fp16)")
+        return value.lower() if value else value
+
     @field_validator("log_level")
     @classmethod
     def _check_log_level(cls, value: str) -> str:
@@ -87,16 +121,51 @@ class Settings(BaseSettings):
         return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
 
 
-def parse_settings(argv: list[str] | None = None) -> Settings:
-    """Build Settings from the command line (flags named after the fields) over the environment."""
+class SettingsError(ValueError):
+    """Options that failed validation; ``lines`` has one message per problem, naming what the user set."""
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__("; ".join(lines))
+        self.lines = lines
+
+
+def parse_settings(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Build Settings from the command line (flags named after the fields) over the environment.
+
+    Raises ``SettingsError`` whose lines name the flag the user typed (``--max-queue``) or the environment variable
+    they set (``SERVER_MAX_QUEUE``). argparse's own errors (unknown flag) exit 2 as usual.
+    """
     parser = argparse.ArgumentParser(
         prog="serverasync.py",
         description="Async inference server for Stable Diffusion 3 / 3.5. Every flag is also an environment "
         f"variable: {ENV_PREFIX}<FLAG_IN_CAPITALS>, e.g. {ENV_PREFIX}MAX_QUEUE=16.",
     )
     for name, info in Settings.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        default = info.default
-        parser.add_argument(flag, dest=name, default=None, help=f"{info.description} [default: {default}]")
+        help_text = str(info.description)
+        if "(default:" not in help_text:  # one default per flag: the description's own, or this one
+            help_text += f" (default: {'none' if info.default is None else info.default})"
+        parser.add_argument(_flag(name), dest=name, default=None, help=help_text)
     args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
-    return Settings(**args)
+    try:
+        return Settings(**args)
+    except ValidationError as exc:
+        environ = os.environ if environ is None else environ
+        raise SettingsError([_describe(error, args, environ) for error in exc.errors()]) from None
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _describe(error: Any, flags: dict[str, Any], environ: Mapping[str, str]) -> str:
+    """One line for one problem, prefixed with what the user set: a flag, or an environment variable."""
+    message = str(error["msg"]).removeprefix("Value error, ")
+    loc = tuple(error["loc"])
+    name = str(loc[0]) if loc else ""
+    if name not in Settings.model_fields:  # a cross-field check: no single option to name
+        return message
+    if name in flags:
+        return f"{_flag(name)}: {message}"
+    variables = [f"{ENV_PREFIX}{name.upper()}", *(["MODEL_PATH"] if name == "model" else [])]
+    given = next((v for v in variables if v in environ), variables[0])
+    return f"{given}: {message}"

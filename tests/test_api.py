@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import base64
+import inspect
 from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import urlparse
 
 import httpx
 import pytest
+from diffusers import StableDiffusion3Pipeline
 from http_helpers import NATIVE, OPENAI, assert_envelope, fetch_png, open_png, openai_images, pixels
 
 STEPS = 2  # denoising steps: enough to exercise the loop, cheap on the tiny model
@@ -107,7 +109,13 @@ def test_native_defaults_are_resolved_and_reported(make_server: Callable[..., An
     assert (params["num_inference_steps"], params["height"], params["width"]) == (28, 64, 64)
     assert params["num_images_per_prompt"] == 1
     assert 0 <= answer["seed"] < 2**32  # drawn by the server, returned so the image can be reproduced
-    assert open_png(fetch_png(answer["response"][0])).size == (64, 64)
+    image = fetch_png(answer["response"][0])
+    assert open_png(image).size == (64, 64)
+    # The guidance scale used: the pipeline's own default, reported, and the image is the one that value gives.
+    default = inspect.signature(StableDiffusion3Pipeline.__call__).parameters["guidance_scale"].default
+    assert isinstance(params["guidance_scale"], float) and params["guidance_scale"] == default
+    explicit = {"prompt": "a red fox", "seed": answer["seed"], "guidance_scale": default}
+    assert fetch_png(post(server.url, NATIVE, explicit).json()["response"][0]) == image
 
     custom = make_server(default_steps=3)
     assert post(custom.url, NATIVE, {"prompt": "a red fox"}).json()["parameters"]["num_inference_steps"] == 3
@@ -257,7 +265,16 @@ BAD_JSON: list[tuple[str, str, Any, str | None, str]] = [
     ("blank prompt", NATIVE, {"prompt": "   "}, "prompt", "blank"),
     ("too long prompt", NATIVE, {"prompt": LONG_PROMPT}, "prompt", "at most 2000 characters"),
     ("too long negative", NATIVE, {"prompt": "x", "negative_prompt": LONG_PROMPT}, "negative_prompt", "at most 2000"),
-    ("steps 0", NATIVE, {"prompt": "x", "num_inference_steps": 0}, "num_inference_steps", "greater than or equal to 1"),
+    ("steps 0", NATIVE, {"prompt": "x", "num_inference_steps": 0}, "num_inference_steps", "between 1 and 100"),
+    # Past the schema's hard bound (1000) as well: still the configured limit, never "<= 1000".
+    ("steps 5000", NATIVE, {"prompt": "x", "num_inference_steps": 5000}, "num_inference_steps", "between 1 and 100"),
+    (
+        "images 1000",
+        NATIVE,
+        {"prompt": "x", "num_images_per_prompt": 1000},
+        "num_images_per_prompt",
+        "between 1 and 10",
+    ),
     (
         "steps above max",
         NATIVE,
@@ -270,10 +287,17 @@ BAD_JSON: list[tuple[str, str, Any, str | None, str]] = [
     ("n as float", OPENAI, {"prompt": "x", "n": 1.5}, "n", "integer"),
     ("width not /16", NATIVE, {"prompt": "x", "width": 70}, "width", "multiple of 16; try 64 or 80"),
     ("height not /16", NATIVE, {"prompt": "x", "height": 100}, "height", "multiple of 16; try 96 or 112"),
-    ("width below min", NATIVE, {"prompt": "x", "width": 8}, "width", "greater than or equal to 16"),
-    ("height above max", NATIVE, {"prompt": "x", "height": 2048}, "height", "at most 1024 pixels"),
+    ("width below min", NATIVE, {"prompt": "x", "width": 8}, "width", "between 16 and 1024 pixels"),
+    ("width past the hard bound", NATIVE, {"prompt": "x", "width": 9000}, "width", "between 16 and 1024 pixels"),
+    ("height above max", NATIVE, {"prompt": "x", "height": 2048}, "height", "between 16 and 1024 pixels"),
     # Within --max-image-size (1536) but past the tiny transformer's positional embedding (1024): was a 500.
-    ("width above model max", NATIVE, {"prompt": "x", "width": 1088, "height": 64}, "width", "at most 1024 pixels"),
+    (
+        "width above model max",
+        NATIVE,
+        {"prompt": "x", "width": 1088, "height": 64},
+        "width",
+        "between 16 and 1024 pixels",
+    ),
     (
         "images above max",
         NATIVE,
@@ -286,7 +310,7 @@ BAD_JSON: list[tuple[str, str, Any, str | None, str]] = [
         NATIVE,
         {"prompt": "x", "num_images_per_prompt": 0},
         "num_images_per_prompt",
-        "greater than or equal to 1",
+        "between 1 and 10",
     ),
     ("prompt not a string", NATIVE, {"prompt": 5}, "prompt", "valid string"),
     ("steps not an integer", NATIVE, {"prompt": "x", "num_inference_steps": "many"}, "num_inference_steps", "integer"),
@@ -303,13 +327,14 @@ BAD_JSON: list[tuple[str, str, Any, str | None, str]] = [
     ("unknown field", NATIVE, {"prompt": "x", "steps": 2}, "steps", "unknown field"),
     ("body is an array", NATIVE, ["a fox"], None, "JSON object"),
     ("openai missing prompt", OPENAI, {"n": 1}, "prompt", "required"),
-    ("openai n=11", OPENAI, {"prompt": "x", "n": 11}, "n", "less than or equal to 10"),
-    ("openai n=0", OPENAI, {"prompt": "x", "n": 0}, "n", "greater than or equal to 1"),
+    ("openai n=11", OPENAI, {"prompt": "x", "n": 11}, "n", "between 1 and 10"),
+    ("openai n=0", OPENAI, {"prompt": "x", "n": 0}, "n", "between 1 and 10"),
+    ("openai steps 5000", OPENAI, {"prompt": "x", "num_inference_steps": 5000}, "num_inference_steps", "1 and 100"),
     ("openai size word", OPENAI, {"prompt": "x", "size": "large"}, "size", "WIDTHxHEIGHT"),
     ("openai size separator", OPENAI, {"prompt": "x", "size": "64*64"}, "size", "WIDTHxHEIGHT"),
     ("openai size not /16", OPENAI, {"prompt": "x", "size": "100x100"}, "size", "multiple of 16; try 96 or 112"),
-    ("openai size too small", OPENAI, {"prompt": "x", "size": "8x64"}, "size", "at least 16"),
-    ("openai size too large", OPENAI, {"prompt": "x", "size": "4096x4096"}, "size", "at most"),
+    ("openai size too small", OPENAI, {"prompt": "x", "size": "8x64"}, "size", "between 16 and 1024 pixels"),
+    ("openai size too large", OPENAI, {"prompt": "x", "size": "4096x4096"}, "size", "between 16 and 1024 pixels"),
     ("openai size not a string", OPENAI, {"prompt": "x", "size": 64}, "size", "valid string"),
     (
         "openai response_format",
@@ -341,6 +366,21 @@ def test_bad_json_input_is_a_400_envelope(
     assert error["type"] == "invalid_request_error"
     assert words in error["message"], error["message"]
     assert "Traceback" not in error["message"] and LONG_PROMPT not in error["message"]
+
+
+def test_out_of_range_answers_name_the_configured_limit_whichever_check_fails(make_server: Any) -> None:
+    # Limits raised above the defaults: the schema's bound (64 images, 1000 steps) must never show through.
+    server = make_server(max_images_per_request=20, max_steps=300, default_steps=2)
+    cases = [
+        (NATIVE, {"num_images_per_prompt": 21}, "num_images_per_prompt", "between 1 and 20"),  # configured check
+        (NATIVE, {"num_images_per_prompt": 1000}, "num_images_per_prompt", "between 1 and 20"),  # schema's bound
+        (NATIVE, {"num_inference_steps": 301}, "num_inference_steps", "between 1 and 300"),
+        (NATIVE, {"num_inference_steps": 1001}, "num_inference_steps", "between 1 and 300"),
+        (OPENAI, {"n": 15}, "n", "between 1 and 10"),  # the OpenAI API's own bound is the tighter one here
+    ]
+    for path, fields, param, words in cases:
+        error = assert_envelope(post(server.url, path, {"prompt": "x", **fields}), 400, param)
+        assert error["message"] == f"{param}: must be {words}", error["message"]
 
 
 @pytest.mark.parametrize("path", [NATIVE, OPENAI])

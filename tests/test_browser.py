@@ -87,3 +87,15 @@ def test_chromium_decodes_the_image_and_gets_a_404_envelope_for_unknown_names(
     missing = chromium(tmp_path, "--dump-dom", f"{server.url}/images/{'0' * 32}.png").stdout
     assert "No such image." in missing and "image_not_found" in missing
     assert "<img" not in missing
+
+
+def test_docs_render_every_operation_with_no_network(make_server: Callable[..., Any], tmp_path: Path) -> None:
+    server = make_server()
+    # Every host name but loopback fails to resolve: a page that needs a CDN renders nothing here.
+    offline = "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"
+    dom = chromium(tmp_path, offline, "--virtual-time-budget=20000", "--dump-dom", f"{server.url}/docs").stdout
+    # Swagger UI built its page from /openapi.json: one block per operation, each with its path.
+    for path in ("/api/diffusers/inference", "/v1/images/generations", "/v1/models", "/health"):
+        assert f'data-path="{path}"' in dom, f"{path} missing from the rendered /docs"
+    assert "cdn.jsdelivr.net" not in dom and "fonts.googleapis.com" not in dom
+    assert httpx.get(server.url + "/redoc").status_code == 404  # dropped: one set of docs, served locally

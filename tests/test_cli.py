@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import resource
 import socket
 import subprocess
 import sys
@@ -14,11 +16,13 @@ from urllib.parse import urlparse
 
 import httpx
 import pytest
+import torch
 from http_helpers import NATIVE, fetch_png, open_png
 
 from serverasync import Settings
 
 REPO = Path(__file__).resolve().parent.parent
+CUDA = torch.cuda.is_available()
 HEAVY = ("torch", "diffusers", "transformers", "Pipelines", "utils", "fastapi.testclient")
 
 
@@ -60,10 +64,133 @@ def test_invalid_option_exits_2_before_loading_a_model(args: list[str], words: s
     assert "None:" not in result.stderr
 
 
-def test_invalid_environment_variable_exits_2() -> None:
-    result = run_server_cli("--model", "/nonexistent/model", env={**os.environ, "SERVER_MAX_QUEUE": "-3"})
+def test_invalid_environment_variable_exits_2_naming_the_variable() -> None:
+    env = {**os.environ, "SERVER_MAX_QUEUE": "-3", "MODEL_PATH": "random:nope"}
+    result = run_server_cli("--max-concurrency", "0", env=env)
     assert result.returncode == 2
-    assert "--max-queue: Input should be greater than or equal to 0" in result.stderr
+    # What the user set, in the form they set it: the variable, or the flag.
+    assert "error: SERVER_MAX_QUEUE: Input should be greater than or equal to 0" in result.stderr, result.stderr
+    assert "error: --max-concurrency: Input should be greater than or equal to 1" in result.stderr
+    assert "--max-queue" not in result.stderr
+
+
+def help_entries() -> dict[str, str]:
+    """--help, one entry per flag: the flag's whole help text."""
+    result = run_server_cli("--help")
+    assert result.returncode == 0, result.stderr
+    entries: dict[str, str] = {}
+    flag = None
+    for line in result.stdout.splitlines():
+        if line.startswith("  --"):
+            flag = line.split()[0]
+            entries[flag] = line
+        elif flag is not None and line.startswith("      "):
+            entries[flag] += " " + line.strip()
+    return entries
+
+
+def test_help_gives_one_default_per_flag_and_lists_the_dtypes() -> None:
+    entries = help_entries()
+    assert set(entries) >= {"--" + name.replace("_", "-") for name in Settings.model_fields}
+    for flag, text in entries.items():
+        if flag != "--help":
+            assert text.count("(default:") == 1 and "[default:" not in text, text
+    for name in ("auto", "float32", "bfloat16", "float16"):
+        assert name in entries["--dtype"]
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--dtype", "float8"], "--dtype: dtype must be auto, float32 (fp32), bfloat16 (bf16) or float16 (fp16)"),
+        (["--device", "gpu"], "--device: device must be auto, cpu, mps, cuda or cuda:N"),
+        (["--device", "cuda:99"], "device 'cuda:99' was asked for but"),
+        *([(["--device", "cuda"], "device 'cuda' was asked for but CUDA is not available")] if not CUDA else []),
+    ],
+    ids=lambda value: value if isinstance(value, str) else " ".join(value),
+)
+def test_device_and_dtype_are_checked_before_loading(args: list[str], words: str) -> None:
+    result = run_server_cli("--model", "random:tiny", "--port", "0", *args)
+    assert result.returncode == 2, result.stderr
+    assert f"serverasync.py: error: {words}" in result.stderr, result.stderr
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output and "serving" not in output and "Built random" not in output
+
+
+def test_a_model_too_large_for_the_memory_is_refused_before_allocating() -> None:
+    # An address-space limit stands in for a small machine: on any machine the preset cannot fit under it.
+    limit = 12 * 2**30
+
+    def small_machine() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    command = [sys.executable, str(REPO / "serverasync.py"), "--model", "random:sd3.5-medium", "--device", "cpu"]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=120, cwd=REPO, preexec_fn=small_machine, check=False
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    first, hint = result.stderr.strip().splitlines()[-2:]
+    assert re.search(r"error: random:sd3\.5-medium needs about 31\.6 GB .* in float32, but cpu has [\d.]+ GB", first)
+    assert "--dtype bfloat16 (about 25.3 GB)" in hint and "--model random:tiny" in hint, hint
+    assert "Traceback" not in result.stderr and "Built random" not in result.stderr
+
+
+def test_weights_needed_by_the_presets_match_the_readme() -> None:
+    from Pipelines import required_bytes
+
+    readme = (REPO / "README.md").read_text()
+    for preset, dtype, figure in (
+        ("random:sd3.5-medium", torch.float32, "31.6 GB"),
+        ("random:sd3.5-medium", torch.bfloat16, "25.3 GB"),
+        ("random:tiny", torch.float32, "1.4 MB"),
+        ("random:tiny", torch.float16, "0.9 MB"),
+    ):
+        need = required_bytes(preset, dtype)
+        assert need is not None
+        shown = f"{need / 1e9:.1f} GB" if need > 1e9 else f"{need / 1e6:.1f} MB"
+        assert shown == figure and figure in readme, (preset, dtype, shown)
+    assert required_bytes("stabilityai/stable-diffusion-3.5-medium", torch.float32) is None  # unknown before load
+
+
+def test_port_in_use_exits_3_at_once_with_a_hint(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_server_cli("--host", "127.0.0.1", "--port", str(port), "--model", "random:tiny")
+    assert result.returncode == 3, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines == [
+        f"serverasync.py: error: cannot listen on 127.0.0.1:{port}: Address already in use",
+        "Hint: another process uses that port: stop it, or choose another with --port (0 picks a free one)",
+    ], result.stderr
+    assert "serving" not in result.stdout + result.stderr  # nothing was loaded
+
+
+def test_start_up_log_says_what_matters_once(
+    spawn_server: Callable[..., Any], tiny_pipeline: Any, tmp_path: Path
+) -> None:
+    saved = tmp_path / "saved"
+    tiny_pipeline.save_pretrained(saved)  # a local checkpoint, loaded through from_pretrained
+    everywhere = spawn_server("--host", "0.0.0.0", "--model", str(saved)).wait_ready()
+    log = everywhere.log()
+    assert f"serving {saved} on cpu as float32 (engine: threads) at http://0.0.0.0:{everywhere.port}" in log
+    assert "listening on all interfaces with no API key" in log
+    for noise in ("torchvision", "torch_dtype", "FutureWarning", "Uvicorn running", "Traceback"):
+        assert noise not in log, noise
+
+    local = spawn_server("--model", "random:tiny").wait_ready()
+    assert "serving random:tiny on cpu" in local.log() and "no API key" not in local.log()
+    keyed = spawn_server("--host", "0.0.0.0", "--model", "random:tiny", env={"SERVER_API_KEY": "k"}).wait_ready()
+    assert "no API key" not in keyed.log()
+
+
+def test_a_load_error_is_printed_once_and_exits_1(spawn_server: Callable[..., Any]) -> None:
+    failed = spawn_server("--model", "/nonexistent/model-dir")
+    assert failed.proc.wait(timeout=120) == 1
+    log = failed.log()
+    assert log.count("does not exist") == 1 and log.count("Hint:") == 1, log
+    assert "Traceback" not in log
 
 
 def test_validation_happens_before_anything_heavy_is_imported() -> None:

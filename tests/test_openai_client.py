@@ -65,10 +65,10 @@ def test_models_list(server: Any) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "param", "words"),
     [
-        ({"n": 11}, "n", "less than or equal to 10"),
+        ({"n": 11}, "n", "between 1 and 10"),
         ({"size": "100x100"}, "size", "multiple of 16; try 96 or 112"),
         ({"size": "big"}, "size", "WIDTHxHEIGHT"),
-        ({"extra_body": {"num_inference_steps": 0}}, "num_inference_steps", "greater than or equal to 1"),
+        ({"extra_body": {"num_inference_steps": 0}}, "num_inference_steps", "between 1 and 100"),
     ],
     ids=["n=11", "size-100x100", "size-word", "steps-0"],
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import serverasync
 from serverasync import Settings
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
@@ -18,8 +19,20 @@ def test_every_option_is_in_the_readme_table() -> None:
     assert documented - flags == set(), "README documents options that do not exist"
 
 
+CPU_TORCH = "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+
+
 def test_readme_commands_match_ci() -> None:
-    assert "pip install torch==2.13.0 -r requirements.txt && python serverasync.py --model random:tiny" in README
+    # A CPU user gets the CPU build (a plain `pip install torch` pulls CUDA's), the same one CI installs.
+    assert CPU_TORCH in README and CPU_TORCH in CI
+    assert "pip install -r requirements.txt && python serverasync.py --model random:tiny" in README
+    assert "python3 -m venv" in README and "pip install openai" in README
     assert "bash .ci/run" in README
     assert "python -m pytest -q" in README and "python -m pytest -q" in CI
-    assert "torch==2.13.0" in CI
+
+
+def test_every_exit_code_is_documented() -> None:
+    section = README.split("## Exit codes", 1)[1].split("\n## ", 1)[0]
+    documented = {int(code) for code in re.findall(r"^\| (\d+) \|", section, flags=re.MULTILINE)}
+    used = {value for name, value in vars(serverasync).items() if name.startswith("EXIT_")}
+    assert documented == used == {0, 1, 2, 3}

@@ -1,0 +1,35 @@
+"""What the bounded request fields accept, worded once with the configured limits.
+
+A value can fail two checks: the schema's hard bounds (pydantic, before the handler) and the configured, tighter
+limits (``api.generation.to_generation``). Both answer with these words, so a client always reads the limit that
+applies here ("between 1 and 10", never the schema's "<= 64").
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from api.schemas import OPENAI_MAX_N
+
+__all__ = ["limit_messages", "max_side"]
+
+
+def max_side(settings: Any, geometry: Any | None) -> int:
+    """The largest width or height: the configured one, or the model's own if smaller (known once loaded)."""
+    model_max = getattr(geometry, "max_size", None)
+    return min(settings.max_image_size, model_max or settings.max_image_size)
+
+
+def limit_messages(settings: Any, geometry: Any | None) -> dict[str, str]:
+    """Field name (as each API calls it) -> what it accepts, with the configured limits."""
+    side = f"must be between 16 and {max_side(settings, geometry)} pixels"
+    prompt = f"at most {settings.max_prompt_chars} characters"
+    return {
+        "prompt": f"{prompt}; shorten the prompt",
+        "negative_prompt": prompt,
+        "num_inference_steps": f"must be between 1 and {settings.max_steps}",
+        "num_images_per_prompt": f"must be between 1 and {settings.max_images_per_request}",
+        "n": f"must be between 1 and {min(OPENAI_MAX_N, settings.max_images_per_request)}",
+        "height": side,
+        "width": side,
+    }
