@@ -20,6 +20,7 @@ from fastapi import FastAPI
 
 from api import Settings, create_app, parse_settings
 from api.errors import param_of
+from api.protocol import uvicorn_options
 
 logger = logging.getLogger("serverasync")
 
@@ -78,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         # (Never `int(t) or None`: 0.5 would become None, which waits forever.)
         timeout_graceful_shutdown=int(settings.shutdown_timeout) + 5,
         access_log=settings.log_level == "debug",
+        # The h11 protocol held to the connection limits (header size, receive/send/idle timeouts, connection cap).
+        **uvicorn_options(settings),
     )
     server = _DrainingServer(config, app)
     failed = False
