@@ -34,13 +34,14 @@ def create_app(settings: Settings | None = None, loader: Callable[[Settings], An
         ttl_seconds=settings.image_ttl,
         max_files=settings.image_max_files,
         max_bytes=settings.image_max_bytes,
+        grace_seconds=settings.image_grace,
     )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state = app.state
         state.load_task = asyncio.create_task(load_model(app, settings, loader))
-        state.prune_task = asyncio.create_task(_prune_periodically(store, settings.image_ttl))
+        state.prune_task = asyncio.create_task(_prune_periodically(store, settings))
         try:
             yield
         finally:
@@ -87,9 +88,13 @@ def _add_middleware(app: FastAPI, settings: Settings) -> None:
     app.add_middleware(RequestIdMiddleware)
 
 
-async def _prune_periodically(store: Any, ttl: float) -> None:
-    if ttl <= 0:
+async def _prune_periodically(store: Any, settings: Settings) -> None:
+    # Saves prune too; this catches images that expire, or leave their grace period over a cap, while nobody saves.
+    periods = [settings.image_ttl] if settings.image_ttl > 0 else []
+    if settings.image_max_files or settings.image_max_bytes:
+        periods.append(settings.image_grace)
+    if not periods:
         return
     while True:
-        await asyncio.sleep(min(60.0, max(1.0, ttl / 4)))
+        await asyncio.sleep(min(60.0, max(1.0, min(periods) / 4)))
         await asyncio.to_thread(store.prune)

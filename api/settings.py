@@ -46,7 +46,7 @@ class Settings(BaseSettings):
     image_max_files: int = Field(10_000, ge=0, description="most images kept on disk, oldest go first (0: no cap)")
     image_max_bytes: int = Field(0, ge=0, description="most bytes of images kept on disk, oldest go first (0: no cap)")
     image_grace: float = Field(
-        300.0, ge=10, description="seconds a new image is kept whatever the caps, so every returned URL can be fetched"
+        300.0, ge=1, description="seconds a new image is kept whatever the caps, so every returned URL can be fetched"
     )
     served_model_name: str | None = Field(
         None, description="model name shown to clients (default: the hub id or preset; a local path's last part)"

@@ -48,6 +48,11 @@ def test_help_lists_every_option() -> None:
         (["--log-level", "loud"], "--log-level: log_level must be debug, info, warning or error"),
         (["--default-steps", "200"], "default_steps (200) is above max_steps (100)"),
         (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+        (["--image-max-files", "3"], "image_max_files (3) cannot hold one request's 10 images"),
+        (["--image-max-bytes", "1000"], "image_max_bytes (1000) cannot hold one request's images"),
+        (["--image-ttl", "60", "--image-grace", "120"], "image_ttl (60) is below image_grace (120)"),
+        (["--max-header-bytes", "100"], "--max-header-bytes: Input should be greater than or equal to 1024"),
+        (["--send-timeout", "0"], "--send-timeout: Input should be greater than 0"),
     ],
     ids=lambda value: value if isinstance(value, str) else " ".join(value),
 )

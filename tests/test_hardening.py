@@ -499,13 +499,11 @@ def test_image_store_writes_are_atomic(tmp_path: Path) -> None:
         # Whatever a reader can see under a servable name is a whole file, never a half-written one.
         while not done.is_set():
             for name in png_names(store.directory):
-                path = store.lookup(name)
-                if path is None:
+                opened = store.open_image(name)
+                if opened is None:
                     continue
-                try:
-                    data = path.read_bytes()
-                except FileNotFoundError:
-                    continue
+                with opened[0] as handle:
+                    data = handle.read()
                 if hashlib.sha256(data).digest() not in digests:
                     torn.append(name)
 
@@ -529,7 +527,7 @@ def test_image_store_retention_by_age_count_and_bytes(tmp_path: Path) -> None:
     old = [aged.save_png(b"x" * 100) for _ in range(3)]
     assert aged.prune(now=time.time() + 30) == 0
     assert aged.prune(now=time.time() + 61) == 3
-    assert png_names(aged.directory) == [] and len(aged) == 0 and all(aged.lookup(n) is None for n in old)
+    assert png_names(aged.directory) == [] and len(aged) == 0 and all(aged.open_image(n) is None for n in old)
 
     counted = ImageStore(tmp_path / "count", max_files=3)
     counted_names = [counted.save_png(b"x" * 100) for _ in range(5)]
@@ -546,7 +544,9 @@ def test_image_store_retention_by_age_count_and_bytes(tmp_path: Path) -> None:
     restarted = ImageStore(tmp_path / "count", max_files=1)
     assert len(restarted) == 3 and restarted.prune() == 2
     assert png_names(restarted.directory) == [counted_names[4]]  # the newest stays
-    assert restarted.lookup(counted_names[4]) is not None
+    opened = restarted.open_image(counted_names[4])
+    assert opened is not None and opened[1] == 100
+    opened[0].close()
 
 
 def test_image_store_removes_stale_temp_files_on_start(tmp_path: Path) -> None:
@@ -565,12 +565,15 @@ def test_image_store_removes_stale_temp_files_on_start(tmp_path: Path) -> None:
 
 
 def test_server_retention_keeps_the_disk_bounded(make_server: Callable[..., Any]) -> None:
-    capped = make_server(image_max_files=2)
+    capped = make_server(image_max_files=2, max_images_per_request=2, image_grace=10)
     urls = [post(capped.url, body(steps=1)).json()["response"][0] for _ in range(4)]
+    # Within the grace period every URL handed out is still there, beyond the cap.
+    assert [httpx.get(u).status_code for u in urls] == [200, 200, 200, 200]
+    assert capped.app.state.store.prune(now=time.time() + 11) == 2  # past the grace period, the cap holds
     assert len(png_names(capped.app.state.store.directory)) == 2
     assert [httpx.get(u).status_code for u in urls] == [404, 404, 200, 200]
 
-    expiring = make_server(image_ttl=1)
+    expiring = make_server(image_ttl=1, image_grace=1)
     url = post(expiring.url, body(steps=1)).json()["response"][0]
     # The periodic pruning deletes it with nobody asking.
     wait_until(lambda: not png_names(expiring.app.state.store.directory), "the expired image is deleted")
