@@ -13,7 +13,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from api.errors import ERROR_RESPONSES, install_error_handlers
 from api.loading import load_model
-from api.middleware import BodyLimitMiddleware, RequestIdMiddleware
+from api.middleware import ApiKeyMiddleware, BodyLimitMiddleware, HeadAsGetMiddleware, RequestIdMiddleware
 from api.openapi import publish_limits
 from api.routes import ROUTERS
 from api.settings import Settings
@@ -72,6 +72,10 @@ def create_app(settings: Settings | None = None, loader: Callable[[Settings], An
 
 
 def _add_middleware(app: FastAPI, settings: Settings) -> None:
+    # The last added runs first. The key check sits inside CORS, so preflights (which carry no credentials) are
+    # answered and refusals get CORS headers; it runs before any route reads a body.
+    if settings.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
     origins = settings.cors_origin_list
     if origins:
         # Credentials are only allowed with an explicit origin list: '*' with cookies would let any site act as
@@ -85,6 +89,7 @@ def _add_middleware(app: FastAPI, settings: Settings) -> None:
             expose_headers=["X-Request-ID", "X-Seed", "Server-Timing", "Retry-After"],
         )
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    app.add_middleware(HeadAsGetMiddleware)
     app.add_middleware(RequestIdMiddleware)
 
 

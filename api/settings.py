@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from pathlib import Path
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -123,6 +124,17 @@ class Settings(BaseSettings):
         if 0 < self.image_ttl < self.image_grace:
             raise ValueError(f"image_ttl ({self.image_ttl:g}) is below image_grace ({self.image_grace:g})")
         return self
+
+    @property
+    def model_name(self) -> str:
+        """The model's name as clients see it: --served-model-name, else the hub id or preset, else the last part of
+        a local path (a file system path is never shown to a client)."""
+        if self.served_model_name:
+            return self.served_model_name
+        path = Path(self.model).expanduser()
+        if path.is_absolute() or self.model.startswith((".", "~")) or path.exists():
+            return path.resolve().name or "model"
+        return self.model
 
     @property
     def cors_origin_list(self) -> list[str]:

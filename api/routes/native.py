@@ -6,11 +6,11 @@ import asyncio
 import dataclasses
 from typing import BinaryIO
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from api.deps import base_url, ready_engine, require_key
+from api.deps import base_url, ready_engine
 from api.errors import APIError, ErrorResponse
 from api.generation import run_generation, save_all, timing_headers, to_generation
 from api.schemas import InferenceRequest, InferenceResponse, ResolvedParameters
@@ -25,7 +25,6 @@ NATIVE_NAMES = {"steps": "num_inference_steps", "n": "num_images_per_prompt"}
 @router.post(
     "/api/diffusers/inference",
     response_model=InferenceResponse,
-    dependencies=[Depends(require_key)],
     summary="Generate images; answers their URLs",
 )
 async def inference(body: InferenceRequest, request: Request) -> JSONResponse:
