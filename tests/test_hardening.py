@@ -606,6 +606,8 @@ HOSTILE_BODIES: list[tuple[str, str, bytes, str | None]] = [
     ("missing prompt", NATIVE, b'{"num_inference_steps": 2}', JSON),
     ("blank prompt", NATIVE, b'{"prompt": " \\t\\n "}', JSON),
     ("empty prompt", NATIVE, b'{"prompt": ""}', JSON),
+    ("zero-width prompt", NATIVE, json.dumps({"prompt": "\u200b\u200c\u200d\ufeff\u2060\u00a0"}).encode(), JSON),
+    ("zero-width openai prompt", OPENAI, json.dumps({"prompt": "\u200b\u200e\u2028"}).encode(), JSON),
     ("prompt too long", NATIVE, json.dumps({"prompt": "y" * 2001}).encode(), JSON),
     ("negative prompt too long", NATIVE, json.dumps({"prompt": "x", "negative_prompt": "y" * 2001}).encode(), JSON),
     ("steps 0", NATIVE, b'{"prompt": "x", "num_inference_steps": 0}', JSON),
