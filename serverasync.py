@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import uvicorn
@@ -54,7 +55,8 @@ class _DrainingServer(uvicorn.Server):
                 abort.cancel()
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, loader: Callable[[Settings], Any] | None = None) -> int:
+    """Parse the flags, serve until a signal, drain; return the exit status. ``loader`` as in ``create_app``."""
     from pydantic import ValidationError
 
     try:
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    app = create_app(settings)
+    app = create_app(settings, loader)
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -96,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     server.run()
+    if app.state.engine is None and app.state.load_error is None:
+        logger.info("stopped while the model was loading; exiting without waiting for the load")
     if failed:
         error = app.state.load_error
         print(f"serverasync.py: {error}", file=sys.stderr)  # noqa: T201
