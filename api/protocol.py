@@ -29,6 +29,7 @@ from typing import Any
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from api.errors import envelope, error_response
 from api.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -76,30 +77,25 @@ _NON_READERS = _Tally("client did not read its response within --send-timeout: c
 _MALFORMED = _Tally("malformed or oversized request head: answered 400/431 and closed")
 
 
-def envelope_bytes(status: int, message: str, type_: str, code: str, extra: str = "") -> bytes:
+def envelope_bytes(status: int, message: str, type_: str, code: str) -> bytes:
     """A complete HTTP/1.1 response in the error envelope, with ``Connection: close``."""
-    body = json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}).encode()
+    body = json.dumps(envelope(message, type_, None, code)).encode()
     head = (
         f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\ncontent-type: application/json\r\n"
-        f"content-length: {len(body)}\r\nconnection: close\r\n{extra}\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
     )
     return head.encode("latin-1") + body
 
 
 async def _over_cap_app(scope: Any, receive: Any, send: Any) -> None:
-    body = json.dumps(
-        {
-            "error": {
-                "message": "Too many open connections; retry later.",
-                "type": "overloaded_error",
-                "param": None,
-                "code": "too_many_connections",
-            }
-        }
-    ).encode()
-    headers = [(b"content-type", b"application/json"), (b"connection", b"close"), (b"retry-after", b"1")]
-    await send({"type": "http.response.start", "status": 503, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    refusal = error_response(
+        503,
+        "Too many open connections; retry later.",
+        "overloaded_error",
+        code="too_many_connections",
+        **{"Retry-After": "1", "Connection": "close"},
+    )
+    await refusal(scope, receive, send)
 
 
 class GuardedH11Protocol(H11Protocol):

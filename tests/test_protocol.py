@@ -43,10 +43,13 @@ def envelope_of(raw: bytes, status: int) -> dict[str, Any]:
 def test_a_huge_header_is_431_and_health_stays_fast_beside_2000_idle_connections(
     spawn_server: Callable[..., Any],
 ) -> None:
-    idle_count = 2000
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    hard = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+    # 2,000 where the open-file limit allows it (this process holds one end of each, the server the other).
+    idle_count = min(2000, hard - 300)
+    assert idle_count >= 500, f"the open-file limit ({hard}) is too low for this test"
     if soft < idle_count + 200:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, idle_count + 200), hard))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (idle_count + 200, hard))
     server = spawn_server("--keep-alive-timeout", "120").wait_ready()
     idle = [connect(server) for _ in range(idle_count)]
     answer: dict[str, bytes] = {}
