@@ -124,19 +124,26 @@ class GuardedH11Protocol(H11Protocol):
             self._guard.cancel()  # the idle deadline: the request has begun
             self._guard = None
         super().data_received(data)
-        if self.transport.is_closing():
-            self._cancel_guards()
-        elif self.conn.their_state in (h11.IDLE, h11.SEND_BODY):
-            # A request is arriving: its deadline runs from its first byte and is never pushed back by a trickle.
-            if not self._receiving:
-                self._receiving = True
-                self._guard = self.loop.call_later(self.limits.receive_timeout, self._receive_expired)
-        elif self._receiving:
-            self._stop_receiving()
+        self._watch_receive()
 
     def on_response_complete(self) -> None:
         self._stop_receiving()  # a response sent before its request was complete (e.g. 413) ends the wait too
         super().on_response_complete()
+        self._watch_receive()  # a pipelined request may have been half-buffered meanwhile
+
+    def _watch_receive(self) -> None:
+        """Arm the receive deadline while a request is arriving, disarm it once it has arrived."""
+        if self.transport.is_closing():
+            self._cancel_guards()
+            return
+        state = self.conn.their_state
+        arriving = state is h11.SEND_BODY or (state is h11.IDLE and bool(self.conn.trailing_data[0]))
+        if arriving and not self._receiving:
+            # The deadline runs from the request's first byte and is never pushed back by a trickle.
+            self._receiving = True
+            self._guard = self.loop.call_later(self.limits.receive_timeout, self._receive_expired)
+        elif not arriving and self._receiving:
+            self._stop_receiving()
 
     def send_400_response(self, msg: str) -> None:
         # uvicorn calls this for anything h11 refuses; the buffered head tells an oversized one from a malformed one.
