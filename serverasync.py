@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import uvicorn
@@ -23,6 +24,7 @@ from fastapi import FastAPI
 
 from api import Settings, create_app, parse_settings
 from api.app import stop_requests
+from api.protocol import uvicorn_options
 from api.settings import SettingsError
 
 logger = logging.getLogger("serverasync")
@@ -72,8 +74,9 @@ class _DrainingServer(uvicorn.Server):
             stop.cancel()
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the server; the exit status is one of the ``EXIT_*`` codes (README, "Exit codes")."""
+def main(argv: list[str] | None = None, loader: Callable[[Settings], Any] | None = None) -> int:
+    """Run the server; the exit status is one of the ``EXIT_*`` codes (README, "Exit codes"). ``loader`` as in
+    ``create_app`` (default: the model named by ``--model``)."""
     try:
         settings = parse_settings(argv)
     except SettingsError as exc:
@@ -101,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"serverasync.py: error: {exc}", file=sys.stderr)  # noqa: T201
         return EXIT_BAD_OPTION
     _log_start(settings, sock, device, dtype)
-    app = create_app(settings)
+    app = create_app(settings, loader)
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -112,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         # (Never `int(t) or None`: 0.5 would become None, which waits forever.)
         timeout_graceful_shutdown=int(settings.shutdown_timeout) + 5,
         access_log=settings.log_level == "debug",
+        # The h11 protocol held to the connection limits (header size, receive/send/idle timeouts, connection cap).
+        **uvicorn_options(settings),
     )
     server = _DrainingServer(config, app)
     failed = False
@@ -127,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     server.run(sockets=[sock])
+    if app.state.engine is None and app.state.load_error is None:
+        logger.info("stopped while the model was loading; exiting without waiting for the load")
     # A failed load was logged, with its hint, by api.loading.
     return EXIT_LOAD_FAILED if failed else EXIT_OK
 

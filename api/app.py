@@ -14,7 +14,13 @@ from fastapi_offline import FastAPIOffline
 
 from api.errors import ERROR_RESPONSES, install_error_handlers
 from api.loading import load_model
-from api.middleware import BodyLimitMiddleware, RequestIdMiddleware, StopOnShutdownMiddleware
+from api.middleware import (
+    ApiKeyMiddleware,
+    BodyLimitMiddleware,
+    HeadAsGetMiddleware,
+    RequestIdMiddleware,
+    StopOnShutdownMiddleware,
+)
 from api.openapi import publish_limits
 from api.routes import ROUTERS
 from api.settings import Settings
@@ -35,13 +41,14 @@ def create_app(settings: Settings | None = None, loader: Callable[[Settings], An
         ttl_seconds=settings.image_ttl,
         max_files=settings.image_max_files,
         max_bytes=settings.image_max_bytes,
+        grace_seconds=settings.image_grace,
     )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state = app.state
         state.load_task = asyncio.create_task(load_model(app, settings, loader))
-        state.prune_task = asyncio.create_task(_prune_periodically(store, settings.image_ttl))
+        state.prune_task = asyncio.create_task(_prune_periodically(store, settings))
         try:
             yield
         finally:
@@ -82,6 +89,10 @@ def create_app(settings: Settings | None = None, loader: Callable[[Settings], An
 
 
 def _add_middleware(app: FastAPI, settings: Settings) -> None:
+    # The last added runs first. The key check sits inside CORS, so preflights (which carry no credentials) are
+    # answered and refusals get CORS headers; it runs before any route reads a body.
+    if settings.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
     origins = settings.cors_origin_list
     if origins:
         # Credentials are only allowed with an explicit origin list: '*' with cookies would let any site act as
@@ -95,6 +106,7 @@ def _add_middleware(app: FastAPI, settings: Settings) -> None:
             expose_headers=["X-Request-ID", "X-Seed", "Server-Timing", "Retry-After"],
         )
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    app.add_middleware(HeadAsGetMiddleware)
     app.add_middleware(StopOnShutdownMiddleware, stopped=app.state.requests_stopped)
     app.add_middleware(RequestIdMiddleware)
 
@@ -107,9 +119,13 @@ def stop_requests(app: FastAPI) -> None:
     app.state.requests_stopped.set()
 
 
-async def _prune_periodically(store: Any, ttl: float) -> None:
-    if ttl <= 0:
+async def _prune_periodically(store: Any, settings: Settings) -> None:
+    # Saves prune too; this catches images that expire, or leave their grace period over a cap, while nobody saves.
+    periods = [settings.image_ttl] if settings.image_ttl > 0 else []
+    if settings.image_max_files or settings.image_max_bytes:
+        periods.append(settings.image_grace)
+    if not periods:
         return
     while True:
-        await asyncio.sleep(min(60.0, max(1.0, ttl / 4)))
+        await asyncio.sleep(min(60.0, max(1.0, min(periods) / 4)))
         await asyncio.to_thread(store.prune)

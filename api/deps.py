@@ -1,4 +1,4 @@
-"""What route handlers share: the API key check, the ready engine, request ids, base URLs, disconnect watching.
+"""What route handlers share: the ready engine, request ids, base URLs, disconnect watching.
 
 Each reads its collaborators from ``request.app.state`` (set by ``api.app.create_app`` and ``api.loading``).
 """
@@ -6,7 +6,6 @@ Each reads its collaborators from ``request.app.state`` (set by ``api.app.create
 from __future__ import annotations
 
 import asyncio
-import secrets
 import uuid
 from typing import Any
 
@@ -14,25 +13,7 @@ from fastapi import Request
 
 from api.errors import APIError
 
-__all__ = ["base_url", "ready_engine", "request_id", "require_key", "watch_disconnect"]
-
-
-async def require_key(request: Request) -> None:
-    """A dependency: with ``--api-key`` set, the request must carry ``Authorization: Bearer <key>``."""
-    api_key = request.app.state.settings.api_key
-    if not api_key:
-        return
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    # compare_digest: the time taken must not tell an attacker how much of a guessed key was right.
-    if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
-        raise APIError(
-            401,
-            "Missing or invalid API key: send 'Authorization: Bearer <key>'.",
-            "authentication_error",
-            code="invalid_api_key",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
+__all__ = ["base_url", "ready_engine", "request_id", "watch_disconnect"]
 
 
 def ready_engine(request: Request) -> Any:

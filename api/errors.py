@@ -15,7 +15,15 @@ from api.limits import limit_messages
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ERROR_RESPONSES", "APIError", "ErrorResponse", "error_response", "install_error_handlers", "param_of"]
+__all__ = [
+    "ERROR_RESPONSES",
+    "APIError",
+    "ErrorResponse",
+    "envelope",
+    "error_response",
+    "install_error_handlers",
+    "param_of",
+]
 
 
 class ErrorBody(BaseModel):
@@ -46,11 +54,15 @@ class APIError(Exception):
         self.headers = headers or {}
 
 
+def envelope(message: str, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:  # noqa: A002
+    """The error envelope's body."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
 def error_response(
     status: int, message: str, type: str, param: str | None = None, code: str | None = None, **headers: str
 ) -> JSONResponse:  # noqa: A002
-    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers or None)
+    return JSONResponse(envelope(message, type, param, code), status_code=status, headers=headers or None)
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import unicodedata
 from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
@@ -24,7 +25,17 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["run_generation", "save_all", "timing_headers", "to_generation"]
+__all__ = ["is_blank", "run_generation", "save_all", "timing_headers", "to_generation"]
+
+
+# Characters that show nothing: spaces and separators (Z*), controls (Cc) and format characters (Cf: zero-width
+# space and joiners, BOM, bidi marks). A prompt made only of these is blank, whatever str.strip() says.
+_INVISIBLE = ("Zs", "Zl", "Zp", "Cc", "Cf")
+
+
+def is_blank(text: str) -> bool:
+    """Whether ``text`` has no visible character."""
+    return all(ch.isspace() or unicodedata.category(ch) in _INVISIBLE for ch in text)
 
 
 def to_generation(
@@ -51,7 +62,7 @@ def to_generation(
         raise bad("prompt", limits["prompt"])
     if negative_prompt is not None and len(negative_prompt) > settings.max_prompt_chars:
         raise bad("negative_prompt", limits["negative_prompt"])
-    if not prompt.strip():
+    if is_blank(prompt):
         raise bad("prompt", "must not be blank")
     steps = settings.default_steps if steps is None else steps
     if steps > settings.max_steps:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,17 +110,35 @@ async def load_model(app: FastAPI, settings: Settings, loader: Callable[[Setting
 
 
 async def _in_passing_thread(fn: Callable[[], Any]) -> Any:
-    """Run ``fn`` in a thread that ends with it.
+    """Run ``fn`` in a daemon thread that ends with it.
 
     Loading runs torch, and a live thread that once ran torch keeps an OpenMP thread team. With more OpenMP threads
     alive than cores, libgomp stops spin-waiting between the many small ops of a step, and every CPU generation ran
-    ~1.5x slower (bench/RESULTS.md); ``asyncio.to_thread``'s pooled threads would live on.
+    ~1.5x slower (bench/RESULTS.md); ``asyncio.to_thread``'s pooled threads would live on. A daemon thread, because
+    a SIGTERM during a load must not wait for it: the interpreter exits without joining daemon threads (a pool's
+    worker would be joined, and a big model takes minutes to load).
     """
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="load")
-    try:
-        return await asyncio.get_running_loop().run_in_executor(executor, fn)
-    finally:
-        executor.shutdown(wait=False)
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if future.done():  # the load was cancelled by a shutdown
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def run() -> None:
+        try:
+            outcome: tuple[Any, BaseException | None] = (fn(), None)
+        except BaseException as exc:  # handed to the awaiting coroutine, which decides
+            outcome = (None, exc)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the server stopped while we loaded
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    threading.Thread(target=run, name="load", daemon=True).start()
+    return await future
 
 
 def _start(loader: Any) -> Any:

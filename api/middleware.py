@@ -1,11 +1,12 @@
-"""Pure ASGI middleware (so the disconnect watcher sees the real receive channel): request ids, body limits, and
-the answer to requests still open when a drain ends."""
+"""Pure ASGI middleware (so the disconnect watcher sees the real receive channel): request ids, body limits, the API
+key check, HEAD as GET, and the answer to requests still open when a drain ends."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import re
+import secrets
 import uuid
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -13,7 +14,73 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import error_response
 
-__all__ = ["BodyLimitMiddleware", "RequestIdMiddleware", "StopOnShutdownMiddleware"]
+__all__ = [
+    "ApiKeyMiddleware",
+    "BodyLimitMiddleware",
+    "HeadAsGetMiddleware",
+    "RequestIdMiddleware",
+    "StopOnShutdownMiddleware",
+    "is_public",
+]
+
+# What anyone may read without the key, and why:
+# - /health and /ready: orchestrators probe them without credentials; they say "ok" or a state, nothing more.
+# - / : the welcome document (the served model name and where the docs are).
+# - /docs (and its Swagger UI assets under /docs/static/), /openapi.json: the API's shape and the configured limits,
+#   which clients need to call it; no secrets, no state.
+# - /images/<name>: each name is 128 random bits, handed only to the client that generated the image, so the URL
+#   itself is the credential (a browser's <img> tag cannot send a bearer header).
+# Everything else needs the key: generation (it spends the accelerator), /api/status (load, memory and request
+# counters tell an outsider when and how the server is used), /v1/models, and unknown paths (no probing for routes).
+PUBLIC_PATHS = frozenset({"/", "/health", "/ready", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
+PUBLIC_PREFIXES = ("/images/", "/docs/static/")
+
+
+def is_public(path: str) -> bool:
+    """Whether ``path`` is answered without the API key (see the notes above)."""
+    return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
+
+
+class ApiKeyMiddleware:
+    """With ``--api-key`` set, answers 401 to a request for a guarded path without ``Authorization: Bearer <key>``,
+    before its body is read or parsed."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.api_key = api_key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or is_public(scope["path"]) or self._authorised(scope):
+            await self.app(scope, receive, send)
+            return
+        refusal = error_response(
+            401,
+            "Missing or invalid API key: send 'Authorization: Bearer <key>'.",
+            "authentication_error",
+            code="invalid_api_key",
+            **{"WWW-Authenticate": "Bearer"},
+        )
+        await refusal(scope, receive, send)
+
+    def _authorised(self, scope: Scope) -> bool:
+        header = dict(scope.get("headers", [])).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        # compare_digest: the time taken must not tell an attacker how much of a guessed key was right.
+        return scheme.lower() == b"bearer" and secrets.compare_digest(token.strip(), self.api_key)
+
+
+class HeadAsGetMiddleware:
+    """Answers ``HEAD`` wherever ``GET`` is answered: routes see a GET, and the HTTP server sends no body for a HEAD
+    (it keeps the request's own method, so the headers, Content-Length included, are the GET's)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "HEAD":
+            scope = {**scope, "method": "GET"}
+        await self.app(scope, receive, send)
+
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 

@@ -6,12 +6,13 @@ import argparse
 import os
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["DTYPE_ALIASES", "ENV_PREFIX", "Settings", "SettingsError", "parse_settings"]
+__all__ = ["DTYPE_ALIASES", "ENV_PREFIX", "Settings", "SettingsError", "max_png_bytes", "parse_settings"]
 
 ENV_PREFIX = "SERVER_"
 # Accepted --dtype names and the torch dtype each means (Pipelines maps them; this module stays free of torch).
@@ -64,6 +65,12 @@ class Settings(BaseSettings):
     image_ttl: float = Field(86_400.0, ge=0, description="seconds generated images are kept (0: forever)")
     image_max_files: int = Field(10_000, ge=0, description="most images kept on disk, oldest go first (0: no cap)")
     image_max_bytes: int = Field(0, ge=0, description="most bytes of images kept on disk, oldest go first (0: no cap)")
+    image_grace: float = Field(
+        300.0, ge=1, description="seconds a new image is kept whatever the caps, so every returned URL can be fetched"
+    )
+    served_model_name: str | None = Field(
+        None, description="model name shown to clients (default: the hub id or preset; a local path's last part)"
+    )
     api_key: str | None = Field(None, description="if set, generation endpoints need 'Authorization: Bearer KEY'")
     cors_origins: str = Field("", description="comma-separated origins allowed by CORS ('*' allows any, no cookies)")
     max_steps: int = Field(100, ge=1, le=1000, description="largest num_inference_steps accepted")
@@ -72,6 +79,23 @@ class Settings(BaseSettings):
     max_images_per_request: int = Field(10, ge=1, le=64, description="largest num_images_per_prompt / n accepted")
     max_prompt_chars: int = Field(2000, ge=1, le=100_000, description="longest prompt accepted (characters)")
     max_body_bytes: int = Field(65_536, ge=1024, description="largest request body accepted (bytes); beyond: 413")
+    max_header_bytes: int = Field(
+        32_768, ge=1024, le=1_048_576, description="largest request line + headers (bytes); beyond: 431"
+    )
+    receive_timeout: float = Field(
+        30.0, gt=0, description="seconds to receive a whole request (headers and body) from its first byte; then 408"
+    )
+    keep_alive_timeout: float = Field(
+        5.0, gt=0, description="seconds an open connection may sit idle before (and between) requests"
+    )
+    max_connections: int = Field(
+        2048, ge=1, le=1_000_000, description="open connections served at once; beyond: 503 (capped by the fd limit)"
+    )
+    send_timeout: float = Field(
+        30.0,
+        gt=0,
+        description="seconds a response may wait on a client that does not read it; then the connection closes",
+    )
     log_level: str = Field("info", description="debug, info, warning or error")
 
     @field_validator("public_url")
@@ -116,9 +140,45 @@ class Settings(BaseSettings):
             raise ValueError(f"default_steps ({self.default_steps}) is above max_steps ({self.max_steps})")
         return self
 
+    @model_validator(mode="after")
+    def _check_retention(self) -> Settings:
+        # Retention must be able to hold one whole answer: a URL we return has to stay fetchable.
+        n = self.max_images_per_request
+        if 0 < self.image_max_files < n:
+            raise ValueError(
+                f"image_max_files ({self.image_max_files}) cannot hold one request's {n} images "
+                f"(max_images_per_request); use at least {n}, or 0 for no cap"
+            )
+        largest = n * max_png_bytes(self.max_image_size)
+        if 0 < self.image_max_bytes < largest:
+            raise ValueError(
+                f"image_max_bytes ({self.image_max_bytes}) cannot hold one request's images: {n} PNGs of "
+                f"{self.max_image_size}x{self.max_image_size} may take {largest} bytes; use at least that, or 0"
+            )
+        if 0 < self.image_ttl < self.image_grace:
+            raise ValueError(f"image_ttl ({self.image_ttl:g}) is below image_grace ({self.image_grace:g})")
+        return self
+
+    @property
+    def model_name(self) -> str:
+        """The model's name as clients see it: --served-model-name, else the hub id or preset, else the last part of
+        a local path (a file system path is never shown to a client)."""
+        if self.served_model_name:
+            return self.served_model_name
+        path = Path(self.model).expanduser()
+        if path.is_absolute() or self.model.startswith((".", "~")) or path.exists():
+            return path.resolve().name or "model"
+        return self.model
+
     @property
     def cors_origin_list(self) -> list[str]:
         return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
+
+
+def max_png_bytes(side: int) -> int:
+    """An upper bound on one PNG of ``side`` x ``side`` RGB pixels (noise barely compresses: raw size plus framing)."""
+    raw = side * (side * 3 + 1)  # a filter byte per row
+    return raw + raw // 100 + 4096
 
 
 class SettingsError(ValueError):

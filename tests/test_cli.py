@@ -52,6 +52,11 @@ def test_help_lists_every_option() -> None:
         (["--log-level", "loud"], "--log-level: log_level must be debug, info, warning or error"),
         (["--default-steps", "200"], "default_steps (200) is above max_steps (100)"),
         (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+        (["--image-max-files", "3"], "image_max_files (3) cannot hold one request's 10 images"),
+        (["--image-max-bytes", "1000"], "image_max_bytes (1000) cannot hold one request's images"),
+        (["--image-ttl", "60", "--image-grace", "120"], "image_ttl (60) is below image_grace (120)"),
+        (["--max-header-bytes", "100"], "--max-header-bytes: Input should be greater than or equal to 1024"),
+        (["--send-timeout", "0"], "--send-timeout: Input should be greater than 0"),
     ],
     ids=lambda value: value if isinstance(value, str) else " ".join(value),
 )
@@ -243,3 +248,37 @@ def test_cli_server_serves_end_to_end_with_client_facing_urls(spawn_server: Call
     [url] = no_host["response"]
     assert urlparse(url).hostname == "127.0.0.1", url  # the address the client connected to
     assert open_png(fetch_png(url)).size == (64, 64)
+
+
+def test_sigterm_while_the_model_loads_exits_at_once(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    from conftest import free_port
+
+    port = free_port()
+    # A load that takes 10 minutes (a big checkpoint from a slow disk, say), through main()'s loader argument.
+    script = (
+        "import sys, time, serverasync; "
+        f"sys.exit(serverasync.main(['--model', 'random:tiny', '--host', '127.0.0.1', '--port', '{port}', "
+        f"'--image-dir', {str(tmp_path / 'images')!r}], loader=lambda settings: time.sleep(600)))"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert time.monotonic() < deadline and proc.poll() is None, "the server did not start"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 503:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        assert proc.wait(timeout=30) == 0
+        assert time.monotonic() - started < 15
+        assert b"exiting without waiting for the load" in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -499,13 +499,11 @@ def test_image_store_writes_are_atomic(tmp_path: Path) -> None:
         # Whatever a reader can see under a servable name is a whole file, never a half-written one.
         while not done.is_set():
             for name in png_names(store.directory):
-                path = store.lookup(name)
-                if path is None:
+                opened = store.open_image(name)
+                if opened is None:
                     continue
-                try:
-                    data = path.read_bytes()
-                except FileNotFoundError:
-                    continue
+                with opened[0] as handle:
+                    data = handle.read()
                 if hashlib.sha256(data).digest() not in digests:
                     torn.append(name)
 
@@ -529,7 +527,7 @@ def test_image_store_retention_by_age_count_and_bytes(tmp_path: Path) -> None:
     old = [aged.save_png(b"x" * 100) for _ in range(3)]
     assert aged.prune(now=time.time() + 30) == 0
     assert aged.prune(now=time.time() + 61) == 3
-    assert png_names(aged.directory) == [] and len(aged) == 0 and all(aged.lookup(n) is None for n in old)
+    assert png_names(aged.directory) == [] and len(aged) == 0 and all(aged.open_image(n) is None for n in old)
 
     counted = ImageStore(tmp_path / "count", max_files=3)
     counted_names = [counted.save_png(b"x" * 100) for _ in range(5)]
@@ -546,7 +544,9 @@ def test_image_store_retention_by_age_count_and_bytes(tmp_path: Path) -> None:
     restarted = ImageStore(tmp_path / "count", max_files=1)
     assert len(restarted) == 3 and restarted.prune() == 2
     assert png_names(restarted.directory) == [counted_names[4]]  # the newest stays
-    assert restarted.lookup(counted_names[4]) is not None
+    opened = restarted.open_image(counted_names[4])
+    assert opened is not None and opened[1] == 100
+    opened[0].close()
 
 
 def test_image_store_removes_stale_temp_files_on_start(tmp_path: Path) -> None:
@@ -565,12 +565,15 @@ def test_image_store_removes_stale_temp_files_on_start(tmp_path: Path) -> None:
 
 
 def test_server_retention_keeps_the_disk_bounded(make_server: Callable[..., Any]) -> None:
-    capped = make_server(image_max_files=2)
+    capped = make_server(image_max_files=2, max_images_per_request=2, image_grace=10)
     urls = [post(capped.url, body(steps=1)).json()["response"][0] for _ in range(4)]
+    # Within the grace period every URL handed out is still there, beyond the cap.
+    assert [httpx.get(u).status_code for u in urls] == [200, 200, 200, 200]
+    assert capped.app.state.store.prune(now=time.time() + 11) == 2  # past the grace period, the cap holds
     assert len(png_names(capped.app.state.store.directory)) == 2
     assert [httpx.get(u).status_code for u in urls] == [404, 404, 200, 200]
 
-    expiring = make_server(image_ttl=1)
+    expiring = make_server(image_ttl=1, image_grace=1)
     url = post(expiring.url, body(steps=1)).json()["response"][0]
     # The periodic pruning deletes it with nobody asking.
     wait_until(lambda: not png_names(expiring.app.state.store.directory), "the expired image is deleted")
@@ -603,6 +606,8 @@ HOSTILE_BODIES: list[tuple[str, str, bytes, str | None]] = [
     ("missing prompt", NATIVE, b'{"num_inference_steps": 2}', JSON),
     ("blank prompt", NATIVE, b'{"prompt": " \\t\\n "}', JSON),
     ("empty prompt", NATIVE, b'{"prompt": ""}', JSON),
+    ("zero-width prompt", NATIVE, json.dumps({"prompt": "\u200b\u200c\u200d\ufeff\u2060\u00a0"}).encode(), JSON),
+    ("zero-width openai prompt", OPENAI, json.dumps({"prompt": "\u200b\u200e\u2028"}).encode(), JSON),
     ("prompt too long", NATIVE, json.dumps({"prompt": "y" * 2001}).encode(), JSON),
     ("negative prompt too long", NATIVE, json.dumps({"prompt": "x", "negative_prompt": "y" * 2001}).encode(), JSON),
     ("steps 0", NATIVE, b'{"prompt": "x", "num_inference_steps": 0}', JSON),
@@ -783,8 +788,8 @@ def test_api_key_guards_generation_and_works_with_the_openai_client(make_server:
         extra_body={"num_inference_steps": 1},  # type: ignore[arg-type]
     )
     assert result.data and result.data[0].url
-    # Reading stays open: health, readiness, status and the images themselves.
-    for path in ("/health", "/ready", "/api/status", urlsplit(result.data[0].url).path):
+    # Probes and the images themselves stay open; status needs the key (tests/test_middleware.py).
+    for path in ("/health", "/ready", urlsplit(result.data[0].url).path):
         assert httpx.get(live.url + path).status_code == 200, path
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=live.url + "/v1", api_key="wrong", max_retries=0).images.generate(prompt="x")

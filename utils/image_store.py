@@ -7,6 +7,10 @@ Security notes, next to the checks they justify:
   a symlink: a link planted in the directory can't be used to read other files.
 - Files are written to a temporary name in the same directory and renamed into place, so a reader never sees a
   half-written PNG.
+- Images are served from a descriptor opened before the answer starts (``open_image``): retention may unlink the
+  name meanwhile, the open file stays whole, so an answer is never a 500 nor a body cut short.
+- Retention never deletes an image younger than ``grace_seconds``: every URL handed out stays fetchable at least
+  that long. The caps may therefore be exceeded by the images saved within the last grace period, never more.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import time
 import uuid
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 logger = logging.getLogger(__name__)
 
@@ -54,12 +58,14 @@ class ImageStore:
         ttl_seconds: float = 0,
         max_files: int = 0,
         max_bytes: int = 0,
+        grace_seconds: float = 0,
     ) -> None:
         self.directory = Path(directory).expanduser().resolve()
         self.directory.mkdir(parents=True, exist_ok=True)
         self.ttl_seconds = ttl_seconds
         self.max_files = max_files
         self.max_bytes = max_bytes
+        self.grace_seconds = grace_seconds
         # Protects _index and _bytes: saves come from several threads at once, pruning from the event loop.
         self._lock = threading.Lock()
         self._index: OrderedDict[str, tuple[float, int]] = OrderedDict()  # name -> (mtime, size), oldest first
@@ -114,39 +120,40 @@ class ImageStore:
         self.prune()
         return name
 
-    def lookup(self, name: str) -> Path | None:
-        """The path of a stored image, or None for anything that is not one (see the module's notes)."""
+    def open_image(self, name: str) -> tuple[BinaryIO, int] | None:
+        """An open stored image and its size, or None for anything that is not one (see the module's notes)."""
         if not IMAGE_NAME.match(name):
             return None
-        path = self.directory / name
         try:
-            info = os.lstat(path)
+            # O_NOFOLLOW: a symlink planted under a valid name is refused, not followed.
+            # O_NONBLOCK: a FIFO planted under a valid name must not hang the open (no effect on regular files).
+            flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+            fd = os.open(self.directory / name, flags)
         except OSError:
             return None
-        if not stat.S_ISREG(info.st_mode):  # refuses symlinks (lstat does not follow them), dirs, devices
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):  # dirs, devices, FIFOs
+            os.close(fd)
             return None
-        real = Path(os.path.realpath(path))
-        if real.parent != self.directory:
-            return None
-        return real
+        return os.fdopen(fd, "rb"), info.st_size
 
     def prune(self, now: float | None = None) -> int:
-        """Delete images older than the TTL and the oldest beyond the file or byte cap; return how many went."""
+        """Delete images older than the TTL and the oldest beyond the file or byte cap, never one younger than the
+        grace period; return how many went."""
         now = time.time() if now is None else now
         doomed: list[str] = []
         with self._lock:
-            if self.ttl_seconds > 0:
-                for name, (mtime, _size) in self._index.items():
-                    if now - mtime < self.ttl_seconds:
-                        break
-                    doomed.append(name)
-                for name in doomed:
-                    self._bytes -= self._index.pop(name)[1]
-            while self._index and (
-                (self.max_files > 0 and len(self._index) > self.max_files)
-                or (self.max_bytes > 0 and self._bytes > self.max_bytes)
-            ):
-                name, (_mtime, size) = self._index.popitem(last=False)
+            # _index is oldest first: stop at the first image too young for the rule at hand.
+            while self._index:
+                name, (mtime, size) = next(iter(self._index.items()))
+                age = now - mtime
+                expired = self.ttl_seconds > 0 and age >= self.ttl_seconds
+                over_cap = (self.max_files > 0 and len(self._index) > self.max_files) or (
+                    self.max_bytes > 0 and self._bytes > self.max_bytes
+                )
+                if not (expired or (over_cap and age >= self.grace_seconds)):
+                    break
+                del self._index[name]
                 self._bytes -= size
                 doomed.append(name)
         for name in doomed:

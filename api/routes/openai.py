@@ -8,10 +8,10 @@ import re
 import time
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from api.deps import base_url, ready_engine, require_key
+from api.deps import base_url, ready_engine
 from api.errors import APIError
 from api.generation import run_generation, save_all, timing_headers, to_generation
 from api.schemas import OpenAIImageRequest, OpenAIImagesResponse
@@ -37,7 +37,6 @@ def parse_size(size: str | None) -> tuple[int | None, int | None]:
     "/v1/images/generations",
     response_model=OpenAIImagesResponse,
     response_model_exclude_none=True,
-    dependencies=[Depends(require_key)],
     summary="OpenAI Images API: generate images",
 )
 async def openai_generations(body: OpenAIImageRequest, request: Request) -> JSONResponse:
@@ -59,5 +58,5 @@ async def openai_generations(body: OpenAIImageRequest, request: Request) -> JSON
 
 @router.get("/v1/models", summary="OpenAI-style model list (the one loaded model)")
 async def models(request: Request) -> dict[str, Any]:
-    model = request.app.state.settings.model
+    model = request.app.state.settings.model_name
     return {"object": "list", "data": [{"id": model, "object": "model", "owned_by": "local"}]}

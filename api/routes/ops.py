@@ -19,7 +19,7 @@ router = APIRouter()
 async def root(request: Request) -> dict[str, Any]:
     return {
         "message": "SD3 async inference server. POST /api/diffusers/inference or /v1/images/generations.",
-        "model": request.app.state.settings.model,
+        "model": request.app.state.settings.model_name,
         "docs": "/docs",
         "status": "/api/status",
     }
@@ -35,7 +35,7 @@ async def ready(request: Request) -> JSONResponse:
     state = request.app.state
     engine = state.engine
     if engine is not None and engine.ready_reason is None:
-        return JSONResponse({"status": "ready", "model": state.settings.model})
+        return JSONResponse({"status": "ready", "model": state.settings.model_name})
     reason = (
         engine.ready_reason if engine is not None else ("load_failed" if state.load_error is not None else "loading")
     )
@@ -48,7 +48,7 @@ async def status(request: Request) -> dict[str, Any]:
     settings, engine, loaded = state.settings, state.engine, state.loaded
     device = str(loaded.device) if loaded is not None else (settings.device or "pending")
     return {
-        "current_model": settings.model,
+        "current_model": settings.model_name,
         "type_models": settings.type_models,
         "device": device,
         "ready": engine is not None and engine.ready_reason is None,

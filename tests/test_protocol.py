@@ -1,0 +1,158 @@
+"""The connection guard (api/protocol.py) against a real server subprocess on loopback: hostile clients are bounded
+in header size, time and number, answered in the envelope, and never stall anyone else."""
+
+from __future__ import annotations
+
+import json
+import resource
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+
+HEALTH_DEADLINE_S = 1.0
+
+
+def connect(server: Any) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    return sock
+
+
+def read_all(sock: socket.socket, limit_s: float = 30.0) -> bytes:
+    """Everything the server sends until it closes the connection (bounded in time)."""
+    sock.settimeout(limit_s)
+    chunks = []
+    try:
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    except ConnectionResetError:
+        pass
+    return b"".join(chunks)
+
+
+def envelope_of(raw: bytes, status: int) -> dict[str, Any]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.split(b" ", 2)[1] == str(status).encode(), head
+    assert b"content-type: application/json" in head.lower()
+    return json.loads(body)["error"]
+
+
+def test_a_huge_header_is_431_and_health_stays_fast_beside_2000_idle_connections(
+    spawn_server: Callable[..., Any],
+) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    hard = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+    # 2,000 where the open-file limit allows it (this process holds one end of each, the server the other).
+    idle_count = min(2000, hard - 300)
+    assert idle_count >= 500, f"the open-file limit ({hard}) is too low for this test"
+    if soft < idle_count + 200:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (idle_count + 200, hard))
+    server = spawn_server("--keep-alive-timeout", "120").wait_ready()
+    idle = [connect(server) for _ in range(idle_count)]
+    answer: dict[str, bytes] = {}
+
+    def send_huge_header() -> None:
+        sock = connect(server)
+        try:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: a\r\nX-Big: ")
+            for _ in range(64):  # 64 MB in 1 MB pieces, until the server answers and closes
+                sock.sendall(b"a" * (1 << 20))
+        except OSError:
+            pass
+        answer["raw"] = read_all(sock)
+        sock.close()
+
+    sender = threading.Thread(target=send_huge_header)
+    sender.start()
+    slowest = 0.0
+    with httpx.Client(timeout=10) as client:
+        while sender.is_alive():
+            started = time.monotonic()
+            assert client.get(f"{server.url}/health").status_code == 200
+            slowest = max(slowest, time.monotonic() - started)
+            time.sleep(0.05)
+    sender.join(timeout=60)
+    assert slowest < HEALTH_DEADLINE_S, f"/health took {slowest:.2f}s"
+    error = envelope_of(answer["raw"], 431)
+    assert error["code"] == "too_large" and "32768 bytes" in error["message"]
+    # The idle ones are still open (their keep-alive is 120 s) and a request on one of them is served.
+    idle[0].sendall(b"GET /health HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    assert read_all(idle[0]).startswith(b"HTTP/1.1 200")
+    for sock in idle:
+        sock.close()
+
+
+def test_idle_and_trickling_clients_are_timed_out_with_408(spawn_server: Callable[..., Any]) -> None:
+    server = spawn_server("--keep-alive-timeout", "1", "--receive-timeout", "2").wait_ready()
+    silent = connect(server)
+    head_trickle = connect(server)
+    body_trickle = connect(server)
+    started = time.monotonic()
+    head_trickle.sendall(b"GET /health HTTP/1.1\r\nHo")
+    body_trickle.sendall(
+        b"POST /api/diffusers/inference HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 100\r\n\r\n{"pro'
+    )
+    for _ in range(10):  # keeps trickling: each byte must not push the deadline back
+        time.sleep(0.1)
+        head_trickle.sendall(b"s")
+    assert read_all(silent) == b""
+    for sock in (head_trickle, body_trickle):
+        assert envelope_of(read_all(sock), 408)["type"] == "timeout_error"
+    assert time.monotonic() - started < 20
+    log = server.log()
+    assert "--keep-alive-timeout: closed" in log and "--receive-timeout: answered 408" in log
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_malformed_request_is_400_in_the_envelope(spawn_server: Callable[..., Any]) -> None:
+    server = spawn_server().wait_ready()
+    sock = connect(server)
+    sock.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+    assert envelope_of(read_all(sock), 400)["code"] == "bad_request"
+
+
+def test_connections_beyond_the_cap_get_a_503_envelope_and_are_logged(spawn_server: Callable[..., Any]) -> None:
+    server = spawn_server("--max-connections", "5", "--keep-alive-timeout", "60").wait_ready()
+    held = [connect(server) for _ in range(5)]
+    time.sleep(0.5)  # the server has accepted them all
+    refused = httpx.get(f"{server.url}/health", timeout=10)
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "too_many_connections"
+    assert refused.headers["retry-after"] == "1"
+    for sock in held:
+        sock.close()
+    deadline = time.monotonic() + 10
+    while httpx.get(f"{server.url}/health", timeout=10).status_code != 200:
+        assert time.monotonic() < deadline, "the cap was not freed by closed connections"
+        time.sleep(0.1)
+    assert "too many open connections: answered 503" in server.log()
+
+
+def test_a_client_that_does_not_read_is_disconnected_after_the_send_timeout(spawn_server: Callable[..., Any]) -> None:
+    server = spawn_server("--send-timeout", "1").wait_ready()
+    body = json.dumps(
+        {"prompt": "noise", "n": 2, "size": "1024x1024", "response_format": "b64_json", "num_inference_steps": 1}
+    ).encode()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: the answer piles up at the server
+    sock.settimeout(120)
+    sock.connect(("127.0.0.1", server.port))
+    sock.sendall(
+        b"POST /v1/images/generations HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    deadline = time.monotonic() + 120
+    while "--send-timeout: connection closed" not in server.log():
+        assert time.monotonic() < deadline, "the non-reading client was never disconnected"
+        time.sleep(0.2)
+    raw = read_all(sock)
+    head, _, payload = raw.partition(b"\r\n\r\n")
+    declared = int(
+        next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")).split(b":")[1]
+    )
+    assert len(payload) < declared  # cut off: the server let go of the rest
+    assert httpx.get(f"{server.url}/health").status_code == 200
