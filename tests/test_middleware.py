@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import time
 from collections.abc import Callable
@@ -36,6 +37,11 @@ def test_a_local_model_path_is_never_shown_and_the_key_guards_all_but_the_public
         image = client.post(NATIVE, json={"prompt": "x", "num_inference_steps": 1}, headers=AUTH).json()["response"][0]
         for path in ("/", "/health", "/ready", "/docs", "/openapi.json", httpx.URL(image).path):
             assert client.get(path).status_code == 200, path
+        # The docs page's own script and CSS, served locally, load without the key too (a browser sends none).
+        assets = re.findall(r'(?:src|href)="(/docs/static/[^"]+)"', client.get("/docs").text)
+        assert len(assets) >= 2, assets
+        for path in assets:
+            assert client.get(path).status_code == 200, path
         for path in ("/api/status", "/v1/models", "/no/such/route"):
             refused = client.get(path)
             assert refused.status_code == 401 and refused.json()["error"]["type"] == "authentication_error", path
@@ -67,5 +73,6 @@ def test_head_answers_wherever_get_does(spawn_server: Callable[..., Any]) -> Non
 
 
 def test_public_paths_are_exactly_the_documented_ones() -> None:
-    assert all(is_public(p) for p in ("/", "/health", "/ready", "/docs", "/openapi.json", "/images/a.png"))
+    public = ("/", "/health", "/ready", "/docs", "/openapi.json", "/images/a.png", "/docs/static/swagger-ui.css")
+    assert all(is_public(p) for p in public)
     assert not any(is_public(p) for p in ("/api/status", "/v1/models", NATIVE, OPENAI, "/imagesx", "/metrics"))
