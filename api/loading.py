@@ -17,7 +17,7 @@ from api.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ModelGeometry", "default_concurrency", "load_model", "usable_cores"]
+__all__ = ["ModelGeometry", "build_engine", "default_concurrency", "default_engine", "load_model", "usable_cores"]
 
 
 def usable_cores() -> int:
@@ -27,7 +27,15 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def default_concurrency(device_type: str) -> int:
+def default_engine(device_type: str) -> str:
+    """The engine the bench found better on this device type (bench/RESULTS.md, README "Engines")."""
+    return "threads"
+
+
+def default_concurrency(device_type: str, engine: str = "threads") -> int:
+    if engine == "step":
+        # A step slot mostly waits on the shared loop: many slots cost little and let many requests share a pass.
+        return 16
     # Two slots on either: on a GPU one request's text encoding / VAE decode overlaps another's denoising; on a CPU
     # the two split the cores (Engine.cpu_threads), so one request's Python work overlaps the other's compute and
     # no OpenMP barrier waits on a thread preempted by HTTP or PNG work. Measured in bench/RESULTS.md.
@@ -54,9 +62,6 @@ class ModelGeometry:
 
 async def load_model(app: FastAPI, settings: Settings, loader: Callable[[Settings], Any] | None) -> None:
     """Load the model off the event loop, then build the engine and publish both on ``app.state``."""
-    from utils import RequestScopedPipeline
-    from utils.engine import Engine, pipeline_runner
-
     def default_loader(s: Settings) -> Any:
         from Pipelines import ModelPipelineInitializer
 
@@ -71,30 +76,60 @@ async def load_model(app: FastAPI, settings: Settings, loader: Callable[[Setting
         if app.state.on_fatal is not None:
             app.state.on_fatal()
         return
-    pipeline = loaded.pipeline
-    device = loaded.device
-    scoped = RequestScopedPipeline(pipeline)
-    concurrency = settings.max_concurrency or default_concurrency(device.type)
-    engine = Engine(
-        pipeline_runner(scoped, device),
-        concurrency,
-        settings.max_queue,
-        settings.request_timeout,
-        cpu_threads=usable_cores() if device.type == "cpu" else None,
-    )
+    try:
+        engine, scoped, cache = await _in_passing_thread(lambda: build_engine(settings, loaded.pipeline, loaded.device))
+    except Exception as exc:
+        app.state.load_error = exc
+        logger.error("engine failed to start: %s", exc)
+        if app.state.on_fatal is not None:
+            app.state.on_fatal()
+        return
     app.state.loaded = loaded
     app.state.scoped = scoped
-    app.state.geometry = ModelGeometry.of(pipeline)
+    app.state.prompt_cache = cache
+    app.state.geometry = ModelGeometry.of(loaded.pipeline)
     app.state.engine = engine
     engine.set_ready()
     logger.info(
-        "model %s ready on %s in %.1fs (max_concurrency=%d, max_queue=%d)",
+        "model %s ready on %s in %.1fs (engine=%s, max_concurrency=%d, max_queue=%d)",
         settings.model,
-        device,
+        loaded.device,
         time.monotonic() - started,
-        concurrency,
+        engine.kind,
+        engine.max_concurrency,
         settings.max_queue,
     )
+
+
+def build_engine(settings: Settings, pipeline: Any, device: Any) -> tuple[Any, Any, Any]:
+    """The engine the settings ask for (or the device's default), its RequestScopedPipeline and prompt cache."""
+    from utils import RequestScopedPipeline
+    from utils.engine import Engine, pipeline_runner
+    from utils.prompt_cache import PromptCache
+    from utils.step_engine import StepRunner
+
+    kind = settings.engine or ("step" if settings.compile else default_engine(device.type))
+    scoped = RequestScopedPipeline(pipeline)
+    dtype = getattr(getattr(pipeline, "text_encoder", None), "dtype", None)
+    cache = PromptCache(settings.prompt_cache_size, identity=(settings.model, str(dtype), str(device)))
+    cores = usable_cores() if device.type == "cpu" else None
+    if kind == "step":
+        if settings.compile:
+            # Regional compilation: the repeated blocks are compiled once and reused, so it compiles in a fraction of
+            # the whole model's time. Safe here: the denoising worker is the transformer's only caller.
+            pipeline.transformer.compile_repeated_blocks(dynamic=True)
+        runner: Any = StepRunner(scoped, device, settings.max_batch_size, cache, cpu_threads=cores)
+    else:
+        runner = pipeline_runner(scoped, device, cache)
+    engine = Engine(
+        runner,
+        settings.max_concurrency or default_concurrency(device.type, kind),
+        settings.max_queue,
+        settings.request_timeout,
+        cpu_threads=cores,
+        kind=kind,
+    )
+    return engine, scoped, cache
 
 
 async def _in_passing_thread(fn: Callable[[], Any]) -> Any:

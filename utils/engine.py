@@ -152,10 +152,12 @@ class Engine:
         request_timeout: float = 0,
         release: Callable[[], None] = release_memory,
         cpu_threads: int | None = None,
+        kind: str = "threads",
     ) -> None:
         if max_concurrency < 1 or max_queue < 0:
             raise ValueError("max_concurrency must be >= 1 and max_queue >= 0")
         self.runner = runner
+        self.kind = kind  # the execution strategy behind the runner: "threads" or "step" (for /api/status and logs)
         self.max_concurrency = max_concurrency
         self.max_queue = max_queue
         self.request_timeout = request_timeout
