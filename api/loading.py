@@ -62,6 +62,7 @@ class ModelGeometry:
 
 async def load_model(app: FastAPI, settings: Settings, loader: Callable[[Settings], Any] | None) -> None:
     """Load the model off the event loop, then build the engine and publish both on ``app.state``."""
+
     def default_loader(s: Settings) -> Any:
         from Pipelines import ModelPipelineInitializer
 
