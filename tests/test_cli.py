@@ -48,6 +48,10 @@ def test_help_lists_every_option() -> None:
         (["--log-level", "loud"], "--log-level: log_level must be debug, info, warning or error"),
         (["--default-steps", "200"], "default_steps (200) is above max_steps (100)"),
         (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+        (["--engine", "turbo"], "--engine: engine must be 'threads' or 'step'"),
+        (["--engine", "threads", "--compile"], "compile needs --engine step"),
+        (["--max-batch-size", "0"], "--max-batch-size: Input should be greater than or equal to 1"),
+        (["--prompt-cache-size", "-1"], "--prompt-cache-size: Input should be greater than or equal to 0"),
     ],
     ids=lambda value: value if isinstance(value, str) else " ".join(value),
 )

@@ -66,8 +66,8 @@ async def status(request: Request) -> dict[str, Any]:
 
 def _engine_info(engine: Any, settings: Any, cache: Any) -> dict[str, Any]:
     """The execution strategy, its batching figures (step engine) and the prompt cache's counters."""
-    info: dict[str, Any] = {"kind": engine.kind if engine else settings.engine}
-    runner_stats = getattr(engine.runner, "stats", None) if engine else None
+    info: dict[str, Any] = {"kind": getattr(engine, "kind", None) if engine else settings.engine}
+    runner_stats = getattr(getattr(engine, "runner", None), "stats", None)
     if runner_stats is not None:
         info.update(max_batch_size=settings.max_batch_size, batching=runner_stats)
     info["prompt_cache"] = cache.stats() if cache is not None else None
