@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -127,6 +128,11 @@ def test_a_request_joining_at_step_5_and_the_running_one_are_both_right(step: St
         steps_of_first.append(index)
         if index == 4:  # five steps done: the second request arrives now
             joiner.start()
+            # Called from the loop thread: hold it until the second request has arrived (it encodes first), so that
+            # it joins at the next pass however slow this machine is.
+            deadline = time.monotonic() + 60
+            while step.loop.arriving == 0 and joiner.is_alive() and time.monotonic() < deadline:
+                time.sleep(0.005)
 
     images = step(first, on_step)
     joiner.join(timeout=60)

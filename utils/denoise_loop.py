@@ -83,6 +83,11 @@ class DenoiseLoop:
         mean = self._images / self._passes if self._passes else 0.0
         return {"passes": self._passes, "images": self._images, "largest_pass": self._largest, "mean_pass": mean}
 
+    @property
+    def arriving(self) -> int:
+        """Tracks handed to the loop and not yet taken in (they join at the next pass)."""
+        return self._inbox.qsize()
+
     def run(self, track: Track) -> torch.Tensor:
         """Join the loop and wait; return the final latents, or raise what stopped the track."""
         if self._stopped:
@@ -91,8 +96,12 @@ class DenoiseLoop:
         return track.done.result()
 
     def close(self) -> None:
+        """Stop the worker after its current pass; tracks still in the loop end with GenerationCancelled."""
         self._stopped = True
         self._inbox.put(None)
+        if threading.current_thread() is not self._thread:
+            # Joined (briefly): a daemon thread still inside torch when the interpreter exits can abort the process.
+            self._thread.join(timeout=10)
 
     # -- the worker -------------------------------------------------------------------------------------
 

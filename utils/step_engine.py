@@ -61,6 +61,7 @@ class _EncoderThread:
 
     def close(self) -> None:
         self._inbox.put(None)
+        self._thread.join(timeout=10)  # see DenoiseLoop.close
 
     def _run(self) -> None:
         if self._threads:
@@ -126,6 +127,9 @@ class StepRunner:
         self._encode_prompts = self._encoder.encoder("prompt")
         self._encode_negatives = self._encoder.encoder("negative")
         self.loop = DenoiseLoop(scoped.pipeline.transformer, max_batch_size, cpu_threads)
+        # Bounds the decodes running at once: a burst finishes together, and 16 concurrent VAE decodes would hold 16
+        # sets of activations and fight the loop for the cores. Whoever waits here has already left the loop.
+        self._decoders = threading.Semaphore(max(1, cpu_threads or 2))
 
     @property
     def stats(self) -> dict[str, Any]:
@@ -142,7 +146,8 @@ class StepRunner:
             negative = self.cache.get([request.negative_prompt or ""], self._encode_negatives, MAX_SEQUENCE_LENGTH)[0]
         track = self._prepare(request, positive, negative, on_step)
         latents = self.loop.run(track)
-        return self._decode(track.view, latents)
+        with self._decoders:
+            return self._decode(track.view, latents)
 
     def _prepare(
         self,
