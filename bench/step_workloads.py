@@ -105,9 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"- **{name}** (`{arm.describe()}`):")
         lines.append(
             f"  mixed burst of {args.burst} ({'/'.join(map(str, args.sizes))}): {mixed['images/s']:.3f} images/s, "
-            f"mean {mixed['mean s']:.3f} s ("
-            + ", ".join(f"{s}x{s}: {mixed[s]:.3f} s" for s in args.sizes)
-            + ")"
+            f"mean {mixed['mean s']:.3f} s (" + ", ".join(f"{s}x{s}: {mixed[s]:.3f} s" for s in args.sizes) + ")"
         )
         lines.append(
             f"  late arrival while 8 generate: first step after {late.get('first_step', float('nan')):.3f} s "

@@ -236,3 +236,16 @@ def test_out_of_memory_retries_as_smaller_passes_then_answers_503_and_goes_on(
     _assert_close(served.images, alone(_req(71, steps=2)), "served beside the failure")
     assert engine.stats["out_of_memory"] == 1 and engine.stats["completed"] == 1
     engine.close()
+
+
+def test_closing_the_loop_ends_the_requests_in_it(scoped: RequestScopedPipeline) -> None:
+    runner = StepRunner(scoped, torch.device("cpu"))
+    stepping = threading.Event()
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(runner, _req(80, steps=10_000), lambda index: stepping.set())
+        assert stepping.wait(60)
+        runner.close()
+        with pytest.raises(GenerationCancelled):
+            running.result(timeout=60)
+    with pytest.raises(GenerationCancelled):
+        runner(_req(81), _noop)  # a closed loop takes no more work

@@ -121,8 +121,20 @@ class DenoiseLoop:
                 self._largest = max(self._largest, sum(t.images for t in batch))
                 self._step(batch)
                 self._retire(group)
-        for tracks in self._groups.values():
-            for track in tracks:
+        self._cancel_all()
+
+    def _cancel_all(self) -> None:
+        """Closing: every track still here or still arriving ends now, so that no slot thread waits forever."""
+        waiting = [t for tracks in self._groups.values() for t in tracks]
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                waiting.append(item)
+        for track in waiting:
+            if not track.done.done():
                 track.done.set_exception(GenerationCancelled())
         self._groups.clear()
 
@@ -170,7 +182,8 @@ class DenoiseLoop:
         except Exception as exc:  # noqa: BLE001 - answered to this batch's requests; the loop goes on
             logger.error("transformer pass failed for %d request(s): %s", len(batch), type(exc).__name__)
             for track in batch:
-                track.done.set_exception(exc)
+                if not track.done.done():  # an out-of-memory answer may already be there (_forward)
+                    track.done.set_exception(exc)
             return
         for track, pred in zip(batch, noise, strict=True):
             if pred is None:

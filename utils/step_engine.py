@@ -45,6 +45,9 @@ class _EncoderThread:
         self._pipe = pipe
         self._device = device
         self._threads = threads
+        self._closed = False
+        # Makes "not closed, then queued" one step: nothing is queued after close() has drained the inbox.
+        self._closing = threading.Lock()
         self._inbox: queue.SimpleQueue[tuple[str, list[str], Future[list[TextEmbedding]]] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="encode", daemon=True)
         self._thread.start()
@@ -54,14 +57,26 @@ class _EncoderThread:
 
         def encode(texts: list[str]) -> list[TextEmbedding]:
             future: Future[list[TextEmbedding]] = Future()
-            self._inbox.put((role, texts, future))
+            with self._closing:
+                if self._closed:
+                    raise GenerationCancelled
+                self._inbox.put((role, texts, future))
             return future.result()
 
         return encode
 
     def close(self) -> None:
-        self._inbox.put(None)
+        with self._closing:
+            self._closed = True
+            self._inbox.put(None)
         self._thread.join(timeout=10)  # see DenoiseLoop.close
+        while True:  # what arrived as it closed: answered, so that no slot thread waits forever
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None:
+                item[2].set_exception(GenerationCancelled())
 
     def _run(self) -> None:
         if self._threads:
