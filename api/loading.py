@@ -68,20 +68,16 @@ async def load_model(app: FastAPI, settings: Settings, loader: Callable[[Setting
 
         return ModelPipelineInitializer(s.model, s.type_models, device=s.device, dtype=s.dtype).initialize_pipeline()
 
+    def load_and_build() -> tuple[Any, Any, Any, Any]:
+        loaded = _start((loader or default_loader)(settings))
+        return (loaded, *build_engine(settings, loaded.pipeline, loaded.device))
+
     started = time.monotonic()
     try:
-        loaded = await _in_passing_thread(lambda: _start((loader or default_loader)(settings)))
+        loaded, engine, scoped, cache = await _in_passing_thread(load_and_build)
     except Exception as exc:
         app.state.load_error = exc
         logger.error("model failed to load: %s", exc)
-        if app.state.on_fatal is not None:
-            app.state.on_fatal()
-        return
-    try:
-        engine, scoped, cache = await _in_passing_thread(lambda: build_engine(settings, loaded.pipeline, loaded.device))
-    except Exception as exc:
-        app.state.load_error = exc
-        logger.error("engine failed to start: %s", exc)
         if app.state.on_fatal is not None:
             app.state.on_fatal()
         return

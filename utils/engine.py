@@ -10,6 +10,10 @@ A request that times out or whose client went away is stopped at its next denois
 ``GenerationCancelled`` in the worker thread); a queued one never runs. Its slot is released when the worker thread
 has really stopped, so ``active`` always counts threads that are computing.
 
+Execution sits behind one seam, the runner a slot thread calls: ``pipeline_runner`` (the threads strategy: a whole
+pipeline call per slot) or ``step_engine.StepRunner`` (the step strategy: the slot thread encodes, hands the request
+to the one shared denoising loop, waits, then decodes). Admission does not know which one it runs.
+
 All bookkeeping (``_active``, ``_waiters``, counters) is touched only from the event loop thread, so it needs no
 lock; worker threads report back through ``loop.call_soon_threadsafe`` (via ``asyncio.wrap_future``).
 """
