@@ -17,7 +17,7 @@ from api.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ModelGeometry", "build_engine", "default_concurrency", "default_engine", "load_model", "usable_cores"]
+__all__ = ["ModelGeometry", "build_engine", "compile_blocks", "default_concurrency", "default_engine", "load_model", "usable_cores"]
 
 
 def usable_cores() -> int:
@@ -98,6 +98,21 @@ async def load_model(app: FastAPI, settings: Settings, loader: Callable[[Setting
     )
 
 
+def compile_blocks(transformer: Any) -> None:
+    """Regional compilation: each repeated transformer block is compiled (``torch.compile``, dynamic shapes, as the
+    batch size changes from pass to pass), which takes a fraction of compiling the whole model. Safe with the step
+    engine only: its denoising worker is the transformer's one caller."""
+    if getattr(transformer, "_repeated_blocks", None):
+        transformer.compile_repeated_blocks(dynamic=True)
+        return
+    # SD3's transformer (diffusers 0.42) names no repeated blocks: its joint blocks are the repeated part.
+    blocks = getattr(transformer, "transformer_blocks", None)
+    if not blocks:
+        raise ValueError(f"--compile: {type(transformer).__name__} has no repeated blocks to compile")
+    for block in blocks:
+        block.compile(dynamic=True)
+
+
 def build_engine(settings: Settings, pipeline: Any, device: Any) -> tuple[Any, Any, Any]:
     """The engine the settings ask for (or the device's default), its RequestScopedPipeline and prompt cache."""
     from utils import RequestScopedPipeline
@@ -112,9 +127,7 @@ def build_engine(settings: Settings, pipeline: Any, device: Any) -> tuple[Any, A
     cores = usable_cores() if device.type == "cpu" else None
     if kind == "step":
         if settings.compile:
-            # Regional compilation: the repeated blocks are compiled once and reused, so it compiles in a fraction of
-            # the whole model's time. Safe here: the denoising worker is the transformer's only caller.
-            pipeline.transformer.compile_repeated_blocks(dynamic=True)
+            compile_blocks(pipeline.transformer)
         runner: Any = StepRunner(scoped, device, settings.max_batch_size, cache, cpu_threads=cores)
     else:
         runner = pipeline_runner(scoped, device, cache)

@@ -249,3 +249,17 @@ def test_closing_the_loop_ends_the_requests_in_it(scoped: RequestScopedPipeline)
             running.result(timeout=60)
     with pytest.raises(GenerationCancelled):
         runner(_req(81), _noop)  # a closed loop takes no more work
+
+
+def test_compile_compiles_each_repeated_block_of_a_private_copy(tiny_pipeline: Any) -> None:
+    import copy
+    from types import SimpleNamespace
+
+    from api.loading import compile_blocks
+
+    transformer = copy.deepcopy(tiny_pipeline.transformer)  # the session pipeline is never touched
+    compile_blocks(transformer)  # lazy: compiling happens at the first call (measured: ~60 s here, so not run)
+    assert all(block._compiled_call_impl is not None for block in transformer.transformer_blocks)
+    assert tiny_pipeline.transformer.transformer_blocks[0]._compiled_call_impl is None
+    with pytest.raises(ValueError, match="no repeated blocks"):
+        compile_blocks(SimpleNamespace(transformer_blocks=[]))
