@@ -17,7 +17,15 @@ from api.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ModelGeometry", "build_engine", "compile_blocks", "default_concurrency", "default_engine", "load_model", "usable_cores"]
+__all__ = [
+    "ModelGeometry",
+    "build_engine",
+    "compile_blocks",
+    "default_concurrency",
+    "default_engine",
+    "load_model",
+    "usable_cores",
+]
 
 
 def usable_cores() -> int:
