@@ -3,7 +3,8 @@
 
 - a mixed-resolution burst: N requests at once, sizes alternating between two (64 and 128 by default);
 - a late arrival: 8 requests generating, then one more: its time to first step (Server-Timing ``first_step``,
-  from its arrival at the server), against the per-step time of a request alone.
+  from its arrival at the server), against the per-step time of a request alone;
+- a lone request in this process, no HTTP: a plain pipeline call against the step engine (``--lone``).
 
 Example: ``python bench/step_workloads.py --arms ours,step --markdown bench/RESULTS.md``
 """
@@ -22,6 +23,7 @@ from typing import Any
 BENCH_DIR = str(Path(__file__).resolve().parent)
 if BENCH_DIR not in sys.path:
     sys.path.insert(0, BENCH_DIR)
+sys.path.insert(1, str(Path(BENCH_DIR).parent))  # the repository: utils, Pipelines
 
 import httpx  # noqa: E402
 from benchlib.arms import ServerArm  # noqa: E402
@@ -73,6 +75,47 @@ async def late_arrival(url: str, args: argparse.Namespace) -> dict[str, Any]:
     return {"alone s": alone["latency"], "step s (alone)": alone["generate"] / args.steps, **late}
 
 
+def lone_in_process(args: argparse.Namespace, repeats: int = 5) -> str:
+    """Median latency of one request alone: a plain pipeline call and the step engine, in this process."""
+    import torch
+
+    from Pipelines import TextToImagePipelineSD3
+    from utils import RequestScopedPipeline
+    from utils.engine import GenerationRequest
+    from utils.step_engine import StepRunner
+
+    size = max(args.sizes)
+    loaded = TextToImagePipelineSD3(args.model, device=args.device or "cpu").start()
+    pipe, device = loaded.pipeline, torch.device(args.device or "cpu")
+    cores = torch.get_num_threads() if device.type == "cpu" else None
+    step = StepRunner(RequestScopedPipeline(pipe), device, cpu_threads=cores)
+
+    def plain(seed: int) -> None:
+        generator = torch.Generator("cpu").manual_seed(seed)
+        pipe(prompt=args.prompt, num_inference_steps=args.steps, height=size, width=size, generator=generator)
+
+    def stepped(seed: int) -> None:
+        request = GenerationRequest(args.prompt, args.steps, 1, seed, size, size)
+        step(request, lambda index: None)
+
+    times: dict[str, list[float]] = {"plain": [], "step": []}
+    try:
+        for call in (plain, stepped):
+            call(0)  # warm-up
+        for seed in range(repeats):
+            for name, call in (("plain", plain), ("step", stepped)):
+                started = time.perf_counter()
+                call(seed)
+                times[name].append(time.perf_counter() - started)
+    finally:
+        step.close()
+    p, s = statistics.median(times["plain"]), statistics.median(times["step"])
+    return (
+        f"- **lone request, in process** ({size}x{size}, median of {repeats}): plain pipeline call {p:.3f} s, "
+        f"step engine {s:.3f} s: **{s / p:.2f}x**"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="random:tiny")
@@ -83,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--burst", type=int, default=16)
     parser.add_argument("--arms", type=lambda t: t.split(","), default=["ours", "step"])
     parser.add_argument("--markdown", type=Path, default=None)
+    parser.add_argument("--lone", action="store_true", help="also time a lone request in process (plain vs step)")
     args = parser.parse_args(argv)
     # What ServerArm reads of the options (the same server flags as bench/bench.py gives).
     args.size, args.warmup, args.load_timeout, args.keep_logs = max(args.sizes), 2, 900.0, False
@@ -112,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
             f"(queued {late.get('queue', 0):.3f} s, done in {late['latency']:.3f} s); a request alone: "
             f"{late['alone s']:.3f} s, {late['step s (alone)'] * 1000:.1f} ms per step (generate / steps)"
         )
+    if args.lone:
+        log("lone request in process")
+        lines.append(lone_in_process(args))
     text = "\n".join(lines)
     print(text)
     if args.markdown is not None:
