@@ -124,9 +124,10 @@ def compile_blocks(transformer: Any) -> None:
 def build_engine(settings: Settings, pipeline: Any, device: Any) -> tuple[Any, Any, Any]:
     """The engine the settings ask for (or the device's default), its RequestScopedPipeline and prompt cache."""
     from utils import RequestScopedPipeline
-    from utils.engine import Engine, pipeline_runner
+    from utils.engine import Engine
     from utils.prompt_cache import PromptCache
     from utils.step_engine import StepRunner
+    from utils.threads_runner import pipeline_runner
 
     kind = settings.engine or ("step" if settings.compile else default_engine(device.type))
     scoped = RequestScopedPipeline(pipeline)

@@ -19,9 +19,10 @@ import pytest
 import torch
 
 from utils import RequestScopedPipeline
-from utils.engine import Engine, GenerationCancelled, GenerationRequest, OutOfMemory, pipeline_runner
+from utils.engine import Engine, GenerationCancelled, GenerationRequest, OutOfMemory
 from utils.prompt_cache import PromptCache
 from utils.step_engine import StepRunner
+from utils.threads_runner import pipeline_runner
 
 MAX_ABS, MEAN_ABS = 2, 0.01  # pixel levels (0..255): tolerance for a request batched with others
 

@@ -10,9 +10,9 @@ A request that times out or whose client went away is stopped at its next denois
 ``GenerationCancelled`` in the worker thread); a queued one never runs. Its slot is released when the worker thread
 has really stopped, so ``active`` always counts threads that are computing.
 
-Execution sits behind one seam, the runner a slot thread calls: ``pipeline_runner`` (the threads strategy: a whole
-pipeline call per slot) or ``step_engine.StepRunner`` (the step strategy: the slot thread encodes, hands the request
-to the one shared denoising loop, waits, then decodes). Admission does not know which one it runs.
+Execution sits behind one seam, the runner a slot thread calls: ``threads_runner.pipeline_runner`` (the threads
+strategy: a whole pipeline call per slot) or ``step_engine.StepRunner`` (the step strategy: the slot thread encodes,
+hands the request to the one shared denoising loop, waits, then decodes). Admission does not know which one it runs.
 
 All bookkeeping (``_active``, ``_waiters``, counters) is touched only from the event loop thread, so it needs no
 lock; worker threads report back through ``loop.call_soon_threadsafe`` (via ``asyncio.wrap_future``).
@@ -30,12 +30,9 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-
-if TYPE_CHECKING:
-    from .prompt_cache import PromptCache
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +47,6 @@ __all__ = [
     "NotReady",
     "OutOfMemory",
     "Overloaded",
-    "pipeline_runner",
     "is_oom",
     "release_memory",
 ]
@@ -383,61 +379,3 @@ class Engine:
         close_runner = getattr(self.runner, "close", None)
         if callable(close_runner):
             close_runner()  # the step strategy's loop and encoder threads
-
-
-def pipeline_runner(scoped: Any, device: Any = None, prompt_cache: PromptCache | None = None) -> Runner:
-    """A runner that generates with ``scoped`` (a RequestScopedPipeline), one view per request: the threads strategy.
-
-    The generator lives on the CPU: the same seed then gives the same starting noise on every device. With a
-    ``prompt_cache`` (capacity > 0) the embeddings come from it and the pipeline skips its text encoders.
-    """
-    # Encodes cache misses in the calling slot thread; its tokenizers are locked, so slots may share it.
-    encoder_view = scoped.make_view() if prompt_cache is not None and prompt_cache.capacity > 0 else None
-
-    def run(request: GenerationRequest, on_step: Callable[[int], None]) -> list[Any]:
-        def callback(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-            on_step(step)
-            return {}
-
-        kwargs: dict[str, Any] = {}
-        if request.guidance_scale is not None:
-            kwargs["guidance_scale"] = request.guidance_scale
-        if encoder_view is not None:
-            # Embeddings already hold one row per image: the pipeline does not repeat given embeddings.
-            kwargs.update(_cached_embeddings(prompt_cache, encoder_view, request, device), num_images_per_prompt=1)
-        else:
-            kwargs.update(
-                prompt=request.prompt, negative_prompt=request.negative_prompt, num_images_per_prompt=request.num_images
-            )
-        output = scoped.generate(
-            num_inference_steps=request.num_inference_steps,
-            height=request.height,
-            width=request.width,
-            generator=torch.Generator("cpu").manual_seed(request.seed),
-            callback_on_step_end=callback,
-            output_type="pil",
-            device=device,
-            **kwargs,
-        )
-        return list(output.images)
-
-    return run
-
-
-def _cached_embeddings(cache: Any, view: Any, request: GenerationRequest, device: Any) -> dict[str, Any]:
-    """The pipeline's embedding arguments for ``request``, from the prompt cache (laid out as encode_prompt would)."""
-    from .prompt_cache import encode_texts, is_guided, request_embeddings
-
-    def encode(texts: list[str]) -> list[Any]:
-        return encode_texts(view, texts, device)
-
-    # The prompt and the negative prompt are encoded apart (batch 1 each), as the pipeline encodes them, so the
-    # embeddings are bit-identical to the pipeline's own.
-    n = request.num_images
-    embeds, pooled = request_embeddings(cache.get([request.prompt], encode)[0], None, n)
-    kwargs = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
-    if is_guided(request):
-        negative_text = cache.get([request.negative_prompt or ""], encode)[0]
-        negative, negative_pooled = request_embeddings(negative_text, None, n)
-        kwargs.update(negative_prompt_embeds=negative, negative_pooled_prompt_embeds=negative_pooled)
-    return kwargs
