@@ -75,6 +75,8 @@ class DenoiseLoop:
         self._images = 0
         self._largest = 0
         self._stopped = False
+        # Makes "not stopped, then queued" one step, so nothing is queued after the worker's last drain.
+        self._closing = threading.Lock()
         self._thread = threading.Thread(target=self._work, name="denoise", daemon=True)
         self._thread.start()
 
@@ -90,15 +92,17 @@ class DenoiseLoop:
 
     def run(self, track: Track) -> torch.Tensor:
         """Join the loop and wait; return the final latents, or raise what stopped the track."""
-        if self._stopped:
-            raise GenerationCancelled
-        self._inbox.put(track)
+        with self._closing:
+            if self._stopped:
+                raise GenerationCancelled
+            self._inbox.put(track)
         return track.done.result()
 
     def close(self) -> None:
         """Stop the worker after its current pass; tracks still in the loop end with GenerationCancelled."""
-        self._stopped = True
-        self._inbox.put(None)
+        with self._closing:
+            self._stopped = True
+            self._inbox.put(None)
         if threading.current_thread() is not self._thread:
             # Joined (briefly): a daemon thread still inside torch when the interpreter exits can abort the process.
             self._thread.join(timeout=10)
@@ -109,19 +113,26 @@ class DenoiseLoop:
         if self.cpu_threads:
             # The one thread running the transformer gets every core (the slot threads only encode and decode).
             torch.set_num_threads(self.cpu_threads)
-        with torch.no_grad():
-            while self._admit():
-                group = self._next_group()
-                if group is None:
-                    continue
-                batch = self._pick(self._groups[group])
-                self._groups.move_to_end(group)  # served: last in the round robin
-                self._passes += 1
-                self._images += sum(t.images for t in batch)
-                self._largest = max(self._largest, sum(t.images for t in batch))
-                self._step(batch)
-                self._retire(group)
-        self._cancel_all()
+        try:
+            with torch.no_grad():
+                while self._admit():
+                    group = self._next_group()
+                    if group is None:
+                        continue
+                    batch = self._pick(self._groups[group])
+                    self._groups.move_to_end(group)  # served: last in the round robin
+                    self._passes += 1
+                    self._images += sum(t.images for t in batch)
+                    self._largest = max(self._largest, sum(t.images for t in batch))
+                    self._step(batch)
+                    self._retire(group)
+        except Exception:  # pragma: no cover - a bug here must not leave slot threads waiting forever
+            logger.exception("the denoising loop stopped")
+            raise
+        finally:
+            with self._closing:
+                self._stopped = True
+                self._cancel_all()
 
     def _cancel_all(self) -> None:
         """Closing: every track still here or still arriving ends now, so that no slot thread waits forever."""
