@@ -264,3 +264,22 @@ def test_compile_compiles_each_repeated_block_of_a_private_copy(tiny_pipeline: A
     assert tiny_pipeline.transformer.transformer_blocks[0]._compiled_call_impl is None
     with pytest.raises(ValueError, match="no repeated blocks"):
         compile_blocks(SimpleNamespace(transformer_blocks=[]))
+
+
+def test_prompts_arriving_together_are_encoded_in_one_batch(step: StepRunner, alone: Callable) -> None:
+    view = step._encoder._pipe  # the encoder thread's own view (not the shared pipeline)
+    encode_prompt = view.encode_prompt
+    sizes: list[int] = []
+
+    def slow_first(*args: Any, **kwargs: Any) -> Any:
+        sizes.append(len(kwargs["prompt"]))
+        if len(sizes) == 1:
+            time.sleep(1.0)  # the other requests arrive meanwhile and queue up behind this call
+        return encode_prompt(*args, **kwargs)
+
+    object.__setattr__(view, "encode_prompt", slow_first)
+    requests = [_req(90 + i, steps=2, guidance=1.0) for i in range(6)]  # no negative prompt to encode
+    together = _together(step, requests)
+    assert sum(sizes) == 6 and max(sizes) >= 2, f"each prompt was encoded alone: {sizes}"
+    for request, images in zip(requests, together, strict=True):
+        _assert_close(images, alone(request), request.request_id)
