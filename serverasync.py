@@ -24,6 +24,7 @@ from fastapi import FastAPI
 
 from api import Settings, create_app, parse_settings
 from api.app import stop_requests
+from api.loading import engine_kind
 from api.protocol import uvicorn_options
 from api.settings import SettingsError
 
@@ -162,10 +163,11 @@ def _log_start(settings: Settings, sock: socket.socket, device: Any, dtype: Any)
     port = sock.getsockname()[1]
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     logger.info(
-        "serving %s on %s as %s (engine: threads) at http://%s:%d; loading the model (GET /ready says when done)",
+        "serving %s on %s as %s (engine: %s) at http://%s:%d; loading the model (GET /ready says when done)",
         settings.model,
         device,
         str(dtype).removeprefix("torch."),
+        engine_kind(settings, device.type),
         host,
         port,
     )

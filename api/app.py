@@ -76,6 +76,7 @@ def create_app(settings: Settings | None = None, loader: Callable[[Settings], An
     app.state.store = store
     app.state.engine = None
     app.state.loaded = None
+    app.state.prompt_cache = None
     app.state.load_error = None
     app.state.on_fatal = None
     app.state.requests_stopped = asyncio.Event()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import os
 import threading
@@ -19,7 +18,16 @@ from api.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ModelGeometry", "default_concurrency", "default_guidance_scale", "load_model", "usable_cores"]
+__all__ = [
+    "ModelGeometry",
+    "build_engine",
+    "compile_blocks",
+    "default_concurrency",
+    "default_engine",
+    "engine_kind",
+    "load_model",
+    "usable_cores",
+]
 
 
 def usable_cores() -> int:
@@ -29,7 +37,20 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def default_concurrency(device_type: str) -> int:
+def default_engine(device_type: str) -> str:
+    """The engine the bench found better on this device type (bench/RESULTS.md, README "Engines")."""
+    return "threads"
+
+
+def engine_kind(settings: Settings, device_type: str) -> str:
+    """The engine that will serve: --engine, else step with --compile (it needs one), else the device's default."""
+    return settings.engine or ("step" if settings.compile else default_engine(device_type))
+
+
+def default_concurrency(device_type: str, engine: str = "threads") -> int:
+    if engine == "step":
+        # A step slot mostly waits on the shared loop: many slots cost little and let many requests share a pass.
+        return 16
     # Two slots on either: on a GPU one request's text encoding / VAE decode overlaps another's denoising; on a CPU
     # the two split the cores (Engine.cpu_threads), so one request's Python work overlaps the other's compute and
     # no OpenMP barrier waits on a thread preempted by HTTP or PNG work. Measured in bench/RESULTS.md.
@@ -54,59 +75,89 @@ class ModelGeometry:
         return cls(multiple, default, int(pos_max) * multiple if pos_max else None)
 
 
-def default_guidance_scale(pipeline: Any) -> float | None:
-    """The guidance scale the pipeline uses when a call names none: its ``__call__``'s default (SD3's is 7.0).
-    Read from the pipeline, so the value an answer reports is the one that was used, whatever the pipeline."""
-    parameter = inspect.signature(type(pipeline).__call__).parameters.get("guidance_scale")
-    if parameter is None or parameter.default is inspect.Parameter.empty:
-        return None
-    return float(parameter.default)
-
-
 async def load_model(app: FastAPI, settings: Settings, loader: Callable[[Settings], Any] | None) -> None:
     """Load the model off the event loop, then build the engine and publish both on ``app.state``."""
-    from utils import RequestScopedPipeline
-    from utils.engine import Engine, pipeline_runner
+    from utils.requestscopedpipeline import default_guidance_scale
 
     def default_loader(s: Settings) -> Any:
         from Pipelines import ModelPipelineInitializer
 
         return ModelPipelineInitializer(s.model, s.type_models, device=s.device, dtype=s.dtype).initialize_pipeline()
 
+    def load_and_build() -> tuple[Any, Any, Any, Any]:
+        loaded = _start((loader or default_loader)(settings))
+        return (loaded, *build_engine(settings, loaded.pipeline, loaded.device))
+
     started = time.monotonic()
     try:
-        loaded = await _in_passing_thread(lambda: _start((loader or default_loader)(settings)))
+        loaded, engine, scoped, cache = await _in_passing_thread(load_and_build)
     except Exception as exc:
         app.state.load_error = exc
         logger.error("model failed to load: %s", exc)
         if app.state.on_fatal is not None:
             app.state.on_fatal()
         return
-    pipeline = loaded.pipeline
-    device = loaded.device
-    scoped = RequestScopedPipeline(pipeline)
-    concurrency = settings.max_concurrency or default_concurrency(device.type)
-    engine = Engine(
-        pipeline_runner(scoped, device),
-        concurrency,
-        settings.max_queue,
-        settings.request_timeout,
-        cpu_threads=usable_cores() if device.type == "cpu" else None,
-    )
     app.state.loaded = loaded
     app.state.scoped = scoped
-    app.state.geometry = ModelGeometry.of(pipeline)
-    app.state.default_guidance = default_guidance_scale(pipeline)
+    app.state.prompt_cache = cache
+    app.state.geometry = ModelGeometry.of(loaded.pipeline)
+    app.state.default_guidance = default_guidance_scale(loaded.pipeline)
     app.state.engine = engine
     engine.set_ready()
     logger.info(
-        "model %s ready on %s in %.1fs (max_concurrency=%d, max_queue=%d)",
+        "model %s ready on %s in %.1fs (engine=%s, max_concurrency=%d, max_queue=%d)",
         settings.model,
-        device,
+        loaded.device,
         time.monotonic() - started,
-        concurrency,
+        engine.kind,
+        engine.max_concurrency,
         settings.max_queue,
     )
+
+
+def compile_blocks(transformer: Any) -> None:
+    """Regional compilation: each repeated transformer block is compiled (``torch.compile``, dynamic shapes, as the
+    batch size changes from pass to pass), which takes a fraction of compiling the whole model. Safe with the step
+    engine only: its denoising worker is the transformer's one caller."""
+    if getattr(transformer, "_repeated_blocks", None):
+        transformer.compile_repeated_blocks(dynamic=True)
+        return
+    # SD3's transformer (diffusers 0.42) names no repeated blocks: its joint blocks are the repeated part.
+    blocks = getattr(transformer, "transformer_blocks", None)
+    if not blocks:
+        raise ValueError(f"--compile: {type(transformer).__name__} has no repeated blocks to compile")
+    for block in blocks:
+        block.compile(dynamic=True)
+
+
+def build_engine(settings: Settings, pipeline: Any, device: Any) -> tuple[Any, Any, Any]:
+    """The engine the settings ask for (or the device's default), its RequestScopedPipeline and prompt cache."""
+    from utils import RequestScopedPipeline
+    from utils.engine import Engine
+    from utils.prompt_cache import PromptCache
+    from utils.step_engine import StepRunner
+    from utils.threads_runner import pipeline_runner
+
+    kind = engine_kind(settings, device.type)
+    scoped = RequestScopedPipeline(pipeline)
+    dtype = getattr(getattr(pipeline, "text_encoder", None), "dtype", None)
+    cache = PromptCache(settings.prompt_cache_size, identity=(settings.model, str(dtype), str(device)))
+    cores = usable_cores() if device.type == "cpu" else None
+    if kind == "step":
+        if settings.compile:
+            compile_blocks(pipeline.transformer)
+        runner: Any = StepRunner(scoped, device, settings.max_batch_size, cache, cpu_threads=cores)
+    else:
+        runner = pipeline_runner(scoped, device, cache)
+    engine = Engine(
+        runner,
+        settings.max_concurrency or default_concurrency(device.type, kind),
+        settings.max_queue,
+        settings.request_timeout,
+        cpu_threads=cores,
+        kind=kind,
+    )
+    return engine, scoped, cache
 
 
 async def _in_passing_thread(fn: Callable[[], Any]) -> Any:

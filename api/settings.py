@@ -57,7 +57,22 @@ class Settings(BaseSettings):
         None,
         ge=1,
         le=256,
-        description="generations running at once (default: 2; on a CPU the cores are split between them)",
+        description="requests admitted at once (default: threads 2, the cores split between them on a CPU; step 16, "
+        "which encode, join the shared denoising loop and decode)",
+    )
+    engine: str | None = Field(
+        None,
+        description="threads (a pipeline call per request, each in its own slot thread) or step (one worker batches "
+        "the transformer across requests at every denoising step) (default: step on a CPU, threads on a GPU)",
+    )
+    max_batch_size: int = Field(
+        32, ge=1, le=1024, description="step engine: most images in one transformer pass, both guidance halves counted"
+    )
+    prompt_cache_size: int = Field(
+        256, ge=0, le=1_000_000, description="prompt embeddings kept in an LRU cache, both engines (0: off)"
+    )
+    compile: bool = Field(
+        False, description="step engine: compile the transformer's repeated blocks with torch.compile (regional)"
     )
     max_queue: int = Field(64, ge=0, le=100_000, description="requests that may wait for a slot; beyond: 503")
     request_timeout: float = Field(300.0, ge=0, description="seconds before a request is answered 504 (0: none)")
@@ -134,10 +149,20 @@ class Settings(BaseSettings):
             raise ValueError("log_level must be debug, info, warning or error")
         return value.lower()
 
+    @field_validator("engine")
+    @classmethod
+    def _check_engine(cls, value: str | None) -> str | None:
+        if value is not None and value.lower() not in ("threads", "step"):
+            raise ValueError("engine must be 'threads' or 'step'")
+        return value.lower() if value is not None else None
+
     @model_validator(mode="after")
     def _check_steps(self) -> Settings:
         if self.default_steps > self.max_steps:
             raise ValueError(f"default_steps ({self.default_steps}) is above max_steps ({self.max_steps})")
+        if self.compile and self.engine == "threads":
+            # Several threads calling one compiled module is unsafe; only the step engine has a single caller.
+            raise ValueError("compile needs --engine step: the threads engine calls the transformer from many threads")
         return self
 
     @model_validator(mode="after")
@@ -204,6 +229,9 @@ def parse_settings(argv: list[str] | None = None, environ: Mapping[str, str] | N
         help_text = str(info.description)
         if "(default:" not in help_text:  # one default per flag: the description's own, or this one
             help_text += f" (default: {'none' if info.default is None else info.default})"
+        if info.annotation is bool:  # a switch: --compile (SERVER_COMPILE=1 in the environment)
+            parser.add_argument(_flag(name), dest=name, action="store_true", default=None, help=help_text)
+            continue
         parser.add_argument(_flag(name), dest=name, default=None, help=help_text)
     args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     try:

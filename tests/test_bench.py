@@ -170,3 +170,21 @@ def test_memory_script_prints_its_table() -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     assert "| concurrent requests | peak RSS growth |" in result.stdout
     assert "\n| 2 | " in result.stdout
+
+
+def test_the_step_arm_is_the_server_with_the_step_engine(bench: ModuleType) -> None:
+    arm = bench.make_arm("step", bench.parse_args(["--arms", "ours,step"]))
+    assert isinstance(arm, bench.ServerArm) and arm.extra == ["--engine", "step"]
+
+
+def test_step_workloads_smoke_run_prints_both_workloads(tmp_path: Path) -> None:
+    report = tmp_path / "RESULTS.md"
+    command = [sys.executable, str(REPO / "bench" / "step_workloads.py"), "--arms", "step", "--steps", "2"]
+    command += ["--sizes", "32,64", "--burst", "4", "--markdown", str(report)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=280, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert (
+        "mixed burst of 4 (32/64)" in done.stdout and "late arrival while 8 generate: first step after" in done.stdout
+    )
+    assert "--engine step" in report.read_text()

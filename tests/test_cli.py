@@ -57,6 +57,10 @@ def test_help_lists_every_option() -> None:
         (["--image-ttl", "60", "--image-grace", "120"], "image_ttl (60) is below image_grace (120)"),
         (["--max-header-bytes", "100"], "--max-header-bytes: Input should be greater than or equal to 1024"),
         (["--send-timeout", "0"], "--send-timeout: Input should be greater than 0"),
+        (["--engine", "turbo"], "--engine: engine must be 'threads' or 'step'"),
+        (["--engine", "threads", "--compile"], "compile needs --engine step"),
+        (["--max-batch-size", "0"], "--max-batch-size: Input should be greater than or equal to 1"),
+        (["--prompt-cache-size", "-1"], "--prompt-cache-size: Input should be greater than or equal to 0"),
     ],
     ids=lambda value: value if isinstance(value, str) else " ".join(value),
 )

@@ -12,6 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
+import numpy as np
+import pytest
 from http_helpers import NATIVE, OPENAI, fetch_png, openai_images, pixels
 
 CONCURRENCY = 4
@@ -62,6 +64,16 @@ def send(client: httpx.Client, path: str, body: dict[str, Any]) -> list[tuple[tu
     return [pixels(png) for png in pngs]
 
 
+def assert_close(
+    got: list[tuple[tuple[int, int], bytes]], want: list[tuple[tuple[int, int], bytes]], label: str
+) -> None:
+    """Same sizes, and pixels within the step engine's tolerance (max 2 levels, mean 0.01)."""
+    assert [size for size, _ in got] == [size for size, _ in want], label
+    for (_, a), (_, b) in zip(got, want, strict=True):
+        diff = np.abs(np.frombuffer(a, np.uint8).astype(np.int16) - np.frombuffer(b, np.uint8).astype(np.int16))
+        assert diff.max() <= 2 and diff.mean() <= 0.01, f"{label}: max {diff.max()}, mean {diff.mean():.5f}"
+
+
 def expected_size(path: str, body: dict[str, Any]) -> tuple[int, int]:
     if path == NATIVE:
         return body["width"], body["height"]
@@ -69,8 +81,11 @@ def expected_size(path: str, body: dict[str, Any]) -> tuple[int, int]:
     return int(width), int(height)
 
 
-def test_mixed_concurrent_requests_match_the_same_requests_sent_alone(make_server: Callable[..., Any]) -> None:
-    server = make_server(max_concurrency=CONCURRENCY)
+@pytest.mark.parametrize("engine", ["threads", "step"])
+def test_mixed_concurrent_requests_match_the_same_requests_sent_alone(
+    make_server: Callable[..., Any], engine: str
+) -> None:
+    server = make_server(max_concurrency=CONCURRENCY, engine=engine)
     requests = mixed_requests()
     limits = httpx.Limits(max_connections=len(requests))
     with httpx.Client(base_url=server.url, timeout=300, limits=limits) as client:
@@ -107,11 +122,16 @@ def test_mixed_concurrent_requests_match_the_same_requests_sent_alone(make_serve
         count = body.get("num_images_per_prompt", body.get("n", 1))
         assert len(images_together) == count
         assert all(size == expected_size(path, body) for size, _ in images_together)
-        assert images_together == images_alone, f"{path} {body} changed under load"
+        if engine == "threads":
+            assert images_together == images_alone, f"{path} {body} changed under load"
+        else:  # sharing a transformer pass moves a few pixels by a level or so (tests/test_step_engine.py)
+            assert_close(images_together, images_alone, f"{path} {body}")
     assert most_active > 1, "the generations never overlapped; the test proved nothing about concurrency"
     assert most_active <= CONCURRENCY
     assert server.engine.stats["completed"] == 2 * len(requests)
     assert server.engine.stats["failed"] == 0
+    if engine == "step":
+        assert server.engine.runner.stats["largest_pass"] > 2, "no two requests ever shared a transformer pass"
     # All distinct requests gave distinct images (seeds and prompts differ).
     every_image = [data for images in together for _, data in images]
     assert len(set(every_image)) == len(every_image)

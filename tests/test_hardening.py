@@ -365,8 +365,9 @@ def _refused_or_503(url: str) -> bool:
         return True
 
 
-def test_sigterm_lets_the_in_flight_request_finish_then_exits_0(spawn_server: Callable[..., Any]) -> None:
-    proc = spawn_server("--shutdown-timeout", "120", "--max-steps", "1000").wait_ready()
+@pytest.mark.parametrize("engine", ["threads", "step"])
+def test_sigterm_lets_the_in_flight_request_finish_then_exits_0(spawn_server: Callable[..., Any], engine: str) -> None:
+    proc = spawn_server("--shutdown-timeout", "120", "--max-steps", "1000", "--engine", engine).wait_ready()
     with ThreadPoolExecutor(1) as pool:
         # ~5 s of denoising here: long enough to be mid-generation when the signal lands.
         in_flight = _start_long_request(proc, pool, steps=250, size=256)
@@ -380,8 +381,9 @@ def test_sigterm_lets_the_in_flight_request_finish_then_exits_0(spawn_server: Ca
     assert "draining" in proc.log() and "Traceback" not in proc.log()
 
 
-def test_sigterm_with_a_short_shutdown_timeout_still_exits(spawn_server: Callable[..., Any]) -> None:
-    proc = spawn_server("--shutdown-timeout", "0.5", "--max-steps", "1000").wait_ready()
+@pytest.mark.parametrize("engine", ["threads", "step"])
+def test_sigterm_with_a_short_shutdown_timeout_still_exits(spawn_server: Callable[..., Any], engine: str) -> None:
+    proc = spawn_server("--shutdown-timeout", "0.5", "--max-steps", "1000", "--engine", engine).wait_ready()
     with ThreadPoolExecutor(1) as pool:
         # Minutes of denoising: far past the shutdown timeout.
         in_flight = _start_long_request(proc, pool, steps=1000, size=512)

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import psutil
+import pytest
 
 from utils.image_store import IMAGE_NAME
 
@@ -150,9 +151,11 @@ def _footprint() -> tuple[int, int]:
     return threading.active_count(), psutil.Process().memory_info().rss
 
 
-def test_bounded_load_loses_nothing_and_leaks_nothing(make_server: Callable[..., Any]) -> None:
+@pytest.mark.parametrize("engine", ["threads", "step"])
+def test_bounded_load_loses_nothing_and_leaks_nothing(make_server: Callable[..., Any], engine: str) -> None:
     live = make_server(
-        max_concurrency=1,
+        engine=engine,
+        max_concurrency=1 if engine == "threads" else 4,
         max_queue=10,
         request_timeout=30,
         max_steps=200,

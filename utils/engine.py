@@ -10,6 +10,10 @@ A request that times out or whose client went away is stopped at its next denois
 ``GenerationCancelled`` in the worker thread); a queued one never runs. Its slot is released when the worker thread
 has really stopped, so ``active`` always counts threads that are computing.
 
+Execution sits behind one seam, the runner a slot thread calls: ``threads_runner.pipeline_runner`` (the threads
+strategy: a whole pipeline call per slot) or ``step_engine.StepRunner`` (the step strategy: the slot thread encodes,
+hands the request to the one shared denoising loop, waits, then decodes). Admission does not know which one it runs.
+
 All bookkeeping (``_active``, ``_waiters``, counters) is touched only from the event loop thread, so it needs no
 lock; worker threads report back through ``loop.call_soon_threadsafe`` (via ``asyncio.wrap_future``).
 """
@@ -43,7 +47,7 @@ __all__ = [
     "NotReady",
     "OutOfMemory",
     "Overloaded",
-    "pipeline_runner",
+    "is_oom",
     "release_memory",
 ]
 
@@ -115,7 +119,8 @@ class _Job:
 Runner = Callable[[GenerationRequest, Callable[[int], None]], list[Any]]
 
 
-def _is_oom(exc: BaseException) -> bool:
+def is_oom(exc: BaseException) -> bool:
+    """True for the out-of-memory errors of the host and of CUDA."""
     return isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError))
 
 
@@ -147,10 +152,12 @@ class Engine:
         request_timeout: float = 0,
         release: Callable[[], None] = release_memory,
         cpu_threads: int | None = None,
+        kind: str = "threads",
     ) -> None:
         if max_concurrency < 1 or max_queue < 0:
             raise ValueError("max_concurrency must be >= 1 and max_queue >= 0")
         self.runner = runner
+        self.kind = kind  # the execution strategy behind the runner: "threads" or "step" (for /api/status and logs)
         self.max_concurrency = max_concurrency
         self.max_queue = max_queue
         self.request_timeout = request_timeout
@@ -332,7 +339,7 @@ class Engine:
         try:
             return self.runner(job.request, on_step)
         except BaseException as exc:
-            if not _is_oom(exc):
+            if not is_oom(exc):
                 raise
         # Freed outside the except block: until it ends, the traceback keeps the failed request's tensors alive.
         logger.error("out of memory in request %s; freeing caches", job.request.request_id)
@@ -369,35 +376,6 @@ class Engine:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
-
-
-def pipeline_runner(scoped: Any, device: Any = None) -> Runner:
-    """A runner that generates with ``scoped`` (a RequestScopedPipeline), one view per request.
-
-    The generator lives on the CPU: the same seed then gives the same starting noise on every device.
-    """
-
-    def run(request: GenerationRequest, on_step: Callable[[int], None]) -> list[Any]:
-        def callback(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-            on_step(step)
-            return {}
-
-        kwargs: dict[str, Any] = {}
-        if request.guidance_scale is not None:
-            kwargs["guidance_scale"] = request.guidance_scale
-        output = scoped.generate(
-            prompt=request.prompt,
-            negative_prompt=request.negative_prompt,
-            num_inference_steps=request.num_inference_steps,
-            num_images_per_prompt=request.num_images,
-            height=request.height,
-            width=request.width,
-            generator=torch.Generator("cpu").manual_seed(request.seed),
-            callback_on_step_end=callback,
-            output_type="pil",
-            device=device,
-            **kwargs,
-        )
-        return list(output.images)
-
-    return run
+        close_runner = getattr(self.runner, "close", None)
+        if callable(close_runner):
+            close_runner()  # the step strategy's loop and encoder threads

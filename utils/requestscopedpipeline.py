@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import logging
 import threading
 from collections.abc import Iterable
@@ -180,3 +181,12 @@ class RequestScopedPipeline:
         context = offload() if callable(offload) else contextlib.nullcontext()
         with context:
             return view(*args, num_inference_steps=num_inference_steps, **kwargs)
+
+
+def default_guidance_scale(pipeline: Any) -> float | None:
+    """The guidance scale the pipeline uses when a call names none: its ``__call__``'s default (SD3's is 7.0).
+    Read from the pipeline, so the value an answer reports is the one that was used, whatever the pipeline."""
+    parameter = inspect.signature(type(pipeline).__call__).parameters.get("guidance_scale")
+    if parameter is None or parameter.default is inspect.Parameter.empty:
+        return None
+    return float(parameter.default)

@@ -58,9 +58,20 @@ async def status(request: Request) -> dict[str, Any]:
         "queued": engine.queued if engine else 0,
         "max_concurrency": engine.max_concurrency if engine else settings.max_concurrency,
         "max_queue": settings.max_queue,
+        "engine": _engine_info(engine, settings, getattr(state, "prompt_cache", None)),
         "requests": dict(engine.stats) if engine else {},
         "images_stored": len(state.store),
     }
+
+
+def _engine_info(engine: Any, settings: Any, cache: Any) -> dict[str, Any]:
+    """The execution strategy, its batching figures (step engine) and the prompt cache's counters."""
+    info: dict[str, Any] = {"kind": getattr(engine, "kind", None) if engine else settings.engine}
+    runner_stats = getattr(getattr(engine, "runner", None), "stats", None)
+    if runner_stats is not None:
+        info.update(max_batch_size=settings.max_batch_size, batching=runner_stats)
+    info["prompt_cache"] = cache.stats() if cache is not None else None
+    return info
 
 
 def memory_info(device: Any) -> dict[str, Any]:

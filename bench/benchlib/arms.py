@@ -27,7 +27,7 @@ from .common import REPO, log
 from .options import apply_options, sdpa_backend_context
 from .stats import PeakRSS, Run, Sample
 
-ARMS = ("serial", "serial-opt", "thread", "ours")
+ARMS = ("serial", "serial-opt", "thread", "ours", "step")
 
 
 class Arm(Protocol):
@@ -318,5 +318,8 @@ def make_arm(name: str, args: argparse.Namespace) -> Arm:
         return SerialArm(name, args, with_options=True)
     if name == "thread":
         return ServerArm(name, args, ["--max-concurrency", "256", "--max-queue", "1000"])
+    if name == "step":
+        # The step engine (one worker batching the transformer across requests), otherwise the server's defaults.
+        return ServerArm(name, args, ["--engine", "step"])
     # ours: the server's defaults, unless a candidate configuration is being tried (--ours-args, --ours-env).
     return ServerArm(name, args, shlex.split(args.ours_args), dict(e.split("=", 1) for e in args.ours_env))

@@ -1,0 +1,252 @@
+"""The denoising loop of the step strategy: one worker thread, the only caller of the shared transformer.
+
+Each turn of the loop is one transformer pass over a batch of requests (``Track``) of one resolution group, then
+each request's own scheduler steps its own slice of the output. Requests join at the next turn and leave after
+their last step, or after the step at which they were cancelled.
+
+Fairness: the loop serves the resolution groups in turn (round robin), one pass each, so with G groups waiting a
+request waits at most G - 1 passes between its steps; a lone 64x64 request behind a stream of 128x128 ones runs
+every other pass. Within a group, when the waiting images exceed ``max_batch_size``, the requests that stepped least
+recently go first, so none is left behind.
+
+Out of memory: a failing pass is retried as two halves, recursively; a single request that still fails is
+answered with the error (the Engine turns it into OutOfMemory, 503) and the loop goes on with the others.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .engine import GenerationCancelled, is_oom, release_memory
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DenoiseLoop", "Track"]
+
+_arrivals = itertools.count()
+
+
+@dataclass(eq=False)
+class Track:
+    """One request's place in the loop: its view (own scheduler), latents and conditioning."""
+
+    view: Any
+    timesteps: torch.Tensor
+    latents: torch.Tensor
+    embeds: torch.Tensor  # [negative x n, prompt x n] when guided, else [prompt x n]
+    pooled: torch.Tensor
+    guidance: float | None  # None: no classifier-free guidance (guidance_scale <= 1)
+    on_step: Callable[[int], None]
+    group: Hashable
+    index: int = 0
+    last_pass: int = -1
+    arrival: int = field(default_factory=lambda: next(_arrivals))
+    done: Future[torch.Tensor] = field(default_factory=Future)
+
+    @property
+    def images(self) -> int:
+        """Samples in a transformer pass (both guidance halves)."""
+        return self.embeds.shape[0]
+
+
+class DenoiseLoop:
+    """The worker that steps every active ``Track``; ``run(track)`` blocks until the track is finished."""
+
+    def __init__(self, transformer: Any, max_batch_size: int = 32, cpu_threads: int | None = None) -> None:
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        self.transformer = transformer
+        self.max_batch_size = max_batch_size
+        self.cpu_threads = cpu_threads
+        self._inbox: queue.SimpleQueue[Track | None] = queue.SimpleQueue()
+        # Tracks by resolution group, groups in serving order. Only the worker thread touches it.
+        self._groups: OrderedDict[Hashable, list[Track]] = OrderedDict()
+        self._passes = 0
+        self._images = 0
+        self._largest = 0
+        self._stopped = False
+        # Makes "not stopped, then queued" one step, so nothing is queued after the worker's last drain.
+        self._closing = threading.Lock()
+        self._thread = threading.Thread(target=self._work, name="denoise", daemon=True)
+        self._thread.start()
+
+    def stats(self) -> dict[str, Any]:
+        """Transformer passes run, the images they carried, the largest pass and the mean."""
+        mean = self._images / self._passes if self._passes else 0.0
+        return {"passes": self._passes, "images": self._images, "largest_pass": self._largest, "mean_pass": mean}
+
+    @property
+    def arriving(self) -> int:
+        """Tracks handed to the loop and not yet taken in (they join at the next pass)."""
+        return self._inbox.qsize()
+
+    def run(self, track: Track) -> torch.Tensor:
+        """Join the loop and wait; return the final latents, or raise what stopped the track."""
+        with self._closing:
+            if self._stopped:
+                raise GenerationCancelled
+            self._inbox.put(track)
+        return track.done.result()
+
+    def close(self) -> None:
+        """Stop the worker after its current pass; tracks still in the loop end with GenerationCancelled."""
+        with self._closing:
+            self._stopped = True
+            self._inbox.put(None)
+        if threading.current_thread() is not self._thread:
+            # Joined (briefly): a daemon thread still inside torch when the interpreter exits can abort the process.
+            self._thread.join(timeout=10)
+
+    # -- the worker -------------------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        if self.cpu_threads:
+            # The one thread running the transformer gets every core (the slot threads only encode and decode).
+            torch.set_num_threads(self.cpu_threads)
+        try:
+            with torch.no_grad():
+                while self._admit():
+                    group = self._next_group()
+                    if group is None:
+                        continue
+                    batch = self._pick(self._groups[group])
+                    self._groups.move_to_end(group)  # served: last in the round robin
+                    self._passes += 1
+                    self._images += sum(t.images for t in batch)
+                    self._largest = max(self._largest, sum(t.images for t in batch))
+                    self._step(batch)
+                    self._retire(group)
+        except Exception:  # pragma: no cover - a bug here must not leave slot threads waiting forever
+            logger.exception("the denoising loop stopped")
+            raise
+        finally:
+            with self._closing:
+                self._stopped = True
+                self._cancel_all()
+
+    def _cancel_all(self) -> None:
+        """Closing: every track still here or still arriving ends now, so that no slot thread waits forever."""
+        waiting = [t for tracks in self._groups.values() for t in tracks]
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                waiting.append(item)
+        for track in waiting:
+            if not track.done.done():
+                track.done.set_exception(GenerationCancelled())
+        self._groups.clear()
+
+    def _admit(self) -> bool:
+        """Move arrivals into their groups; block while there is nothing to do. False when closing."""
+        block = not any(self._groups.values())
+        while True:
+            try:
+                track = self._inbox.get(block=block)
+            except queue.Empty:
+                return True
+            if track is None:
+                return False
+            self._groups.setdefault(track.group, []).append(track)
+            block = False
+
+    def _next_group(self) -> Hashable | None:
+        for group, tracks in self._groups.items():
+            if tracks:
+                return group
+        return None
+
+    def _pick(self, tracks: list[Track]) -> list[Track]:
+        """The tracks of this pass: least recently stepped first, up to max_batch_size images (at least one)."""
+        batch: list[Track] = []
+        total = 0
+        for track in sorted(tracks, key=lambda t: (t.last_pass, t.arrival)):
+            if batch and total + track.images > self.max_batch_size:
+                continue
+            batch.append(track)
+            total += track.images
+        return batch
+
+    def _retire(self, group: Hashable) -> None:
+        tracks = [t for t in self._groups[group] if not t.done.done()]
+        if tracks:
+            self._groups[group] = tracks
+        else:
+            del self._groups[group]
+
+    def _step(self, batch: list[Track]) -> None:
+        """One denoising step for every track of ``batch``; failures are answered to the tracks they hit."""
+        try:
+            noise = self._forward(batch)
+        except Exception as exc:  # noqa: BLE001 - answered to this batch's requests; the loop goes on
+            logger.error("transformer pass failed for %d request(s): %s", len(batch), type(exc).__name__)
+            for track in batch:
+                if not track.done.done():  # an out-of-memory answer may already be there (_forward)
+                    track.done.set_exception(exc)
+            return
+        for track, pred in zip(batch, noise, strict=True):
+            if pred is None:
+                continue  # answered out of memory by _forward
+            try:
+                self._advance(track, pred)
+            except BaseException as exc:  # noqa: BLE001 - a cancel (or a failed step) ends this track only
+                track.done.set_exception(exc)
+
+    def _advance(self, track: Track, noise_pred: torch.Tensor) -> None:
+        """The pipeline's guidance and scheduler step on this track's slice, then its step callback."""
+        if track.guidance is not None:
+            uncond, text = noise_pred.chunk(2)
+            noise_pred = uncond + track.guidance * (text - uncond)
+        t = track.timesteps[track.index]
+        track.latents = track.view.scheduler.step(noise_pred, t, track.latents, return_dict=False)[0]
+        track.last_pass = self._passes
+        step = track.index
+        track.index += 1
+        track.on_step(step)  # raises GenerationCancelled when the request was abandoned
+        if track.index == len(track.timesteps):
+            track.done.set_result(track.latents)
+
+    def _forward(self, batch: list[Track]) -> list[torch.Tensor | None]:
+        """The transformer on the whole batch; on out-of-memory, on two halves (recursively). A lone track that
+        still runs out of memory gets the error and None in its place."""
+        try:
+            return self._pass(batch)
+        except Exception as exc:  # noqa: BLE001 - only out-of-memory is retried
+            if not is_oom(exc):
+                raise
+        release_memory()
+        if len(batch) == 1:
+            logger.error("out of memory in a transformer pass of one request")
+            batch[0].done.set_exception(MemoryError("out of memory in the transformer"))
+            return [None]
+        half = len(batch) // 2
+        logger.warning("out of memory in a pass of %d requests; retrying as two smaller passes", len(batch))
+        return self._forward(batch[:half]) + self._forward(batch[half:])
+
+    def _pass(self, batch: list[Track]) -> list[torch.Tensor]:
+        hidden, timesteps = [], []
+        for track in batch:
+            copies = 2 if track.guidance is not None else 1
+            hidden.extend([track.latents] * copies)
+            timesteps.append(track.timesteps[track.index].expand(track.images))
+        out = self.transformer(
+            hidden_states=torch.cat(hidden),
+            timestep=torch.cat(timesteps),
+            encoder_hidden_states=torch.cat([t.embeds for t in batch]),
+            pooled_projections=torch.cat([t.pooled for t in batch]),
+            joint_attention_kwargs=None,
+            return_dict=False,
+        )[0]
+        return list(out.split([t.images for t in batch]))

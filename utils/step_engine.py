@@ -1,0 +1,226 @@
+"""The step strategy: one worker owns the denoising loop and batches the shared transformer across requests.
+
+It plugs into ``Engine`` as its runner, so admission (slots, the bounded queue, deadlines, disconnects, drain) is the
+same as with the threads strategy. What a slot thread does with it (``StepRunner.__call__``):
+
+1. encode: the request's texts go to the encoder thread, which encodes whatever texts are waiting in one batch
+   (through the prompt cache);
+2. prepare: its own ``RequestScopedPipeline`` view (cloned scheduler, timesteps set as the pipeline sets them) and
+   its starting noise, from a CPU generator seeded with the request's seed, by the pipeline's ``prepare_latents``;
+3. denoise: the request joins the loop (``DenoiseLoop``) and the slot thread waits while the loop steps it;
+4. decode: VAE decode and post-processing, in the slot thread again.
+
+So the denoising worker never waits on text encoders or the VAE; it only runs transformer passes and scheduler
+steps. The math of each step is the pipeline's own (``StableDiffusion3Pipeline.__call__``), applied to each
+request's slice of the batched output.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+import torch
+
+from .denoise_loop import DenoiseLoop, Track
+from .engine import GenerationCancelled, GenerationRequest
+from .prompt_cache import PromptCache, TextEmbedding, encode_texts, is_guided, request_embeddings
+from .requestscopedpipeline import default_guidance_scale
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["StepRunner"]
+
+MAX_SEQUENCE_LENGTH = 256  # the pipeline's default T5 length; the server never changes it
+ENCODE_BATCH_MAX = 64  # texts per encoder call: bounds the encoder's activation memory
+
+
+class _EncoderThread:
+    """Encodes texts for every request in one thread; whatever is waiting when it wakes is encoded as one batch."""
+
+    def __init__(self, pipe: Any, device: Any, threads: int | None) -> None:
+        self._pipe = pipe
+        self._device = device
+        self._threads = threads
+        self._closed = False
+        # Makes "not closed, then queued" one step: nothing is queued after close() has drained the inbox.
+        self._closing = threading.Lock()
+        self._inbox: queue.SimpleQueue[tuple[str, list[str], Future[list[TextEmbedding]]] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="encode", daemon=True)
+        self._thread.start()
+
+    def encoder(self, role: str) -> Callable[[list[str]], list[TextEmbedding]]:
+        """A function encoding texts of one role ("prompt" or "negative") in the next batch of that role."""
+
+        def encode(texts: list[str]) -> list[TextEmbedding]:
+            future: Future[list[TextEmbedding]] = Future()
+            with self._closing:
+                if self._closed:
+                    raise GenerationCancelled
+                self._inbox.put((role, texts, future))
+            return future.result()
+
+        return encode
+
+    def close(self) -> None:
+        with self._closing:
+            self._closed = True
+            self._inbox.put(None)
+        self._thread.join(timeout=10)  # see DenoiseLoop.close
+        while True:  # what arrived as it closed: answered, so that no slot thread waits forever
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None:
+                item[2].set_exception(GenerationCancelled())
+
+    def _run(self) -> None:
+        if self._threads:
+            torch.set_num_threads(self._threads)
+        while True:
+            item = self._inbox.get()
+            if item is None:
+                return
+            batch = [item]
+            count = len(item[1])
+            while count < ENCODE_BATCH_MAX:
+                try:
+                    more = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._inbox.put(None)  # finish this batch, then stop
+                    break
+                batch.append(more)
+                count += len(more[1])
+            # One encoder call per role, as the pipeline encodes a batch of prompts and then their negatives: a
+            # request alone is then encoded exactly as the pipeline encodes it (batch 1 each), bit for bit.
+            for role in dict.fromkeys(r for r, _, _ in batch):
+                self._encode_batch([(texts, future) for r, texts, future in batch if r == role])
+
+    def _encode_batch(self, batch: list[tuple[list[str], Future[list[TextEmbedding]]]]) -> None:
+        unique = list(dict.fromkeys(t for texts, _ in batch for t in texts))
+        try:
+            found = dict(zip(unique, encode_texts(self._pipe, unique, self._device, MAX_SEQUENCE_LENGTH), strict=True))
+        except BaseException as exc:  # noqa: BLE001 - handed to every waiting request
+            for _, future in batch:
+                future.set_exception(exc)
+            return
+        for texts, future in batch:
+            future.set_result([found[t] for t in texts])
+
+
+class StepRunner:
+    """An ``Engine`` runner whose generations share one denoising loop (see the module's docstring).
+
+    Args:
+        scoped: the RequestScopedPipeline of the shared pipeline.
+        device: the device the pipeline runs on.
+        max_batch_size: images per transformer pass, both guidance halves counted.
+        prompt_cache: the prompt cache (capacity 0: off).
+        cpu_threads: on a CPU, the threads of the denoising worker (None: torch's setting).
+    """
+
+    def __init__(
+        self,
+        scoped: Any,
+        device: Any,
+        max_batch_size: int = 32,
+        prompt_cache: PromptCache | None = None,
+        cpu_threads: int | None = None,
+    ) -> None:
+        self.scoped = scoped
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.cache = prompt_cache or PromptCache(0)
+        # What the pipeline itself uses when a call names no guidance scale (SD3: 7.0), so both engines agree.
+        self._default_guidance = default_guidance_scale(scoped.pipeline) or 1.0
+        # One view for the encoder: its tokenizers are locked, and it is only used by the encoder thread.
+        # The encoder gets one thread: it runs beside the denoising worker, which owns the cores.
+        self._encoder = _EncoderThread(scoped.make_view(), self.device, 1 if cpu_threads else None)
+        self._encode_prompts = self._encoder.encoder("prompt")
+        self._encode_negatives = self._encoder.encoder("negative")
+        self.loop = DenoiseLoop(scoped.pipeline.transformer, max_batch_size, cpu_threads)
+        # Bounds the decodes running at once: a burst finishes together, and 16 concurrent VAE decodes would hold 16
+        # sets of activations and fight the loop for the cores. Whoever waits here has already left the loop.
+        self._decoders = threading.Semaphore(max(1, cpu_threads or 2))
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        return self.loop.stats()
+
+    def close(self) -> None:
+        self.loop.close()
+        self._encoder.close()
+
+    def __call__(self, request: GenerationRequest, on_step: Callable[[int], None]) -> list[Any]:
+        positive = self.cache.get([request.prompt], self._encode_prompts, MAX_SEQUENCE_LENGTH)[0]
+        negative = None
+        if is_guided(request):
+            negative = self.cache.get([request.negative_prompt or ""], self._encode_negatives, MAX_SEQUENCE_LENGTH)[0]
+        track = self._prepare(request, positive, negative, on_step)
+        latents = self.loop.run(track)
+        with self._decoders:
+            return self._decode(track.view, latents)
+
+    def _prepare(
+        self,
+        request: GenerationRequest,
+        positive: TextEmbedding,
+        negative: TextEmbedding | None,
+        on_step: Callable[[int], None],
+    ) -> Track:
+        """The request's view, timesteps and starting noise, exactly as the pipeline prepares them."""
+        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+        view = self.scoped.make_view(device=self.device)
+        embeds, pooled = request_embeddings(positive, negative, request.num_images)
+        embeds, pooled = embeds.to(self.device), pooled.to(self.device)
+        with torch.no_grad():
+            latents = view.prepare_latents(
+                request.num_images,
+                view.transformer.config.in_channels,
+                request.height,
+                request.width,
+                embeds.dtype,
+                self.device,
+                torch.Generator("cpu").manual_seed(request.seed),
+            )
+        scheduler = view.scheduler
+        kwargs: dict[str, Any] = {}
+        if scheduler.config.get("use_dynamic_shifting", None):
+            patch = view.transformer.config.patch_size
+            seq_len = (latents.shape[2] // patch) * (latents.shape[3] // patch)
+            config = scheduler.config
+            kwargs["mu"] = calculate_shift(
+                seq_len,
+                config.get("base_image_seq_len", 256),
+                config.get("max_image_seq_len", 4096),
+                config.get("base_shift", 0.5),
+                config.get("max_shift", 1.16),
+            )
+        scheduler.set_timesteps(request.num_inference_steps, device=self.device, **kwargs)
+        guidance = self._default_guidance if request.guidance_scale is None else float(request.guidance_scale)
+        return Track(
+            view=view,
+            timesteps=scheduler.timesteps,
+            latents=latents,
+            embeds=embeds,
+            pooled=pooled,
+            guidance=guidance if negative is not None else None,
+            on_step=on_step,
+            group=(request.height, request.width),
+        )
+
+    @staticmethod
+    def _decode(view: Any, latents: torch.Tensor) -> list[Any]:
+        if latents is None:
+            raise GenerationCancelled
+        with torch.no_grad():
+            latents = latents / view.vae.config.scaling_factor + view.vae.config.shift_factor
+            image = view.vae.decode(latents, return_dict=False)[0]
+            return list(view.image_processor.postprocess(image, output_type="pil"))

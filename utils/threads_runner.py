@@ -1,0 +1,71 @@
+"""The threads strategy's runner: one whole pipeline call per admitted request, in its slot thread."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .engine import GenerationRequest, Runner
+from .prompt_cache import PromptCache
+
+__all__ = ["pipeline_runner"]
+
+
+def pipeline_runner(scoped: Any, device: Any = None, prompt_cache: PromptCache | None = None) -> Runner:
+    """A runner that generates with ``scoped`` (a RequestScopedPipeline), one view per request: the threads strategy.
+
+    The generator lives on the CPU: the same seed then gives the same starting noise on every device. With a
+    ``prompt_cache`` (capacity > 0) the embeddings come from it and the pipeline skips its text encoders.
+    """
+    # Encodes cache misses in the calling slot thread; its tokenizers are locked, so slots may share it.
+    encoder_view = scoped.make_view() if prompt_cache is not None and prompt_cache.capacity > 0 else None
+
+    def run(request: GenerationRequest, on_step: Callable[[int], None]) -> list[Any]:
+        def callback(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            on_step(step)
+            return {}
+
+        kwargs: dict[str, Any] = {}
+        if request.guidance_scale is not None:
+            kwargs["guidance_scale"] = request.guidance_scale
+        if encoder_view is not None:
+            # Embeddings already hold one row per image: the pipeline does not repeat given embeddings.
+            kwargs.update(_cached_embeddings(prompt_cache, encoder_view, request, device), num_images_per_prompt=1)
+        else:
+            kwargs.update(
+                prompt=request.prompt, negative_prompt=request.negative_prompt, num_images_per_prompt=request.num_images
+            )
+        output = scoped.generate(
+            num_inference_steps=request.num_inference_steps,
+            height=request.height,
+            width=request.width,
+            generator=torch.Generator("cpu").manual_seed(request.seed),
+            callback_on_step_end=callback,
+            output_type="pil",
+            device=device,
+            **kwargs,
+        )
+        return list(output.images)
+
+    return run
+
+
+def _cached_embeddings(cache: Any, view: Any, request: GenerationRequest, device: Any) -> dict[str, Any]:
+    """The pipeline's embedding arguments for ``request``, from the prompt cache (laid out as encode_prompt would)."""
+    from .prompt_cache import encode_texts, is_guided, request_embeddings
+
+    def encode(texts: list[str]) -> list[Any]:
+        return encode_texts(view, texts, device)
+
+    # The prompt and the negative prompt are encoded apart (batch 1 each), as the pipeline encodes them, so the
+    # embeddings are bit-identical to the pipeline's own.
+    n = request.num_images
+    embeds, pooled = request_embeddings(cache.get([request.prompt], encode)[0], None, n)
+    kwargs = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+    if is_guided(request):
+        negative_text = cache.get([request.negative_prompt or ""], encode)[0]
+        negative, negative_pooled = request_embeddings(negative_text, None, n)
+        kwargs.update(negative_prompt_embeds=negative, negative_pooled_prompt_embeds=negative_pooled)
+    return kwargs
