@@ -105,7 +105,11 @@ def main(argv: list[str] | None = None, loader: Callable[[Settings], Any] | None
         print(f"serverasync.py: error: {exc}", file=sys.stderr)  # noqa: T201
         return EXIT_BAD_OPTION
     _log_start(settings, sock, device, dtype)
-    app = create_app(settings, loader)
+    return _serve(settings, sock, create_app(settings, loader))
+
+
+def _serve(settings: Settings, sock: socket.socket, app: FastAPI) -> int:
+    """Serve ``app`` on the bound ``sock`` until a signal ends the drain, or a failed load ends it at once."""
     config = uvicorn.Config(
         app,
         host=settings.host,
