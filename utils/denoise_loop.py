@@ -33,8 +33,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["DenoiseLoop", "Track"]
 
-_arrivals = itertools.count()
-
 
 @dataclass(eq=False)
 class Track:
@@ -50,7 +48,7 @@ class Track:
     group: Hashable
     index: int = 0
     last_pass: int = -1
-    arrival: int = field(default_factory=lambda: next(_arrivals))
+    arrival: int = 0  # the order the loop took it in (set by the loop)
     done: Future[torch.Tensor] = field(default_factory=Future)
 
     @property
@@ -71,6 +69,7 @@ class DenoiseLoop:
         self._inbox: queue.SimpleQueue[Track | None] = queue.SimpleQueue()
         # Tracks by resolution group, groups in serving order. Only the worker thread touches it.
         self._groups: OrderedDict[Hashable, list[Track]] = OrderedDict()
+        self._arrivals = itertools.count()
         self._passes = 0
         self._images = 0
         self._largest = 0
@@ -159,6 +158,7 @@ class DenoiseLoop:
                 return True
             if track is None:
                 return False
+            track.arrival = next(self._arrivals)
             self._groups.setdefault(track.group, []).append(track)
             block = False
 

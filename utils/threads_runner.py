@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from .engine import GenerationRequest, Runner
-from .prompt_cache import PromptCache
+from .prompt_cache import PromptCache, encode_texts, is_guided, request_embeddings
 
 __all__ = ["pipeline_runner"]
 
@@ -54,7 +54,6 @@ def pipeline_runner(scoped: Any, device: Any = None, prompt_cache: PromptCache |
 
 def _cached_embeddings(cache: Any, view: Any, request: GenerationRequest, device: Any) -> dict[str, Any]:
     """The pipeline's embedding arguments for ``request``, from the prompt cache (laid out as encode_prompt would)."""
-    from .prompt_cache import encode_texts, is_guided, request_embeddings
 
     def encode(texts: list[str]) -> list[Any]:
         return encode_texts(view, texts, device)
