@@ -35,6 +35,7 @@ EXIT_OK = 0  # stopped by SIGTERM / Ctrl-C after draining
 EXIT_LOAD_FAILED = 1  # the model could not be loaded (the log says why, with a hint)
 EXIT_BAD_OPTION = 2  # an option is invalid, or cannot work on this machine (no such device, not enough memory)
 EXIT_CANNOT_LISTEN = 3  # the address or port cannot be listened on (in use, privileged, not this machine's)
+EXIT_INTERRUPTED = 130  # a third Ctrl-C: quit at once, answering nobody (the shell's code for death by SIGINT)
 
 __all__ = ["Settings", "create_app", "main", "parse_settings"]
 
@@ -48,6 +49,12 @@ class _DrainingServer(uvicorn.Server):
         self._stopping = False  # a second Ctrl-C has ended the drain
 
     def handle_exit(self, sig: int, frame: Any) -> None:
+        if self._stopping and sig == signal.SIGINT:
+            # The third Ctrl-C: the user wants out now. uvicorn's force-exit would cancel the lifespan into a
+            # traceback; nothing is left to answer that the second one did not.
+            logger.warning("third interrupt: quitting now")
+            logging.shutdown()
+            os._exit(EXIT_INTERRUPTED)
         if self.should_exit and sig == signal.SIGINT and not self._stopping:
             # A second Ctrl-C ends the drain now: every open request is answered 503 "draining" (uvicorn's own
             # force-quit would cancel them into plain-text 500s and tracebacks). A third one quits at once.

@@ -35,4 +35,4 @@ def test_every_exit_code_is_documented() -> None:
     section = README.split("## Exit codes", 1)[1].split("\n## ", 1)[0]
     documented = {int(code) for code in re.findall(r"^\| (\d+) \|", section, flags=re.MULTILINE)}
     used = {value for name, value in vars(serverasync).items() if name.startswith("EXIT_")}
-    assert documented == used == {0, 1, 2, 3}
+    assert documented == used == {0, 1, 2, 3, 130}

@@ -6,6 +6,7 @@ that is still sending its body when ``--shutdown-timeout`` ends gets the same 50
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
@@ -61,6 +62,23 @@ def test_second_ctrl_c_answers_every_request_503_and_logs_one_line(spawn_server:
     assert proc.proc.wait(timeout=120) == 0
     log = proc.log()
     assert "second interrupt" in log, log[-3000:]
+    assert "Traceback" not in log and "CancelledError" not in log, log[-3000:]
+
+
+def test_third_ctrl_c_quits_at_once_with_one_line(spawn_server: Callable[..., Any]) -> None:
+    proc = spawn_server("--max-steps", "1000", "--shutdown-timeout", "300").wait_ready()
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(long_post, proc.url)
+        wait_until(lambda: in_flight(proc.url) == 1, "the request is running")
+        for _ in range(3):  # as fast as impatient fingers: the second and third land while the drain is ending
+            proc.proc.send_signal(signal.SIGINT)
+            time.sleep(0.05)
+        assert proc.proc.wait(timeout=60) == 130
+        # Answered (503 draining) or cut off; either way the client is not left hanging.
+        with contextlib.suppress(httpx.HTTPError):
+            future.result(timeout=120)
+    log = proc.log()
+    assert "third interrupt: quitting now" in log, log[-3000:]
     assert "Traceback" not in log and "CancelledError" not in log, log[-3000:]
 
 
