@@ -134,6 +134,7 @@ def build_engine(settings: Settings, pipeline: Any, device: Any) -> tuple[Any, A
     """The engine the settings ask for (or the device's default), its RequestScopedPipeline and prompt cache."""
     from utils import RequestScopedPipeline
     from utils.engine import Engine
+    from utils.previews import LatentPreviewer
     from utils.prompt_cache import PromptCache
     from utils.step_engine import StepRunner
     from utils.threads_runner import pipeline_runner
@@ -149,6 +150,8 @@ def build_engine(settings: Settings, pipeline: Any, device: Any) -> tuple[Any, A
         runner: Any = StepRunner(scoped, device, settings.max_batch_size, cache, cpu_threads=cores)
     else:
         runner = pipeline_runner(scoped, device, cache)
+    previewer = LatentPreviewer(pipeline.vae, pipeline.vae_scale_factor)
+    previewer.fit()  # at load, so that no request waits for it (bench/RESULTS.md: its cost)
     engine = Engine(
         runner,
         settings.max_concurrency or default_concurrency(device.type, kind),
@@ -156,6 +159,7 @@ def build_engine(settings: Settings, pipeline: Any, device: Any) -> tuple[Any, A
         settings.request_timeout,
         cpu_threads=cores,
         kind=kind,
+        previewer=previewer,
     )
     return engine, scoped, cache
 

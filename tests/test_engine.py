@@ -17,6 +17,7 @@ from utils.engine import (
     NotReady,
     OutOfMemory,
     Overloaded,
+    ProgressEvent,
 )
 
 
@@ -197,3 +198,86 @@ def test_cpu_cores_are_split_evenly_and_fixed_per_slot(monkeypatch: pytest.Monke
     calls.clear()
     asyncio.run(main(max_concurrency=2))  # cpu_threads=None: torch's setting is left alone
     assert calls == []
+
+
+class LatentRunner(SteppingRunner):
+    """A stepping runner that hands the callback a 'latents' tensor whose value is the step index."""
+
+    def __call__(self, request: GenerationRequest, on_step: Callable[..., None]) -> list[str]:
+        import torch
+
+        for step in range(request.num_inference_steps):
+            time.sleep(self.step_s)
+            on_step(step, torch.full((request.num_images, 2, 2, 2), float(step)))
+        return [f"image-{request.request_id}"] * request.num_images
+
+
+def test_progress_reports_queue_positions_start_and_steps_on_the_loop_thread() -> None:
+    async def main() -> None:
+        engine = _engine(SteppingRunner(step_s=0.02), max_concurrency=1, max_queue=4)
+        events: dict[str, list[tuple[str, ProgressEvent]]] = {"a": [], "b": [], "c": []}
+
+        def listener(name: str) -> Callable[[ProgressEvent], None]:
+            return lambda event: events[name].append((threading.current_thread().name, event))
+
+        tasks = [
+            asyncio.create_task(engine.submit(_req(name, steps=3), progress=listener(name))) for name in ("a", "b", "c")
+        ]
+        await asyncio.gather(*tasks)
+        main_thread = threading.current_thread().name
+        assert {thread for seen in events.values() for thread, _ in seen} == {main_thread}
+        kinds = {name: [(e.type, e.position, e.step) for _, e in seen] for name, seen in events.items()}
+        steps = [("step", None, 1), ("step", None, 2), ("step", None, 3)]
+        assert kinds["a"] == [("started", None, None), *steps]  # a slot was free: never queued
+        assert kinds["b"] == [("queued", 1, None), ("started", None, None), *steps]
+        # c waited behind b, then moved up when b took the slot.
+        assert kinds["c"] == [("queued", 2, None), ("queued", 1, None), ("started", None, None), *steps]
+        last = events["a"][-1][1]
+        assert last.total == 3 and last.elapsed_s is not None and last.elapsed_s > 0
+        assert last.to_dict() == {"type": "step", "step": 3, "total": 3, "elapsed_s": round(last.elapsed_s, 3)}
+        engine.close()
+
+    asyncio.run(main())
+
+
+def test_queue_positions_move_up_when_a_waiter_leaves() -> None:
+    async def main() -> None:
+        engine = _engine(SteppingRunner(step_s=0.02), max_concurrency=1, max_queue=4)
+        seen: list[int | None] = []
+        running = asyncio.create_task(engine.submit(_req("running", steps=20)))
+        gone = asyncio.Event()
+        first = asyncio.create_task(engine.submit(_req("first", steps=1), gone))
+        second = asyncio.create_task(engine.submit(_req("second", steps=1), progress=lambda e: seen.append(e.position)))
+        await asyncio.sleep(0.05)
+        assert seen == [2]
+        gone.set()
+        with pytest.raises(ClientGone):
+            await first
+        assert seen == [2, 1]
+        await asyncio.gather(running, second)
+        engine.close()
+
+    asyncio.run(main())
+
+
+def test_previews_every_n_steps_never_after_the_last_and_a_failing_previewer_is_harmless() -> None:
+    async def main(previewer: Callable[..., list[object]]) -> list[ProgressEvent]:
+        engine = Engine(LatentRunner(step_s=0.001), release=lambda: None, previewer=previewer)
+        engine.set_ready()
+        events: list[ProgressEvent] = []
+        request = _req("p", steps=7)
+        request.preview_every = 3
+        result = await engine.submit(request, progress=events.append)
+        assert result.images == ["image-p"]
+        engine.close()
+        return [e for e in events if e.type == "step"]
+
+    steps = asyncio.run(main(lambda latents: [f"preview-of-step-{int(latents.flatten()[0])}"]))
+    previews = {e.step: e.previews for e in steps if e.previews is not None}
+    assert previews == {3: ["preview-of-step-2"], 6: ["preview-of-step-5"]}  # after steps 3 and 6; 7 is the image
+
+    def broken(latents: object) -> list[object]:
+        raise RuntimeError("preview bug")
+
+    steps = asyncio.run(main(broken))
+    assert len(steps) == 7 and all(e.previews is None for e in steps)

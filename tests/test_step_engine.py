@@ -41,7 +41,7 @@ def _req(i: int, steps: int = 3, n: int = 1, size: int = 32, guidance: float | N
     )
 
 
-def _noop(step: int) -> None:
+def _noop(step: int, latents: Any = None) -> None:
     pass
 
 
@@ -121,11 +121,11 @@ def test_a_request_joining_at_step_5_and_the_running_one_are_both_right(step: St
     steps_of_first: list[int] = []
 
     def join() -> None:
-        joined["images"] = step(second, lambda s: joined.setdefault("first_step_while", len(steps_of_first)))
+        joined["images"] = step(second, lambda s, latents: joined.setdefault("first_step_while", len(steps_of_first)))
 
     joiner = threading.Thread(target=join)
 
-    def on_step(index: int) -> None:
+    def on_step(index: int, latents: Any = None) -> None:
         steps_of_first.append(index)
         if index == 4:  # five steps done: the second request arrives now
             joiner.start()
@@ -151,8 +151,8 @@ def test_mixed_resolutions_at_once_and_a_lone_small_request_is_not_starved(
     order: list[str] = []
     lock = threading.Lock()  # protects `order`: written from the loop thread, read here
 
-    def record(name: str) -> Callable[[int], None]:
-        def on_step(index: int) -> None:
+    def record(name: str) -> Callable[..., None]:
+        def on_step(index: int, latents: Any = None) -> None:
             with lock:
                 order.append(name)
 
@@ -161,7 +161,7 @@ def test_mixed_resolutions_at_once_and_a_lone_small_request_is_not_starved(
     hooks = {i: record(r.request_id) for i, r in enumerate(big)}
     small_done: dict[str, Any] = {}
 
-    def late_small(index: int) -> None:
+    def late_small(index: int, latents: Any = None) -> None:
         record("r30")(index)
         if index == 2 and "thread" not in small_done:  # the big ones are running: the small one arrives
             small_done["thread"] = threading.Thread(target=lambda: small_done.update(images=step(small, record("s"))))
@@ -185,7 +185,7 @@ def test_cancelling_one_of_four_stops_it_at_the_next_step_and_the_others_are_una
     requests = [_req(50 + i, steps=6, n=1 + i % 2) for i in range(4)]
     seen: list[int] = []
 
-    def cancel_at_2(index: int) -> None:
+    def cancel_at_2(index: int, latents: Any = None) -> None:
         seen.append(index)
         if index >= 2:
             raise GenerationCancelled
@@ -243,7 +243,7 @@ def test_closing_the_loop_ends_the_requests_in_it(scoped: RequestScopedPipeline)
     runner = StepRunner(scoped, torch.device("cpu"))
     stepping = threading.Event()
     with ThreadPoolExecutor(1) as pool:
-        running = pool.submit(runner, _req(80, steps=10_000), lambda index: stepping.set())
+        running = pool.submit(runner, _req(80, steps=10_000), lambda index, latents: stepping.set())
         assert stepping.wait(60)
         runner.close()
         with pytest.raises(GenerationCancelled):

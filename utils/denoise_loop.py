@@ -44,7 +44,7 @@ class Track:
     embeds: torch.Tensor  # [negative x n, prompt x n] when guided, else [prompt x n]
     pooled: torch.Tensor
     guidance: float | None  # None: no classifier-free guidance (guidance_scale <= 1)
-    on_step: Callable[[int], None]
+    on_step: Callable[..., None]  # (step, latents)
     group: Hashable
     index: int = 0
     last_pass: int = -1
@@ -214,7 +214,7 @@ class DenoiseLoop:
         track.last_pass = self._passes
         step = track.index
         track.index += 1
-        track.on_step(step)  # raises GenerationCancelled when the request was abandoned
+        track.on_step(step, track.latents)  # raises GenerationCancelled when the request was abandoned
         if track.index == len(track.timesteps):
             track.done.set_result(track.latents)
 

@@ -14,6 +14,12 @@ Execution sits behind one seam, the runner a slot thread calls: ``threads_runner
 strategy: a whole pipeline call per slot) or ``step_engine.StepRunner`` (the step strategy: the slot thread encodes,
 hands the request to the one shared denoising loop, waits, then decodes). Admission does not know which one it runs.
 
+Progress: ``submit(..., progress=callback)`` reports what happens to one request as events (``ProgressEvent``),
+always called on the event loop thread: ``queued`` (with the 1-based queue position, again whenever it moves),
+``started`` (a slot was taken), then one ``step`` per denoising step (steps done, total, seconds since start), with
+preview images of the current latents every ``request.preview_every`` steps when the engine has a ``previewer``.
+Jobs, streamed answers and progress bars are built on these events; the engine itself knows no HTTP.
+
 All bookkeeping (``_active``, ``_waiters``, counters) is touched only from the event loop thread, so it needs no
 lock; worker threads report back through ``loop.call_soon_threadsafe`` (via ``asyncio.wrap_future``).
 """
@@ -47,6 +53,7 @@ __all__ = [
     "NotReady",
     "OutOfMemory",
     "Overloaded",
+    "ProgressEvent",
     "is_oom",
     "release_memory",
 ]
@@ -97,6 +104,25 @@ class GenerationRequest:
     negative_prompt: str | None = None
     guidance_scale: float | None = None
     request_id: str = ""
+    preview_every: int = 0  # preview images every N steps (0: none); needs an engine with a previewer
+
+
+@dataclass
+class ProgressEvent:
+    """What happened to one request; see the module docstring. ``previews`` holds PIL images (one per image)."""
+
+    type: str  # "queued", "started" or "step"
+    position: int | None = None  # queued: 1 = next to start
+    step: int | None = None  # step: steps done so far (1..total)
+    total: int | None = None
+    elapsed_s: float | None = None  # step: seconds since the request started (left the queue)
+    previews: list[Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The event's JSON-ready fields (previews left out), for event streams."""
+        fields = {"type": self.type, "position": self.position, "step": self.step, "total": self.total}
+        fields["elapsed_s"] = None if self.elapsed_s is None else round(self.elapsed_s, 3)
+        return {k: v for k, v in fields.items() if v is not None}
 
 
 @dataclass
@@ -108,15 +134,38 @@ class GenerationResult:
     generate_s: float = 0.0  # in the pipeline
 
 
+Progress = Callable[[ProgressEvent], None]
+
+
 @dataclass
 class _Job:
     request: GenerationRequest
     cancel: threading.Event = field(default_factory=threading.Event)
     arrived: float = field(default_factory=time.monotonic)
     first_step_at: float | None = None
+    started_at: float | None = None
+    progress: Progress | None = None
+    loop: asyncio.AbstractEventLoop | None = None
+
+    def report(self, event: ProgressEvent) -> None:
+        """From a worker thread: hand ``event`` to the progress callback on the event loop."""
+        if self.progress is not None and self.loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody is listening any more
+                self.loop.call_soon_threadsafe(self.progress, event)
 
 
-Runner = Callable[[GenerationRequest, Callable[[int], None]], list[Any]]
+# on_step(step_index, latents): latents (the batch being denoised, pipeline space) may be None where unavailable.
+StepCallback = Callable[..., None]
+Runner = Callable[[GenerationRequest, StepCallback], list[Any]]
+Previewer = Callable[[Any], list[Any]]
+
+
+def _notify(progress: Progress, event: ProgressEvent) -> None:
+    """Call a progress callback on the event loop; its failure is logged, never the engine's."""
+    try:
+        progress(event)
+    except Exception:  # noqa: BLE001 - a listener's bug must not break admission
+        logger.exception("progress callback failed")
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -140,8 +189,8 @@ def release_memory() -> None:
 class Engine:
     """Runs ``runner(request, on_step)`` in worker threads under admission control.
 
-    ``runner`` must call ``on_step(step_index)`` after every denoising step; that call raises
-    ``GenerationCancelled`` when the request was abandoned.
+    ``runner`` must call ``on_step(step_index, latents)`` after every denoising step; that call raises
+    ``GenerationCancelled`` when the request was abandoned. ``previewer`` turns latents into preview images.
     """
 
     def __init__(
@@ -153,6 +202,7 @@ class Engine:
         release: Callable[[], None] = release_memory,
         cpu_threads: int | None = None,
         kind: str = "threads",
+        previewer: Previewer | None = None,
     ) -> None:
         if max_concurrency < 1 or max_queue < 0:
             raise ValueError("max_concurrency must be >= 1 and max_queue >= 0")
@@ -162,6 +212,7 @@ class Engine:
         self.max_queue = max_queue
         self.request_timeout = request_timeout
         self.release = release
+        self.previewer = previewer
         # CPU only: the cores split evenly between the slots (None: leave torch's setting alone). The split is fixed,
         # never adjusted to the load: a different thread count changes the floating-point reductions, and the same
         # seed must give the same image alone or under load.
@@ -171,6 +222,7 @@ class Engine:
         )
         self._active = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
+        self._positions: dict[asyncio.Future[None], Progress] = {}  # waiters that asked for progress
         # Held while idle-time memory is released. A generation passes through it before starting, and a release
         # only runs if no slot is taken once it holds it, so a release never overlaps (and stalls) a generation.
         self._memory_lock = threading.Lock()
@@ -214,6 +266,9 @@ class Engine:
             raise Overloaded
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
+        if job.progress is not None:
+            self._positions[waiter] = job.progress
+            _notify(job.progress, ProgressEvent("queued", position=len(self._waiters)))
         try:
             await self._race(waiter, gone, deadline)
         except BaseException:
@@ -223,7 +278,23 @@ class Engine:
                 waiter.cancel()
                 with contextlib.suppress(ValueError):
                     self._waiters.remove(waiter)
+                self._announce_positions()
             raise
+        finally:
+            self._positions.pop(waiter, None)
+
+    def _announce_positions(self) -> None:
+        """Tell every waiter that asked for progress its new place in the queue (the queue moved)."""
+        if not self._positions:
+            return
+        position = 0
+        for waiter in self._waiters:
+            if waiter.done():
+                continue
+            position += 1
+            progress = self._positions.get(waiter)
+            if progress is not None:
+                _notify(progress, ProgressEvent("queued", position=position))
 
     def _thread_done(self, future: asyncio.Future[Any]) -> None:
         if not future.cancelled():
@@ -239,6 +310,7 @@ class Engine:
             if not waiter.done():
                 self._active += 1
                 waiter.set_result(None)
+                self._announce_positions()
                 return
         if self._active == 0:
             # Idle: a good moment to return cached memory, as it can't stall a running request.
@@ -275,13 +347,18 @@ class Engine:
 
     # -- execution --------------------------------------------------------------------------------------
 
-    async def submit(self, request: GenerationRequest, gone: asyncio.Event | None = None) -> GenerationResult:
-        """Admit, run and return one generation; raise an ``EngineError`` for every expected failure."""
+    async def submit(
+        self, request: GenerationRequest, gone: asyncio.Event | None = None, progress: Progress | None = None
+    ) -> GenerationResult:
+        """Admit, run and return one generation; raise an ``EngineError`` for every expected failure.
+
+        ``gone`` set: stop (the client left, or a job was cancelled). ``progress``: see the module docstring.
+        """
         self.stats["total"] += 1
         if self.ready_reason is not None:
             self.stats["rejected"] += 1
             raise NotReady(self.ready_reason)
-        job = _Job(request)
+        job = _Job(request, progress=progress, loop=asyncio.get_running_loop())
         gone = gone if gone is not None else asyncio.Event()
         deadline = job.arrived + self.request_timeout if self.request_timeout > 0 else None
         try:
@@ -329,12 +406,20 @@ class Engine:
             pass  # wait for an idle-time memory release that began before this slot was taken
         if job.cancel.is_set():
             raise GenerationCancelled
+        job.started_at = time.monotonic()
+        job.report(ProgressEvent("started"))
+        total = job.request.num_inference_steps
 
-        def on_step(step: int) -> None:
+        def on_step(step: int, latents: Any = None) -> None:
+            now = time.monotonic()
             if job.first_step_at is None:
-                job.first_step_at = time.monotonic()
+                job.first_step_at = now
             if job.cancel.is_set():
                 raise GenerationCancelled
+            if job.progress is not None:
+                event = ProgressEvent("step", step=step + 1, total=total, elapsed_s=now - job.started_at)
+                event.previews = self._previews(job.request, step + 1, latents)
+                job.report(event)
 
         try:
             return self.runner(job.request, on_step)
@@ -349,6 +434,19 @@ class Engine:
         except Exception:  # noqa: BLE001 - the OOM answer matters more than a failed clean-up
             logger.exception("memory release failed")
         raise OutOfMemory
+
+    def _previews(self, request: GenerationRequest, done: int, latents: Any) -> list[Any] | None:
+        """Preview images when one is due after ``done`` steps (never after the last: the image itself follows)."""
+        every = request.preview_every
+        if not every or self.previewer is None or latents is None:
+            return None
+        if done % every or done >= request.num_inference_steps:
+            return None
+        try:
+            return self.previewer(latents)
+        except Exception:  # noqa: BLE001 - a failed preview must not fail the generation
+            logger.exception("preview failed in request %s", request.request_id)
+            return None
 
     def abort(self) -> None:
         """End a drain: every running and queued request is answered ``NotReady("draining")`` now, and running

@@ -157,7 +157,7 @@ class StepRunner:
         self.loop.close()
         self._encoder.close()
 
-    def __call__(self, request: GenerationRequest, on_step: Callable[[int], None]) -> list[Any]:
+    def __call__(self, request: GenerationRequest, on_step: Callable[..., None]) -> list[Any]:
         positive = self.cache.get([request.prompt], self._encode_prompts, MAX_SEQUENCE_LENGTH)[0]
         negative = None
         if is_guided(request):
@@ -172,7 +172,7 @@ class StepRunner:
         request: GenerationRequest,
         positive: TextEmbedding,
         negative: TextEmbedding | None,
-        on_step: Callable[[int], None],
+        on_step: Callable[..., None],
     ) -> Track:
         """The request's view, timesteps and starting noise, exactly as the pipeline prepares them."""
         from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from .engine import GenerationRequest, Runner
+from .engine import GenerationRequest, Runner, StepCallback
 from .prompt_cache import PromptCache, encode_texts, is_guided, request_embeddings
 
 __all__ = ["pipeline_runner"]
@@ -22,9 +21,9 @@ def pipeline_runner(scoped: Any, device: Any = None, prompt_cache: PromptCache |
     # Encodes cache misses in the calling slot thread; its tokenizers are locked, so slots may share it.
     encoder_view = scoped.make_view() if prompt_cache is not None and prompt_cache.capacity > 0 else None
 
-    def run(request: GenerationRequest, on_step: Callable[[int], None]) -> list[Any]:
+    def run(request: GenerationRequest, on_step: StepCallback) -> list[Any]:
         def callback(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-            on_step(step)
+            on_step(step, tensors.get("latents"))  # the pipeline hands its latents by default
             return {}
 
         kwargs: dict[str, Any] = {}
