@@ -118,3 +118,17 @@ def test_validation_messages_name_the_field_never_the_value() -> None:
     assert param == "seed" and message.startswith("seed: ") and "s3cret" not in message
     message, _ = validation_message([{"type": "missing", "loc": ("body", "prompt"), "msg": "Field required"}] * 3)
     assert message == "prompt: this field is required (and 2 more problem(s))"
+
+
+def test_sse_events_are_one_data_line_of_json() -> None:
+    import json
+
+    from api.sse import comment, sse_event
+
+    raw = sse_event({"text": "two\nlines", "n": 1}, event="step", event_id=3)
+    assert raw == b'event: step\nid: 3\ndata: {"text":"two\\nlines","n":1}\n\n'
+    assert json.loads(raw.decode().split("data: ", 1)[1]) == {"text": "two\nlines", "n": 1}
+    assert sse_event([1]) == b"data: [1]\n\n"
+    assert comment("keep-alive") == b": keep-alive\n\n"
+    with pytest.raises(ValueError):
+        sse_event({}, event="bad\nname")

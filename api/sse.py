@@ -1,0 +1,38 @@
+"""Server-Sent Events: the wire format shared by the jobs' event streams and OpenAI's streamed images.
+
+One event is ``event: <name>`` (optional), ``id: <id>`` (optional), one ``data:`` line of compact JSON, and a blank
+line (https://html.spec.whatwg.org/multipage/server-sent-events.html). JSON never contains a raw newline, so one
+``data:`` line is always enough. ``SSE_HEADERS`` keep proxies from buffering or caching a stream.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+__all__ = ["SSE_HEADERS", "SSE_MEDIA_TYPE", "comment", "sse_event"]
+
+SSE_MEDIA_TYPE = "text/event-stream"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def sse_event(data: Any, event: str | None = None, event_id: str | int | None = None) -> bytes:
+    """One event, encoded; ``data`` is serialised as JSON."""
+    lines = []
+    if event is not None:
+        lines.append(f"event: {_one_line(event)}")
+    if event_id is not None:
+        lines.append(f"id: {_one_line(str(event_id))}")
+    lines.append("data: " + json.dumps(data, separators=(",", ":"), ensure_ascii=False))
+    return ("\n".join(lines) + "\n\n").encode()
+
+
+def comment(text: str = "") -> bytes:
+    """A comment line: clients ignore it; it keeps idle connections (and proxies) from timing out."""
+    return f": {_one_line(text)}\n\n".encode()
+
+
+def _one_line(text: str) -> str:
+    if "\n" in text or "\r" in text:
+        raise ValueError("an SSE field must be one line")
+    return text
