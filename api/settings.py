@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["DTYPE_ALIASES", "ENV_PREFIX", "Settings", "SettingsError", "max_png_bytes", "parse_settings"]
+__all__ = ["DTYPE_ALIASES", "ENV_PREFIX", "Settings", "SettingsError", "max_image_bytes", "parse_settings"]
 
 ENV_PREFIX = "SERVER_"
 # Accepted --dtype names and the torch dtype each means (Pipelines maps them; this module stays free of torch).
@@ -174,10 +174,10 @@ class Settings(BaseSettings):
                 f"image_max_files ({self.image_max_files}) cannot hold one request's {n} images "
                 f"(max_images_per_request); use at least {n}, or 0 for no cap"
             )
-        largest = n * max_png_bytes(self.max_image_size)
+        largest = n * max_image_bytes(self.max_image_size)
         if 0 < self.image_max_bytes < largest:
             raise ValueError(
-                f"image_max_bytes ({self.image_max_bytes}) cannot hold one request's images: {n} PNGs of "
+                f"image_max_bytes ({self.image_max_bytes}) cannot hold one request's images: {n} images of "
                 f"{self.max_image_size}x{self.max_image_size} may take {largest} bytes; use at least that, or 0"
             )
         if 0 < self.image_ttl < self.image_grace:
@@ -200,8 +200,12 @@ class Settings(BaseSettings):
         return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
 
 
-def max_png_bytes(side: int) -> int:
-    """An upper bound on one PNG of ``side`` x ``side`` RGB pixels (noise barely compresses: raw size plus framing)."""
+def max_image_bytes(side: int) -> int:
+    """An upper bound on one image of ``side`` x ``side`` RGB pixels in any output format.
+
+    A PNG of noise barely compresses: raw size plus framing. The lossy formats stay below it even at quality 100 (noise
+    at 1024x1024: PNG 3.15 MB, JPEG 2.07 MB, WebP 1.17 MB).
+    """
     raw = side * (side * 3 + 1)  # a filter byte per row
     return raw + raw // 100 + 4096
 
