@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["DTYPE_ALIASES", "ENV_PREFIX", "Settings", "SettingsError", "max_image_bytes", "parse_settings"]
@@ -87,6 +87,7 @@ class Settings(BaseSettings):
         None, description="model name shown to clients (default: the hub id or preset; a local path's last part)"
     )
     api_key: str | None = Field(None, description="if set, generation endpoints need 'Authorization: Bearer KEY'")
+    metrics_auth: bool = Field(False, description="/metrics needs the API key too (needs --api-key; default: open)")
     cors_origins: str = Field("", description="comma-separated origins allowed by CORS ('*' allows any, no cookies)")
     max_steps: int = Field(100, ge=1, le=1000, description="largest num_inference_steps accepted")
     default_steps: int = Field(28, ge=1, le=1000, description="num_inference_steps when the request has none")
@@ -119,6 +120,14 @@ class Settings(BaseSettings):
         if value and not re.match(r"^https?://[^\s/]+", value):
             raise ValueError("public_url must start with http:// or https:// and name a host")
         return value.rstrip("/") if value else value
+
+    @field_validator("metrics_auth")
+    @classmethod
+    def _check_metrics_auth(cls, value: bool, info: ValidationInfo) -> bool:
+        # A field check (not a model check), so that the error names the flag or variable the user set.
+        if value and not info.data.get("api_key"):
+            raise ValueError("needs --api-key (SERVER_API_KEY): there is no key to guard /metrics with")
+        return value
 
     @field_validator("type_models")
     @classmethod
