@@ -14,7 +14,6 @@ Labels are bounded: ``api`` is one of ``API_LABELS``, ``status`` an HTTP status 
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -25,8 +24,6 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.utils import floatToGoString
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["API_LABELS", "LATENCY_BUCKETS", "Metrics", "MetricsMiddleware", "api_of"]
 
