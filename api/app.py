@@ -14,6 +14,7 @@ from fastapi_offline import FastAPIOffline
 
 from api.errors import ERROR_RESPONSES, install_error_handlers
 from api.loading import load_model
+from api.metrics import Metrics, MetricsMiddleware
 from api.middleware import (
     ApiKeyMiddleware,
     BodyLimitMiddleware,
@@ -80,6 +81,7 @@ def create_app(settings: Settings | None = None, loader: Callable[[Settings], An
     app.state.load_error = None
     app.state.on_fatal = None
     app.state.requests_stopped = asyncio.Event()
+    app.state.metrics = Metrics(app.state)
 
     install_error_handlers(app)
     _add_middleware(app, settings)
@@ -93,7 +95,7 @@ def _add_middleware(app: FastAPI, settings: Settings) -> None:
     # The last added runs first. The key check sits inside CORS, so preflights (which carry no credentials) are
     # answered and refusals get CORS headers; it runs before any route reads a body.
     if settings.api_key:
-        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
+        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key, open_metrics=not settings.metrics_auth)
     origins = settings.cors_origin_list
     if origins:
         # Credentials are only allowed with an explicit origin list: '*' with cookies would let any site act as
@@ -109,6 +111,7 @@ def _add_middleware(app: FastAPI, settings: Settings) -> None:
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
     app.add_middleware(HeadAsGetMiddleware)
     app.add_middleware(StopOnShutdownMiddleware, stopped=app.state.requests_stopped)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)  # outside the others: it counts their refusals
     app.add_middleware(RequestIdMiddleware)
 
 

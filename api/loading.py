@@ -102,6 +102,7 @@ async def load_model(app: FastAPI, settings: Settings, loader: Callable[[Setting
     app.state.prompt_cache = cache
     app.state.geometry = ModelGeometry.of(loaded.pipeline)
     app.state.default_guidance = default_guidance_scale(loaded.pipeline)
+    engine.listeners.append(app.state.metrics.observe_generation)
     app.state.engine = engine
     engine.set_ready()
     logger.info(

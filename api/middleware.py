@@ -17,6 +17,7 @@ from api.errors import error_response
 __all__ = [
     "ApiKeyMiddleware",
     "BodyLimitMiddleware",
+    "METRICS_PATH",
     "HeadAsGetMiddleware",
     "RequestIdMiddleware",
     "StopOnShutdownMiddleware",
@@ -30,27 +31,33 @@ __all__ = [
 #   which clients need to call it; no secrets, no state.
 # - /images/<name>: each name is 128 random bits, handed only to the client that generated the image, so the URL
 #   itself is the credential (a browser's <img> tag cannot send a bearer header).
+# - /metrics, unless --metrics-auth: counters and timings only (no prompt, id or path in any label), and the scrapers
+#   of many monitoring setups are configured without credentials. --metrics-auth guards it like /api/status.
 # Everything else needs the key: generation (it spends the accelerator), /api/status (load, memory and request
 # counters tell an outsider when and how the server is used), /v1/models, and unknown paths (no probing for routes).
 PUBLIC_PATHS = frozenset({"/", "/health", "/ready", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
 PUBLIC_PREFIXES = ("/images/", "/docs/static/")
+METRICS_PATH = "/metrics"
 
 
 def is_public(path: str) -> bool:
-    """Whether ``path`` is answered without the API key (see the notes above)."""
+    """Whether ``path`` is answered without the API key (see the notes above; /metrics depends on the settings)."""
     return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
 
 
 class ApiKeyMiddleware:
     """With ``--api-key`` set, answers 401 to a request for a guarded path without ``Authorization: Bearer <key>``,
-    before its body is read or parsed."""
+    before its body is read or parsed. ``open_metrics``: /metrics is public too."""
 
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
+    def __init__(self, app: ASGIApp, api_key: str, open_metrics: bool = True) -> None:
         self.app = app
         self.api_key = api_key.encode()
+        self.open_metrics = open_metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or is_public(scope["path"]) or self._authorised(scope):
+        path = scope.get("path", "")
+        public = is_public(path) or (self.open_metrics and path == METRICS_PATH)
+        if scope["type"] != "http" or public or self._authorised(scope):
             await self.app(scope, receive, send)
             return
         refusal = error_response(

@@ -16,9 +16,21 @@ Steps = Annotated[int, Field(ge=1, le=1000)]
 Side = Annotated[int, Field(ge=16, le=8192, description="pixels, a multiple of 16")]
 Guidance = Annotated[float, Field(ge=0.0, le=50.0)]
 OPENAI_MAX_N = 10  # the OpenAI Images API's own bound on n
+OutputFormat = Literal["png", "jpeg", "webp"]
 
 
-class InferenceRequest(BaseModel):
+class OutputOptions(BaseModel):
+    """How the answered images are encoded, with OpenAI's field names: shared by every generation body."""
+
+    output_format: OutputFormat | None = Field(None, description="png (default, lossless), jpeg or webp")
+    output_compression: Annotated[int, Field(ge=0, le=100)] | None = Field(
+        None,
+        description="compression level in percent, higher gives smaller files (default 10). jpeg and webp: quality "
+        "100 - output_compression; png stays lossless, this picks the zlib level (0: none, 100: level 9)",
+    )
+
+
+class InferenceRequest(OutputOptions):
     """Body of POST /api/diffusers/inference."""
 
     # strict: `true` is not 1 step and "5" is not a seed; JSON numbers still fill float fields.
@@ -42,16 +54,18 @@ class ResolvedParameters(BaseModel):
     guidance_scale: float | None
     height: int
     width: int
+    output_format: OutputFormat
+    output_compression: int
 
 
 class InferenceResponse(BaseModel):
-    response: list[str] = Field(description="absolute URLs of the generated PNGs")
+    response: list[str] = Field(description="absolute URLs of the generated images")
     seed: int
     parameters: ResolvedParameters
     request_id: str
 
 
-class OpenAIImageRequest(BaseModel):
+class OpenAIImageRequest(OutputOptions):
     """Body of POST /v1/images/generations (OpenAI Images API). Unknown OpenAI fields are accepted and ignored."""
 
     model_config = ConfigDict(extra="ignore", strict=True)
@@ -79,3 +93,5 @@ class OpenAIImage(BaseModel):
 class OpenAIImagesResponse(BaseModel):
     created: int
     data: list[OpenAIImage]
+    output_format: OutputFormat | None = None
+    size: str | None = Field(None, description="'WIDTHxHEIGHT' of the images")

@@ -9,10 +9,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["DTYPE_ALIASES", "ENV_PREFIX", "Settings", "SettingsError", "max_png_bytes", "parse_settings"]
+__all__ = ["DTYPE_ALIASES", "ENV_PREFIX", "Settings", "SettingsError", "max_image_bytes", "parse_settings"]
 
 ENV_PREFIX = "SERVER_"
 # Accepted --dtype names and the torch dtype each means (Pipelines maps them; this module stays free of torch).
@@ -87,6 +87,7 @@ class Settings(BaseSettings):
         None, description="model name shown to clients (default: the hub id or preset; a local path's last part)"
     )
     api_key: str | None = Field(None, description="if set, generation endpoints need 'Authorization: Bearer KEY'")
+    metrics_auth: bool = Field(False, description="/metrics needs the API key too (needs --api-key; default: open)")
     cors_origins: str = Field("", description="comma-separated origins allowed by CORS ('*' allows any, no cookies)")
     max_steps: int = Field(100, ge=1, le=1000, description="largest num_inference_steps accepted")
     default_steps: int = Field(28, ge=1, le=1000, description="num_inference_steps when the request has none")
@@ -119,6 +120,14 @@ class Settings(BaseSettings):
         if value and not re.match(r"^https?://[^\s/]+", value):
             raise ValueError("public_url must start with http:// or https:// and name a host")
         return value.rstrip("/") if value else value
+
+    @field_validator("metrics_auth")
+    @classmethod
+    def _check_metrics_auth(cls, value: bool, info: ValidationInfo) -> bool:
+        # A field check (not a model check), so that the error names the flag or variable the user set.
+        if value and not info.data.get("api_key"):
+            raise ValueError("needs --api-key (SERVER_API_KEY): there is no key to guard /metrics with")
+        return value
 
     @field_validator("type_models")
     @classmethod
@@ -174,10 +183,10 @@ class Settings(BaseSettings):
                 f"image_max_files ({self.image_max_files}) cannot hold one request's {n} images "
                 f"(max_images_per_request); use at least {n}, or 0 for no cap"
             )
-        largest = n * max_png_bytes(self.max_image_size)
+        largest = n * max_image_bytes(self.max_image_size)
         if 0 < self.image_max_bytes < largest:
             raise ValueError(
-                f"image_max_bytes ({self.image_max_bytes}) cannot hold one request's images: {n} PNGs of "
+                f"image_max_bytes ({self.image_max_bytes}) cannot hold one request's images: {n} images of "
                 f"{self.max_image_size}x{self.max_image_size} may take {largest} bytes; use at least that, or 0"
             )
         if 0 < self.image_ttl < self.image_grace:
@@ -200,8 +209,12 @@ class Settings(BaseSettings):
         return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
 
 
-def max_png_bytes(side: int) -> int:
-    """An upper bound on one PNG of ``side`` x ``side`` RGB pixels (noise barely compresses: raw size plus framing)."""
+def max_image_bytes(side: int) -> int:
+    """An upper bound on one image of ``side`` x ``side`` RGB pixels in any output format.
+
+    A PNG of noise barely compresses: raw size plus framing. The lossy formats stay below it even at quality 100 (noise
+    at 1024x1024: PNG 3.15 MB, JPEG 2.07 MB, WebP 1.17 MB).
+    """
     raw = side * (side * 3 + 1)  # a filter byte per row
     return raw + raw // 100 + 4096
 

@@ -96,6 +96,8 @@ def test_native_generation_answers_absolute_urls_of_pngs(make_server: Callable[.
         "guidance_scale": 3.5,
         "height": 48,
         "width": 96,
+        "output_format": "png",
+        "output_compression": 10,
     }
     [url] = answer["response"]
     assert url.startswith(server.url + "/images/") and url.endswith(".png")

@@ -281,3 +281,36 @@ def test_previews_every_n_steps_never_after_the_last_and_a_failing_previewer_is_
 
     steps = asyncio.run(main(broken))
     assert len(steps) == 7 and all(e.previews is None for e in steps)
+
+
+def test_listeners_hear_every_outcome_on_the_loop_and_cannot_change_it() -> None:
+    async def main() -> None:
+        engine = Engine(SteppingRunner(), max_concurrency=1, max_queue=0, release=lambda: None)
+        heard: list[tuple[str, object, bool]] = []
+        loop_thread = threading.get_ident()
+
+        def listener(request: GenerationRequest, outcome: object) -> None:
+            heard.append((request.request_id, outcome, threading.get_ident() == loop_thread))
+
+        def broken(request: GenerationRequest, outcome: object) -> None:
+            raise RuntimeError("a broken observer")
+
+        engine.listeners += [broken, listener]
+        with pytest.raises(NotReady):
+            await engine.submit(_req("early"))
+        engine.set_ready()
+        running = asyncio.create_task(engine.submit(_req("ok")))
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded):
+            await engine.submit(_req("overflow"))
+        result = await running
+        assert result.images == ["image-ok"]  # the broken listener changed nothing
+        assert [(rid, type(outcome), on_loop) for rid, outcome, on_loop in heard] == [
+            ("early", NotReady, True),
+            ("overflow", Overloaded, True),
+            ("ok", type(result), True),
+        ]
+        assert heard[2][1] is result
+        engine.close()
+
+    asyncio.run(main())

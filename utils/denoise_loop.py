@@ -19,7 +19,7 @@ import itertools
 import logging
 import queue
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -73,6 +73,10 @@ class DenoiseLoop:
         self._passes = 0
         self._images = 0
         self._largest = 0
+        # Passes counted by their size in images (a histogram for /metrics). Protects _pass_sizes: the worker counts,
+        # stats() copies from another thread, and a dict must not grow while it is being copied.
+        self._sizes_lock = threading.Lock()
+        self._pass_sizes: Counter[int] = Counter()
         self._stopped = False
         # Makes "not stopped, then queued" one step, so nothing is queued after the worker's last drain.
         self._closing = threading.Lock()
@@ -80,9 +84,17 @@ class DenoiseLoop:
         self._thread.start()
 
     def stats(self) -> dict[str, Any]:
-        """Transformer passes run, the images they carried, the largest pass and the mean."""
+        """Transformer passes run, the images they carried, the largest pass, the mean, and passes by size."""
         mean = self._images / self._passes if self._passes else 0.0
-        return {"passes": self._passes, "images": self._images, "largest_pass": self._largest, "mean_pass": mean}
+        with self._sizes_lock:
+            sizes = dict(sorted(self._pass_sizes.items()))
+        return {
+            "passes": self._passes,
+            "images": self._images,
+            "largest_pass": self._largest,
+            "mean_pass": mean,
+            "pass_sizes": sizes,
+        }
 
     @property
     def arriving(self) -> int:
@@ -120,9 +132,12 @@ class DenoiseLoop:
                         continue
                     batch = self._pick(self._groups[group])
                     self._groups.move_to_end(group)  # served: last in the round robin
+                    size = sum(t.images for t in batch)
                     self._passes += 1
-                    self._images += sum(t.images for t in batch)
-                    self._largest = max(self._largest, sum(t.images for t in batch))
+                    self._images += size
+                    self._largest = max(self._largest, size)
+                    with self._sizes_lock:
+                        self._pass_sizes[size] += 1
                     self._step(batch)
                     self._retire(group)
         except Exception:  # pragma: no cover - a bug here must not leave slot threads waiting forever

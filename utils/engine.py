@@ -22,18 +22,23 @@ Jobs, streamed answers and progress bars are built on these events; the engine i
 
 All bookkeeping (``_active``, ``_waiters``, counters) is touched only from the event loop thread, so it needs no
 lock; worker threads report back through ``loop.call_soon_threadsafe`` (via ``asyncio.wrap_future``).
+
+Observers (metrics) sit on one seam too: every ``submit`` ends by calling each of ``Engine.listeners`` with the request
+and its outcome (the ``GenerationResult``, or the exception it raised), on the event loop thread. Every generation
+passes there, whichever API or path (synchronous, streamed, jobs) it came from.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -168,6 +173,26 @@ def _notify(progress: Progress, event: ProgressEvent) -> None:
         logger.exception("progress callback failed")
 
 
+Listener = Callable[[GenerationRequest, "GenerationResult | BaseException"], None]
+Submit = Callable[..., Awaitable[GenerationResult]]
+
+
+def _tell_listeners(submit: Submit) -> Submit:
+    """Wraps ``Engine.submit``: its outcome, the result or the exception it raises, goes to every listener."""
+
+    @functools.wraps(submit)
+    async def submit_and_tell(self: Engine, request: GenerationRequest, *args: Any, **kwargs: Any) -> GenerationResult:
+        try:
+            result = await submit(self, request, *args, **kwargs)
+        except BaseException as exc:
+            self._tell(request, exc)
+            raise
+        self._tell(request, result)
+        return result
+
+    return submit_and_tell
+
+
 def is_oom(exc: BaseException) -> bool:
     """True for the out-of-memory errors of the host and of CUDA."""
     return isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError))
@@ -229,6 +254,8 @@ class Engine:
         # Set when the shutdown timeout ends the drain: every waiting request is answered NotReady("draining").
         self._aborted = asyncio.Event()
         self.ready_reason: str | None = "loading"  # None when ready
+        # See the module's notes; a listener must be quick (it runs on the event loop).
+        self.listeners: list[Listener] = []
         self.stats = dict.fromkeys(
             ("total", "completed", "rejected", "timed_out", "disconnected", "failed", "out_of_memory"), 0
         )
@@ -347,6 +374,14 @@ class Engine:
 
     # -- execution --------------------------------------------------------------------------------------
 
+    def _tell(self, request: GenerationRequest, outcome: GenerationResult | BaseException) -> None:
+        for listener in self.listeners:
+            try:
+                listener(request, outcome)
+            except Exception:  # noqa: BLE001 - an observer must never change a request's answer
+                logger.exception("engine listener failed")
+
+    @_tell_listeners
     async def submit(
         self, request: GenerationRequest, gone: asyncio.Event | None = None, progress: Progress | None = None
     ) -> GenerationResult:

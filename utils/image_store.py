@@ -1,12 +1,13 @@
 """The image store: atomic saves, safe lookups, retention; and public URL building.
 
 Security notes, next to the checks they justify:
-- Only names the store itself generates (32 hex digits + ``.png``) are ever looked up, so ``..``, ``/``,
-  ``%2F``-decoded slashes and NUL bytes are refused before the file system is touched.
+- Only names the store itself generates (32 hex digits + ``.png``, ``.jpg`` or ``.webp``) are ever looked up, so
+  ``..``, ``/``, ``%2F``-decoded slashes and NUL bytes are refused before the file system is touched. The extension
+  is part of the name, so an image is served with the media type of the format it was saved in.
 - The resolved real path must lie inside the store's directory and the entry must be a regular file that is not
   a symlink: a link planted in the directory can't be used to read other files.
 - Files are written to a temporary name in the same directory and renamed into place, so a reader never sees a
-  half-written PNG.
+  half-written image.
 - Images are served from a descriptor opened before the answer starts (``open_image``): retention may unlink the
   name meanwhile, the open file stays whole, so an answer is never a 500 nor a body cut short.
 - Retention never deletes an image younger than ``grace_seconds``: every URL handed out stays fetchable at least
@@ -25,23 +26,84 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ImageStore", "build_image_url", "encode_png"]
+__all__ = [
+    "DEFAULT_COMPRESSION",
+    "FORMATS",
+    "IMAGE_NAME",
+    "MEDIA_TYPES",
+    "Encoding",
+    "ImageStore",
+    "build_image_url",
+    "encode_png",
+    "media_type_of",
+]
 
-IMAGE_NAME = re.compile(r"^[0-9a-f]{32}\.png$")
+# OpenAI's format names -> the extension a stored image gets, and the media type it is served with.
+FORMATS: dict[str, tuple[str, str]] = {
+    "png": ("png", "image/png"),
+    "jpeg": ("jpg", "image/jpeg"),
+    "webp": ("webp", "image/webp"),
+}
+MEDIA_TYPES: dict[str, str] = dict(FORMATS.values())  # extension -> media type
+# \Z, not $: "$" also matches before a trailing newline, and "<name>.png\n" is not a name the store made.
+IMAGE_NAME = re.compile(r"^[0-9a-f]{32}\.(?:" + "|".join(MEDIA_TYPES) + r")\Z")
 TEMP_PREFIX = ".tmp-"
 STALE_TEMP_SECONDS = 3600.0
+# OpenAI's output_compression is a compression level in percent: higher gives smaller files. 10 keeps what the server
+# always did for PNG (zlib level 1: the images are noise-like and large, so harder levels cost time and save little)
+# and gives JPEG and WebP a quality of 90.
+DEFAULT_COMPRESSION = 10
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How images are encoded: an OpenAI ``output_format`` and ``output_compression`` (0-100, higher: smaller).
+
+    JPEG and WebP are lossy: their quality is ``100 - compression``. PNG is lossless: the pixels never change, and the
+    compression picks the zlib level (0 stores, 100 is level 9), trading encoding time for size.
+    """
+
+    format: str = "png"
+    compression: int = DEFAULT_COMPRESSION
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS or not 0 <= self.compression <= 100:
+            raise ValueError(f"unsupported encoding {self.format!r} at compression {self.compression}")
+
+    @property
+    def extension(self) -> str:
+        return FORMATS[self.format][0]
+
+    @property
+    def media_type(self) -> str:
+        return FORMATS[self.format][1]
+
+    def encode(self, image: Any) -> bytes:
+        """The PIL ``image`` encoded in this format."""
+        buffer = io.BytesIO()
+        if self.format == "png":
+            image.save(buffer, format="PNG", compress_level=round(self.compression * 9 / 100))
+        else:
+            # Neither format takes every PIL mode (JPEG has no alpha); SD3's images are RGB already.
+            rgb = image if image.mode in ("RGB", "L") else image.convert("RGB")
+            rgb.save(buffer, format=self.format.upper(), quality=100 - self.compression)
+        return buffer.getvalue()
 
 
 def encode_png(image: Any) -> bytes:
-    """Encode a PIL image as PNG bytes (fast compression: the images are noise-like and large)."""
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=1)
-    return buffer.getvalue()
+    """Encode a PIL image as PNG bytes at the default compression."""
+    return Encoding().encode(image)
+
+
+def media_type_of(name: str) -> str:
+    """The media type of a stored image's name (one ``IMAGE_NAME`` matches)."""
+    return MEDIA_TYPES[name.rsplit(".", 1)[-1]]
 
 
 def build_image_url(base_url: str, filename: str) -> str:
@@ -50,7 +112,7 @@ def build_image_url(base_url: str, filename: str) -> str:
 
 
 class ImageStore:
-    """A directory of generated PNGs with retention by age, by count and by total size (0: no limit)."""
+    """A directory of generated images (PNG, JPEG, WebP), with retention by age, count and total size (0: no limit)."""
 
     def __init__(
         self,
@@ -104,8 +166,15 @@ class ImageStore:
 
     def save_png(self, data: bytes) -> str:
         """Write PNG bytes atomically under a new unguessable name and return the name."""
-        name = f"{uuid.uuid4().hex}.png"
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=TEMP_PREFIX, suffix=".png")
+        return self.save(data, "png")
+
+    def save(self, data: bytes, extension: str) -> str:
+        """Write encoded image bytes atomically under a new unguessable name ending in ``extension`` (``png``,
+        ``jpg`` or ``webp``) and return the name."""
+        if extension not in MEDIA_TYPES:
+            raise ValueError(f"unknown image extension {extension!r}")
+        name = f"{uuid.uuid4().hex}.{extension}"
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=TEMP_PREFIX, suffix=f".{extension}")
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)

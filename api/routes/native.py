@@ -12,7 +12,7 @@ from starlette.types import Receive, Scope, Send
 
 from api.deps import base_url, ready_engine
 from api.errors import APIError, ErrorResponse
-from api.generation import run_generation, save_all, timing_headers, to_generation
+from api.generation import encoding_of, run_generation, save_all, timing_headers, to_generation
 from api.schemas import InferenceRequest, InferenceResponse, ResolvedParameters
 
 __all__ = ["router"]
@@ -20,6 +20,8 @@ __all__ = ["router"]
 router = APIRouter()
 
 NATIVE_NAMES = {"steps": "num_inference_steps", "n": "num_images_per_prompt"}
+# utils.image_store.MEDIA_TYPES' values, for the OpenAPI document (utils is not imported here: it loads torch).
+IMAGE_MEDIA_TYPES = ("image/png", "image/jpeg", "image/webp")
 
 
 @router.post(
@@ -34,15 +36,20 @@ async def inference(body: InferenceRequest, request: Request) -> JSONResponse:
     generation = to_generation(
         request, body, NATIVE_NAMES, n=body.num_images_per_prompt, height=body.height, width=body.width
     )
+    encoding = encoding_of(body)
     result = await run_generation(request, generation)
-    names = await save_all(request.app.state.store, result.images)
+    names = await save_all(request.app.state.store, result.images, encoding)
     base = base_url(request)
+    resolved = {
+        **dataclasses.asdict(generation),
+        "num_images_per_prompt": generation.num_images,
+        "output_format": encoding.format,
+        "output_compression": encoding.compression,
+    }
     payload = InferenceResponse(
         response=[build_image_url(base, name) for name in names],
         seed=result.seed,
-        parameters=ResolvedParameters.model_validate(
-            {**dataclasses.asdict(generation), "num_images_per_prompt": generation.num_images}
-        ),
+        parameters=ResolvedParameters.model_validate(resolved),
         request_id=generation.request_id,
     )
     return JSONResponse(payload.model_dump(), headers=timing_headers(result))
@@ -51,31 +58,35 @@ async def inference(body: InferenceRequest, request: Request) -> JSONResponse:
 @router.get(
     "/images/{filename}",
     response_class=Response,
-    responses={200: {"content": {"image/png": {}}, "description": "The PNG"}, 404: {"model": ErrorResponse}},
+    responses={
+        200: {"content": {t: {} for t in IMAGE_MEDIA_TYPES}, "description": "The image, in the format it was made"},
+        404: {"model": ErrorResponse},
+    },
     summary="A generated image",
 )
 async def get_image(filename: str, request: Request) -> Response:
+    from utils.image_store import media_type_of
+
     # Opened before answering: retention may delete the name while we send, the open file stays whole.
     opened = await asyncio.to_thread(request.app.state.store.open_image, filename)
     if opened is None:
         raise APIError(404, "No such image.", "not_found_error", param="filename", code="image_not_found")
-    return OpenFileResponse(*opened)
+    return OpenFileResponse(*opened, media_type=media_type_of(filename))
 
 
 class OpenFileResponse(Response):
     """Streams an already open file (closed when done), with the size taken from it when it was opened."""
 
-    media_type = "image/png"
     CHUNK = 256 * 1024
 
-    def __init__(self, handle: BinaryIO, size: int) -> None:
+    def __init__(self, handle: BinaryIO, size: int, media_type: str) -> None:
         super().__init__(
             headers={
                 "Content-Length": str(size),
                 "Cache-Control": "public, max-age=86400, immutable",
                 "X-Content-Type-Options": "nosniff",
             },
-            media_type=self.media_type,
+            media_type=media_type,
         )
         self.handle, self.size = handle, size
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import re
 import time
@@ -13,7 +12,7 @@ from fastapi.responses import JSONResponse
 
 from api.deps import base_url, ready_engine
 from api.errors import APIError
-from api.generation import run_generation, save_all, timing_headers, to_generation
+from api.generation import encode_all, encoding_of, run_generation, save_all, timing_headers, to_generation
 from api.schemas import OpenAIImageRequest, OpenAIImagesResponse
 
 __all__ = ["router"]
@@ -40,20 +39,26 @@ def parse_size(size: str | None) -> tuple[int | None, int | None]:
     summary="OpenAI Images API: generate images",
 )
 async def openai_generations(body: OpenAIImageRequest, request: Request) -> JSONResponse:
-    from utils.image_store import build_image_url, encode_png
+    from utils.image_store import build_image_url
 
     ready_engine(request)  # 503 while loading, before the limits (which depend on the model) are checked
     width, height = parse_size(body.size)
     generation = to_generation(request, body, OPENAI_NAMES, n=body.n, height=height, width=width)
+    encoding = encoding_of(body)
     result = await run_generation(request, generation)
     if body.response_format == "b64_json":
-        encoded = await asyncio.gather(*(asyncio.to_thread(encode_png, im) for im in result.images))
-        data = [{"b64_json": base64.b64encode(png).decode()} for png in encoded]
+        data = [{"b64_json": base64.b64encode(e).decode()} for e in await encode_all(result.images, encoding)]
     else:
         base = base_url(request)
-        names = await save_all(request.app.state.store, result.images)
+        names = await save_all(request.app.state.store, result.images, encoding)
         data = [{"url": build_image_url(base, name)} for name in names]
-    return JSONResponse({"created": int(time.time()), "data": data}, headers=timing_headers(result))
+    answer = {
+        "created": int(time.time()),
+        "data": data,
+        "output_format": encoding.format,
+        "size": f"{generation.width}x{generation.height}",
+    }
+    return JSONResponse(answer, headers=timing_headers(result))
 
 
 @router.get("/v1/models", summary="OpenAI-style model list (the one loaded model)")

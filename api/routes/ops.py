@@ -1,4 +1,4 @@
-"""Operations: the welcome document, liveness, readiness and status."""
+"""Operations: the welcome document, liveness, readiness, status and Prometheus metrics."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Any
 
 import psutil
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from api.errors import error_response
 
@@ -62,6 +62,17 @@ async def status(request: Request) -> dict[str, Any]:
         "requests": dict(engine.stats) if engine else {},
         "images_stored": len(state.store),
     }
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text (or OpenMetrics, if accepted)"}},
+    summary="Prometheus metrics",
+)
+async def metrics(request: Request) -> Response:
+    body, content_type = request.app.state.metrics.exposition(request.headers.get("accept"))
+    return Response(body, media_type=content_type)
 
 
 def _engine_info(engine: Any, settings: Any, cache: Any) -> dict[str, Any]:
