@@ -101,6 +101,13 @@ def _cmdline(process: psutil.Process) -> list[str]:
         return []
 
 
+def _describe(process: psutil.Process) -> str:
+    try:
+        return f"{process.pid} {process.name()}: {' '.join(process.cmdline())[:100]}"
+    except psutil.Error:
+        return f"{process.pid} (gone)"
+
+
 def _alive(process: psutil.Process) -> bool:
     try:
         return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
@@ -228,13 +235,13 @@ def test_a_replica_killed_under_load_is_retried_elsewhere_and_comes_back(served:
 
 def test_the_script_shuts_down_cleanly_with_nothing_left_running(served: ServeProcess) -> None:
     children = served.descendants()
-    names = " ".join(" ".join(_cmdline(c))[:60] for c in children)
+    names = "\n".join(_describe(c) for c in children)
     assert "raylet" in names and "gcs_server" in names and "ServeReplica" in names, names
     served.proc.send_signal(signal.SIGTERM)
     assert served.proc.wait(timeout=120) == 0, served.log()[-3000:]
     deadline = time.monotonic() + 30  # a process already told to stop may take a moment to go
     while any(_alive(c) for c in children) and time.monotonic() < deadline:
         time.sleep(0.2)
-    left = [(c.pid, " ".join(_cmdline(c))[:80]) for c in children if _alive(c)]
+    left = [_describe(c) for c in children if _alive(c)]
     assert not left, f"still running after the script exited: {left}"
     assert "SIGTERM: stopping" in served.log()
