@@ -41,7 +41,17 @@ from api.settings import Settings, SettingsError, parse_settings
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["REPLICA_HEADER", "Scale", "build_app", "deployment_options", "main", "serve_app"]
+__all__ = [
+    "REPLICA_HEADER",
+    "SD3Server",
+    "Scale",
+    "build_app",
+    "deployment_options",
+    "hold_until_loaded",
+    "main",
+    "not_ready_reason",
+    "serve_app",
+]
 
 REPO = Path(__file__).resolve().parent.parent
 REPLICA_HEADER = "X-Replica"
@@ -122,7 +132,7 @@ def not_ready_reason(state: Any) -> str | None:
     return "load_failed" if state.load_error is not None else "loading"
 
 
-def _hold_until_loaded(app: Any) -> None:
+def hold_until_loaded(app: Any) -> None:
     """Wrap the app's lifespan so its startup ends only once the model has loaded (or failed to).
 
     Ray routes to a replica once its startup is done; the single server instead answers 503 ``loading`` meanwhile,
@@ -157,7 +167,7 @@ class SD3Server:
         self.api = create_app(self.settings)
         replica = serve.get_replica_context().replica_id.unique_id
         self.api.add_middleware(ReplicaHeader, name=replica)
-        _hold_until_loaded(self.api)
+        hold_until_loaded(self.api)
         logger.info("replica %s: serving %s", replica, self.settings.model)
         return self.api
 

@@ -25,12 +25,162 @@ from http_helpers import NATIVE, OPENAI, assert_envelope, fetch_png, pixels
 
 pytest.importorskip("ray.serve", reason="ray[serve] is not installed: pip install -r requirements-ray.txt")
 
-from deploy.ray_serve import EXIT_RAY_UNAVAILABLE, REPLICA_HEADER  # noqa: E402
+from deploy.ray_serve import (  # noqa: E402
+    EXIT_RAY_UNAVAILABLE,
+    HEADROOM,
+    REPLICA_HEADER,
+    Scale,
+    SD3Server,
+    build_app,
+    deployment_options,
+    hold_until_loaded,
+)
 
 STARTUP_TIMEOUT = 240.0
 REQUEST_TIMEOUT = 120.0
 MAX_QUEUE = 12  # per replica: 2 slots + 12 waiting; the overload test goes past both replicas' 14
 SLOW = {"num_inference_steps": 30, "height": 128, "width": 128}  # ~1 s on this CPU: long enough to pile up
+
+
+# -- without a cluster: the options, the health check and the start-up hold ---------------------------------------
+
+
+def test_deployment_options_follow_the_engine_slots_and_queue() -> None:
+    from api import Settings
+
+    options = deployment_options(Settings(model="random:tiny", max_queue=12), Scale(num_replicas=3))
+    # 2 slots on a CPU (threads engine) + the queue, and headroom for image fetches and probes.
+    assert options["max_ongoing_requests"] == 2 + 12 + HEADROOM
+    assert options["max_queued_requests"] == 12 and options["num_replicas"] == 3
+    assert options["backpressure_config"].retry_after_s >= 1
+    assert options["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0.0}
+    gpu = deployment_options(Settings(model="random:tiny", engine="step"), Scale(num_gpus=1, max_replicas=4))
+    assert gpu["max_ongoing_requests"] == 16 + 64 + HEADROOM  # the step engine's 16 slots
+    assert "num_replicas" not in gpu
+    assert gpu["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16}
+    assert deployment_options(Settings(max_concurrency=3), Scale())["max_ongoing_requests"] == 3 + 64 + HEADROOM
+
+
+def test_build_app_validates_options_before_any_replica_loads() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="max_queue"):
+        build_app({"model": "random:tiny", "max_queue": "-1", "num_replicas": "2"})
+    with pytest.raises(ValueError):
+        build_app({"model": "random:tiny", "num_replicas": "two"})
+
+
+def test_health_check_is_the_engine_readiness(make_server) -> None:
+    live = make_server()
+    replica = type("Replica", (), {"api": live.app})()
+    check = SD3Server.func_or_class.check_health
+    check(replica)  # ready: no error
+    live.engine.start_draining()
+    with pytest.raises(RuntimeError, match="draining"):
+        check(replica)
+    live.app.state.engine = None
+    with pytest.raises(RuntimeError, match="loading"):
+        check(replica)
+    live.app.state.load_error = OSError("no weights")
+    with pytest.raises(RuntimeError, match="load_failed"):
+        check(replica)
+
+
+def test_startup_ends_once_the_model_has_loaded_and_fails_with_the_load(tiny_pipeline, tmp_path) -> None:
+    import asyncio
+
+    from conftest import tiny_loader
+
+    from api import Settings, create_app
+
+    def failing(settings: Any) -> Any:
+        raise OSError("the weights are gone")
+
+    async def start(loader: Any) -> bool:
+        app = create_app(Settings(model="random:tiny", image_dir=str(tmp_path)), loader=loader)
+        hold_until_loaded(app)
+        async with app.router.lifespan_context(app):
+            return app.state.engine is not None and app.state.engine.ready_reason is None
+
+    assert asyncio.run(start(tiny_loader(tiny_pipeline)))  # loaded when the startup returned: no polling
+    with pytest.raises(RuntimeError, match="failed to load"):
+        asyncio.run(start(failing))
+
+
+# -- the proxy middleware, on plain ASGI apps standing in for what Ray's proxy does ----------------------------------
+
+
+def _through_failover(inner: Any, **request: Any) -> httpx.Response:
+    import asyncio
+
+    from deploy.proxy import ReplicaFailover
+
+    async def go() -> httpx.Response:
+        transport = httpx.ASGITransport(app=ReplicaFailover(inner))
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            return await client.post("/api/diffusers/inference", **request)
+
+    return asyncio.run(go())
+
+
+def _dying_replicas(deaths: int) -> tuple[Any, list[bytes]]:
+    """An ASGI app whose first ``deaths`` calls read the body and end with no answer (what Ray's proxy does when
+    the replica dies); later calls echo the body from a replica."""
+    bodies: list[bytes] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        bodies.append(body)
+        if len(bodies) <= deaths:
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"x-replica", b"r2")]})
+        await send({"type": "http.response.body", "body": body})
+
+    return app, bodies
+
+
+def test_failover_replays_the_request_on_another_replica() -> None:
+    app, bodies = _dying_replicas(deaths=1)
+    response = _through_failover(app, json={"prompt": "a fox", "seed": 7})
+    assert response.status_code == 200 and response.json() == {"prompt": "a fox", "seed": 7}
+    assert len(bodies) == 2 and bodies[0] == bodies[1]
+
+
+def test_failover_gives_up_with_a_503_envelope() -> None:
+    from deploy.proxy import ATTEMPTS
+
+    app, bodies = _dying_replicas(deaths=99)
+    response = _through_failover(app, json={"prompt": "a fox"})
+    error = assert_envelope(response, 503)
+    assert error["code"] == "replica_failed" and response.headers["Retry-After"] == "1"
+    assert len(bodies) == ATTEMPTS
+
+
+def test_rays_own_503_gets_the_envelope_and_a_replicas_passes_unchanged() -> None:
+    def answering(headers: list[tuple[bytes, bytes]], body: bytes) -> Any:
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await send({"type": "http.response.start", "status": 503, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+
+        return app
+
+    ray_text = b"Request dropped due to backpressure (num_queued_requests=4, max_queued_requests=4)."
+    response = _through_failover(answering([(b"retry-after", b"2")], ray_text), json={})
+    error = assert_envelope(response, 503)
+    assert (error["type"], error["code"]) == ("overloaded_error", "queue_full")
+    assert response.headers["Retry-After"] == "2"
+    replica = b'{"error": {"message": "busy", "type": "overloaded_error", "param": null, "code": "queue_full"}}'
+    headers = [(b"x-replica", b"r1"), (b"content-type", b"application/json"), (b"retry-after", b"1")]
+    response = _through_failover(answering(headers, replica), json={})
+    assert response.status_code == 503 and response.content == replica
+
+
+# -- a real local Ray cluster ----------------------------------------------------------------------------------------
 
 
 class ServeProcess:
