@@ -107,7 +107,11 @@ def deployment_options(settings: Settings, scale: Scale) -> dict[str, Any]:
 
 
 class ReplicaHeader:
-    """Pure ASGI middleware: names the replica that answered in ``X-Replica`` (an opaque Ray replica id)."""
+    """Pure ASGI middleware: names the replica that answered in ``X-Replica`` (an opaque Ray replica id).
+
+    Also drops the app's ``X-Request-ID`` when it is the one Ray's proxy gave the request: the proxy adds that same
+    header to every answer, and a client should see it once.
+    """
 
     def __init__(self, app: ASGIApp, name: str) -> None:
         self.app, self.header = app, (REPLICA_HEADER.lower().encode(), name.encode())
@@ -116,10 +120,12 @@ class ReplicaHeader:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        given = (b"x-request-id", dict(scope.get("headers", [])).get(b"x-request-id"))
 
         async def named(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), self.header]}
+                headers = [h for h in message.get("headers", []) if (h[0].lower(), h[1]) != given]
+                message = {**message, "headers": [*headers, self.header]}
             await send(message)
 
         await self.app(scope, receive, named)

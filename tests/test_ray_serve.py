@@ -308,6 +308,7 @@ def test_concurrent_requests_on_both_apis_are_spread_over_replicas(served: Serve
     responses = _burst(served.url, bodies)
     assert [r.status_code for r in responses] == [200] * 20, [r.text[:200] for r in responses if r.status_code != 200]
     assert len({r.headers[REPLICA_HEADER] for r in responses}) == 2, "one replica served everything"
+    assert all(len(r.headers.get_list("x-request-id")) == 1 for r in responses)  # the app's and Ray's: one
     urls = [(url, r.headers[REPLICA_HEADER]) for r in responses for url in _urls(r)]
     assert len(urls) == 25
     crossed = 0
