@@ -16,13 +16,12 @@ is in the environment of the Ray processes (``deploy/ray_serve.py`` sets it for 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.errors import envelope
+from api.errors import error_response
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +59,7 @@ class ReplicaFailover:
             return message
 
         for attempt in range(1, ATTEMPTS + 1):
-            answer = _Answer(send)
+            answer = _Answer(scope, send)
             await self.app(scope, recording_receive if attempt == 1 else _replay(kept, receive), answer.send)
             if answer.started:
                 return
@@ -68,14 +67,14 @@ class ReplicaFailover:
                 break
             logger.warning("%s %s: the replica stopped before answering; retrying", scope["method"], scope["path"])
             await asyncio.sleep(0.2 * attempt)  # let Ray's controller notice the dead replica
-        await _send_envelope(send, "The replica serving this request stopped; retry.", "replica_failed")
+        await _answer_503(scope, send, "The replica serving this request stopped; retry.", "replica_failed")
 
 
 class _Answer:
     """Passes a response on; holds Ray's own plain-text 503 and answers it in the envelope instead."""
 
-    def __init__(self, send: Send) -> None:
-        self._send = send
+    def __init__(self, scope: Scope, send: Send) -> None:
+        self._scope, self._send = scope, send
         self.started = False
         self._replaced = False
 
@@ -86,7 +85,7 @@ class _Answer:
             if message.get("status") == 503 and not any(k.lower() == REPLICA_HEADER for k, _ in headers):
                 self._replaced = True
                 retry = next((v.decode() for k, v in headers if k.lower() == b"retry-after"), "1")
-                await _send_envelope(self._send, "The server is busy. Retry later.", "queue_full", retry)
+                await _answer_503(self._scope, self._send, "The server is busy. Retry later.", "queue_full", retry)
                 return
         if self._replaced:
             return  # the body of the answer replaced above
@@ -102,12 +101,10 @@ def _replay(kept: list[Message], receive: Receive) -> Receive:
     return replay_receive
 
 
-async def _send_envelope(send: Send, message: str, code: str, retry_after: str = "1") -> None:
-    body = json.dumps(envelope(message, "overloaded_error" if code == "queue_full" else "unavailable", None, code))
-    headers: list[tuple[bytes, bytes]] = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        (b"retry-after", retry_after.encode()),
-    ]
-    await send({"type": "http.response.start", "status": 503, "headers": headers})
-    await send({"type": "http.response.body", "body": body.encode()})
+async def _answer_503(scope: Scope, send: Send, message: str, code: str, retry_after: str = "1") -> None:
+    kind = "overloaded_error" if code == "queue_full" else "unavailable"
+    await error_response(503, message, kind, None, code, **{"Retry-After": retry_after})(scope, _no_body, send)
+
+
+async def _no_body() -> Message:  # a response never reads the request
+    return {"type": "http.disconnect"}

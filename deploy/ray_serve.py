@@ -75,6 +75,14 @@ class Scale:
     max_replicas: int = 0
     target_ongoing_requests: float | None = None  # default: the engine's slots (see deployment_options)
 
+    def __post_init__(self) -> None:
+        if self.num_replicas < 1 or self.min_replicas < 0 or self.max_replicas < 0:
+            raise ValueError("num_replicas must be at least 1, min_replicas and max_replicas at least 0")
+        if self.num_cpus < 0 or self.num_gpus < 0:
+            raise ValueError("num_cpus and num_gpus must not be negative")
+        if self.max_replicas and self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})")
+
 
 def deployment_options(settings: Settings, scale: Scale) -> dict[str, Any]:
     """Ray Serve options for the replica deployment, derived from the server's settings."""
@@ -166,6 +174,8 @@ class SD3Server:
     def __init__(self, settings: dict[str, Any]) -> None:
         self.settings = Settings(**settings)
         self.api: Any = None  # the FastAPI app (the wrapper Ray adds owns `app`)
+        # The app's own log lines (model ready, requests) in the replica's log, as the single server prints them.
+        logging.basicConfig(level=self.settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
 
     def __serve_build_asgi_app__(self) -> Any:
         from api import create_app
@@ -251,9 +261,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         settings, scale, ray_cpus = _parse(argv)
+        application = serve_app(settings, scale)  # Ray checks the deployment options here, before starting
     except SettingsError as exc:
         for line in exc.lines:
             print(f"deploy/ray_serve.py: error: {line}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"deploy/ray_serve.py: error: {exc}", file=sys.stderr)
         return 2
     import ray
 
@@ -278,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     status = 0
     try:
         serve.start(http_options={"host": settings.host, "port": settings.port})
-        serve.run(serve_app(settings, scale), name="sd3", route_prefix="/", blocking=False)
+        serve.run(application, name="sd3", route_prefix="/", blocking=False)
         url = f"http://{settings.host}:{settings.port}"
         logger.info("serving %s, %d replica(s), at %s", settings.model, scale.num_replicas, url)
         threading.Event().wait()

@@ -68,6 +68,20 @@ def test_build_app_validates_options_before_any_replica_loads() -> None:
         build_app({"model": "random:tiny", "max_queue": "-1", "num_replicas": "2"})
     with pytest.raises(ValueError):
         build_app({"model": "random:tiny", "num_replicas": "two"})
+    with pytest.raises(ValueError, match="min_replicas"):
+        build_app({"model": "random:tiny", "min_replicas": "3", "max_replicas": "2"})
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [(["--num-replicas", "0"], "num_replicas must be at least 1"), (["--max-queue", "-3"], "--max-queue:")],
+)
+def test_the_script_refuses_bad_options_before_starting_ray(flags: list[str], message: str) -> None:
+    script = [sys.executable, str(REPO / "deploy" / "ray_serve.py"), "--model", "random:tiny", *flags]
+    done = subprocess.run(script, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr and "Traceback" not in done.stderr
+    assert "ray" not in done.stdout.lower()  # nothing started
 
 
 def test_health_check_is_the_engine_readiness(make_server) -> None:
