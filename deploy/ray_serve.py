@@ -13,7 +13,7 @@ What this adds to the app, and only from here: an ``X-Replica`` response header 
 lifespan that holds the replica back from traffic until its model has loaded, and Ray's health check on the
 engine's readiness. Backpressure: the engine keeps its own bound (slots + queue, then the 503 envelope with
 ``Retry-After``); Ray's per-replica limit is that bound plus headroom for cheap requests (image fetches, probes), so
-they never wait behind generations and an overloaded replica answers with the engine's envelope.
+they do not queue behind generations and an overloaded replica answers with the engine's envelope.
 """
 
 from __future__ import annotations
