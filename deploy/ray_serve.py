@@ -1,0 +1,314 @@
+"""N replicas of the server behind one endpoint, on Ray Serve.
+
+Each replica is the whole app from the factory (``api.create_app``: the same routes, schemas, error envelope and
+headers) with its own model on its own device and its own engine; Ray's proxy spreads requests over the replicas.
+Three ways to run it (README, "Scaling out"):
+
+- ``serve run deploy.ray_serve:build_app model=random:tiny num_replicas=2`` (Ray's application builder);
+- ``serve deploy deploy/serve_config.yaml`` on a running cluster;
+- ``python deploy/ray_serve.py --model MODEL --num-replicas N --port PORT``: starts a local Ray, serves, and shuts
+  everything down on SIGINT or SIGTERM.
+
+What this adds to the app, and only from here: an ``X-Replica`` response header naming the replica that answered, a
+lifespan that holds the replica back from traffic until its model has loaded, and Ray's health check on the
+engine's readiness. Backpressure: the engine keeps its own bound (slots + queue, then the 503 envelope with
+``Retry-After``); Ray's per-replica limit is that bound plus headroom for cheap requests (image fetches, probes), so
+they do not queue behind generations and an overloaded replica answers with the engine's envelope.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make the repository importable, and import this module by name
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ray import serve
+from ray.serve.config import BackpressureConfig
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.settings import Settings, SettingsError, parse_settings
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "REPLICA_HEADER",
+    "SD3Server",
+    "Scale",
+    "build_app",
+    "deployment_options",
+    "hold_until_loaded",
+    "main",
+    "not_ready_reason",
+    "serve_app",
+]
+
+REPO = Path(__file__).resolve().parent.parent
+REPLICA_HEADER = "X-Replica"
+# Per-replica requests Ray may send beyond the engine's slots and queue: image fetches, /ready, /api/status. They take
+# milliseconds; without headroom a replica whose queue is full would make them wait behind generations.
+HEADROOM = 16
+PROXY_CALLBACK_VARIABLE = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
+PROXY_CALLBACK = "deploy.proxy:proxy_middlewares"
+# Ray's exit status when Ray itself cannot start here (the tests skip on it, saying why; any other failure fails).
+EXIT_RAY_UNAVAILABLE = 69
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How many replicas, and what each one reserves. ``max_replicas`` > 0 turns autoscaling on."""
+
+    num_replicas: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    min_replicas: int = 1
+    max_replicas: int = 0
+    target_ongoing_requests: float | None = None  # default: the engine's slots (see deployment_options)
+
+    def __post_init__(self) -> None:
+        if self.num_replicas < 1 or self.min_replicas < 0 or self.max_replicas < 0:
+            raise ValueError("num_replicas must be at least 1, min_replicas and max_replicas at least 0")
+        if self.num_cpus < 0 or self.num_gpus < 0:
+            raise ValueError("num_cpus and num_gpus must not be negative")
+        if self.max_replicas and self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})")
+
+
+def deployment_options(settings: Settings, scale: Scale) -> dict[str, Any]:
+    """Ray Serve options for the replica deployment, derived from the server's settings."""
+    from api.loading import default_concurrency, engine_kind
+
+    device_type = "cuda" if scale.num_gpus > 0 else "cpu"
+    slots = settings.max_concurrency or default_concurrency(device_type, engine_kind(settings, device_type))
+    options: dict[str, Any] = {
+        "max_ongoing_requests": slots + settings.max_queue + HEADROOM,
+        # Where every replica is at its limit, Ray's router queues; bounded so, too, overload is an immediate 503.
+        "max_queued_requests": max(1, settings.max_queue),
+        "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=1),
+        "health_check_period_s": 5,
+        "health_check_timeout_s": 30,
+        # In-flight requests finish before a replica stops (scale-down, redeploy), as on SIGTERM in the single server.
+        "graceful_shutdown_timeout_s": settings.shutdown_timeout,
+        "ray_actor_options": {"num_cpus": scale.num_cpus, "num_gpus": scale.num_gpus},
+    }
+    if scale.max_replicas > 0:
+        # Busy slots are the engine's full throughput; more ongoing requests than slots only queue. Scale up when,
+        # on average, requests start to queue.
+        options["autoscaling_config"] = {
+            "min_replicas": scale.min_replicas,
+            "max_replicas": scale.max_replicas,
+            "target_ongoing_requests": scale.target_ongoing_requests or slots,
+        }
+    else:
+        options["num_replicas"] = scale.num_replicas
+    return options
+
+
+class ReplicaHeader:
+    """Pure ASGI middleware: names the replica that answered in ``X-Replica`` (an opaque Ray replica id).
+
+    Also drops the app's ``X-Request-ID`` when it is the one Ray's proxy gave the request: the proxy adds that same
+    header to every answer, and a client should see it once.
+    """
+
+    def __init__(self, app: ASGIApp, name: str) -> None:
+        self.app, self.header = app, (REPLICA_HEADER.lower().encode(), name.encode())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = (b"x-request-id", dict(scope.get("headers", [])).get(b"x-request-id"))
+
+        async def named(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [h for h in message.get("headers", []) if (h[0].lower(), h[1]) != given]
+                message = {**message, "headers": [*headers, self.header]}
+            await send(message)
+
+        await self.app(scope, receive, named)
+
+
+def not_ready_reason(state: Any) -> str | None:
+    """Why the app cannot take work (``loading``, ``load_failed``, ``draining``), or None: /ready's own rule."""
+    if state.engine is not None:
+        return state.engine.ready_reason
+    return "load_failed" if state.load_error is not None else "loading"
+
+
+def hold_until_loaded(app: Any) -> None:
+    """Wrap the app's lifespan so its startup ends only once the model has loaded (or failed to).
+
+    Ray routes to a replica once its startup is done; the single server instead answers 503 ``loading`` meanwhile,
+    which behind a proxy with other ready replicas would be a needless error. A failed load fails the startup, and
+    Ray starts the replica again.
+    """
+    original = app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(target: Any) -> AsyncIterator[Any]:
+        async with original(target) as state:
+            await app.state.load_task
+            if app.state.engine is None:
+                raise RuntimeError(f"the model failed to load: {app.state.load_error}")
+            yield state
+
+    app.router.lifespan_context = lifespan
+
+
+@serve.deployment(name="SD3Server")
+@serve.ingress()
+class SD3Server:
+    """One replica: the app from ``create_app``, its own model and engine."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.settings = Settings(**settings)
+        self.api: Any = None  # the FastAPI app (the wrapper Ray adds owns `app`)
+        # The app's own log lines (model ready, requests) in the replica's log, as the single server prints them.
+        logging.basicConfig(level=self.settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+
+    def __serve_build_asgi_app__(self) -> Any:
+        from api import create_app
+
+        self.api = create_app(self.settings)
+        replica = serve.get_replica_context().replica_id.unique_id
+        self.api.add_middleware(ReplicaHeader, name=replica)
+        hold_until_loaded(self.api)
+        logger.info("replica %s: serving %s", replica, self.settings.model)
+        return self.api
+
+    def check_health(self) -> None:
+        """Ray's health check: the engine's readiness (a replica that fails it is replaced)."""
+        reason = not_ready_reason(self.api.state) if self.api is not None else "loading"
+        if reason is not None:
+            raise RuntimeError(f"replica not ready: {reason}")
+
+
+def serve_app(settings: Settings, scale: Scale) -> Any:
+    """The bound Serve application: ``SD3Server`` with options from ``settings`` and ``scale``."""
+    # Every replica writes and serves images in one directory, so a URL from any replica is fetchable through any
+    # other: an absolute path (a replica's working directory is Ray's, not ours), shared on a cluster (NFS, a volume).
+    explicit = settings.model_dump(exclude_unset=True)
+    explicit["image_dir"] = str(Path(settings.image_dir).expanduser().resolve())
+    return SD3Server.options(**deployment_options(settings, scale)).bind(explicit)
+
+
+_SCALE_NAMES = {f.name for f in fields(Scale)}
+_INT_SCALE = {"num_replicas", "min_replicas", "max_replicas"}
+
+
+def build_app(args: dict[str, str]) -> Any:
+    """Ray's application builder: ``serve run deploy.ray_serve:build_app model=random:tiny num_replicas=2``.
+
+    ``args``: the Scale fields, and any server option by its Settings name (``max_queue=16``); validated here,
+    before any replica loads a model.
+    """
+    scale = Scale(**{k: (int if k in _INT_SCALE else float)(v) for k, v in args.items() if k in _SCALE_NAMES})
+    settings = Settings(**{k: v for k, v in args.items() if k not in _SCALE_NAMES})
+    return serve_app(settings, scale)
+
+
+def _parse(argv: list[str] | None) -> tuple[Settings, Scale, float | None]:
+    parser = argparse.ArgumentParser(
+        prog="deploy/ray_serve.py",
+        description="Serve N replicas on a local Ray cluster. Every server flag (python serverasync.py --help) "
+        "applies to each replica.",
+        add_help=False,
+    )
+    parser.add_argument("--num-replicas", type=int, default=1, help="replicas (each loads the model once)")
+    parser.add_argument("--num-cpus", type=float, default=1.0, help="CPUs reserved per replica (Ray scheduling)")
+    parser.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica (1 on a GPU machine)")
+    parser.add_argument("--max-replicas", type=int, default=0, help="autoscale up to this many (0: fixed)")
+    parser.add_argument("--min-replicas", type=int, default=1, help="autoscale down to this many")
+    parser.add_argument("--ray-cpus", type=float, default=None, help="CPUs the local Ray may use (default: all)")
+    known, rest = parser.parse_known_args(argv)
+    if "-h" in rest or "--help" in rest:
+        parser.print_help()
+    settings = parse_settings(rest)
+    scale = Scale(
+        num_replicas=known.num_replicas,
+        num_cpus=known.num_cpus,
+        num_gpus=known.num_gpus,
+        min_replicas=known.min_replicas,
+        max_replicas=known.max_replicas,
+    )
+    return settings, scale, known.ray_cpus
+
+
+class _Stop(BaseException):
+    """Raised in the main thread by SIGINT or SIGTERM: leave whatever it was doing (even a deploy) and clean up."""
+
+
+def _on_signal(signum: int, _frame: Any) -> None:
+    # Once only: a second signal must not interrupt the clean-up it started.
+    for handled in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(handled, lambda *_: logger.warning("already stopping"))
+    raise _Stop(signal.Signals(signum).name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The script form: start a local Ray, serve, and on SIGINT/SIGTERM shut Serve and Ray down (exit 0)."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        settings, scale, ray_cpus = _parse(argv)
+        application = serve_app(settings, scale)  # Ray checks the deployment options here, before starting
+    except SettingsError as exc:
+        for line in exc.lines:
+            print(f"deploy/ray_serve.py: error: {line}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"deploy/ray_serve.py: error: {exc}", file=sys.stderr)
+        return 2
+    import ray
+
+    # Inherited by every Ray process this starts: the replicas and the proxy import the project (api, utils, deploy)
+    # by name, and the proxy loads deploy.proxy's middleware.
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    os.environ.setdefault(PROXY_CALLBACK_VARIABLE, PROXY_CALLBACK)
+    try:
+        ray.init(
+            num_cpus=ray_cpus,
+            include_dashboard=False,
+            object_store_memory=100 * 1024 * 1024,  # requests carry JSON and images travel as URLs: no big objects
+            logging_level=logging.WARNING,
+            log_to_driver=False,  # the replicas' logs: /tmp/ray/session_latest/logs/serve/
+        )
+    except Exception as exc:  # noqa: BLE001 - any reason Ray cannot start here is reported the same way
+        print(f"deploy/ray_serve.py: ray could not start: {exc}", file=sys.stderr)
+        return EXIT_RAY_UNAVAILABLE
+    # After ray.init, which installs its own SIGTERM handler (exit at once, status 15).
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _on_signal)
+    status = 0
+    try:
+        serve.start(http_options={"host": settings.host, "port": settings.port})
+        serve.run(application, name="sd3", route_prefix="/", blocking=False)
+        url = f"http://{settings.host}:{settings.port}"
+        logger.info("serving %s, %d replica(s), at %s", settings.model, scale.num_replicas, url)
+        threading.Event().wait()
+    except _Stop as stop:
+        logger.info("%s: stopping; replicas drain for up to %gs", stop, settings.shutdown_timeout)
+    except RuntimeError as exc:  # the deploy failed: a replica could not start
+        logger.error("%s (replica logs: /tmp/ray/session_latest/logs/serve/)", exc)
+        status = 1
+    finally:
+        with contextlib.suppress(Exception):
+            serve.shutdown()
+        ray.shutdown()
+    return status
+
+
+if __name__ == "__main__":
+    from deploy.ray_serve import main as _main  # the module by name, so Ray pickles its classes by reference
+
+    sys.exit(_main())

@@ -1,0 +1,412 @@
+"""deploy/ray_serve.py on a real local Ray cluster: two replicas of random:tiny behind Ray Serve's proxy.
+
+One cluster for the whole module (``python deploy/ray_serve.py``, the script form), to keep the suite's time small;
+the last test shuts it down and checks nothing is left running. Skipped, saying why, where ray[serve] is not
+installed or Ray cannot start on this machine; any other failure to serve fails.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+from conftest import REPO, free_port
+from http_helpers import NATIVE, OPENAI, assert_envelope, fetch_png, pixels
+
+pytest.importorskip("ray.serve", reason="ray[serve] is not installed: pip install -r requirements-ray.txt")
+
+from deploy.ray_serve import (  # noqa: E402
+    EXIT_RAY_UNAVAILABLE,
+    HEADROOM,
+    REPLICA_HEADER,
+    Scale,
+    SD3Server,
+    build_app,
+    deployment_options,
+    hold_until_loaded,
+)
+
+STARTUP_TIMEOUT = 240.0
+REQUEST_TIMEOUT = 120.0
+MAX_QUEUE = 12  # per replica: 2 slots + 12 waiting; the overload test goes past both replicas' 14
+SLOW = {"num_inference_steps": 30, "height": 128, "width": 128}  # ~1 s on this CPU: long enough to pile up
+
+
+# -- without a cluster: the options, the health check and the start-up hold ---------------------------------------
+
+
+def test_deployment_options_follow_the_engine_slots_and_queue() -> None:
+    from api import Settings
+
+    options = deployment_options(Settings(model="random:tiny", max_queue=12), Scale(num_replicas=3))
+    # 2 slots on a CPU (threads engine) + the queue, and headroom for image fetches and probes.
+    assert options["max_ongoing_requests"] == 2 + 12 + HEADROOM
+    assert options["max_queued_requests"] == 12 and options["num_replicas"] == 3
+    assert options["backpressure_config"].retry_after_s >= 1
+    assert options["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0.0}
+    gpu = deployment_options(Settings(model="random:tiny", engine="step"), Scale(num_gpus=1, max_replicas=4))
+    assert gpu["max_ongoing_requests"] == 16 + 64 + HEADROOM  # the step engine's 16 slots
+    assert "num_replicas" not in gpu
+    assert gpu["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16}
+    assert deployment_options(Settings(max_concurrency=3), Scale())["max_ongoing_requests"] == 3 + 64 + HEADROOM
+
+
+def test_build_app_validates_options_before_any_replica_loads() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="max_queue"):
+        build_app({"model": "random:tiny", "max_queue": "-1", "num_replicas": "2"})
+    with pytest.raises(ValueError):
+        build_app({"model": "random:tiny", "num_replicas": "two"})
+    with pytest.raises(ValueError, match="min_replicas"):
+        build_app({"model": "random:tiny", "min_replicas": "3", "max_replicas": "2"})
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [(["--num-replicas", "0"], "num_replicas must be at least 1"), (["--max-queue", "-3"], "--max-queue:")],
+)
+def test_the_script_refuses_bad_options_before_starting_ray(flags: list[str], message: str) -> None:
+    script = [sys.executable, str(REPO / "deploy" / "ray_serve.py"), "--model", "random:tiny", *flags]
+    done = subprocess.run(script, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr and "Traceback" not in done.stderr
+    assert "ray" not in done.stdout.lower()  # nothing started
+
+
+def test_health_check_is_the_engine_readiness(make_server) -> None:
+    live = make_server()
+    replica = type("Replica", (), {"api": live.app})()
+    check = SD3Server.func_or_class.check_health
+    check(replica)  # ready: no error
+    live.engine.start_draining()
+    with pytest.raises(RuntimeError, match="draining"):
+        check(replica)
+    live.app.state.engine = None
+    with pytest.raises(RuntimeError, match="loading"):
+        check(replica)
+    live.app.state.load_error = OSError("no weights")
+    with pytest.raises(RuntimeError, match="load_failed"):
+        check(replica)
+
+
+def test_startup_ends_once_the_model_has_loaded_and_fails_with_the_load(tiny_pipeline, tmp_path) -> None:
+    import asyncio
+
+    from conftest import tiny_loader
+
+    from api import Settings, create_app
+
+    def failing(settings: Any) -> Any:
+        raise OSError("the weights are gone")
+
+    async def start(loader: Any) -> bool:
+        app = create_app(Settings(model="random:tiny", image_dir=str(tmp_path)), loader=loader)
+        hold_until_loaded(app)
+        async with app.router.lifespan_context(app):
+            return app.state.engine is not None and app.state.engine.ready_reason is None
+
+    assert asyncio.run(start(tiny_loader(tiny_pipeline)))  # loaded when the startup returned: no polling
+    with pytest.raises(RuntimeError, match="failed to load"):
+        asyncio.run(start(failing))
+
+
+# -- the proxy middleware, on plain ASGI apps standing in for what Ray's proxy does ----------------------------------
+
+
+def _through_failover(inner: Any, **request: Any) -> httpx.Response:
+    import asyncio
+
+    from deploy.proxy import ReplicaFailover
+
+    async def go() -> httpx.Response:
+        transport = httpx.ASGITransport(app=ReplicaFailover(inner))
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            return await client.post("/api/diffusers/inference", **request)
+
+    return asyncio.run(go())
+
+
+def _dying_replicas(deaths: int) -> tuple[Any, list[bytes]]:
+    """An ASGI app whose first ``deaths`` calls read the body and end with no answer (what Ray's proxy does when
+    the replica dies); later calls echo the body from a replica."""
+    bodies: list[bytes] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        bodies.append(body)
+        if len(bodies) <= deaths:
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"x-replica", b"r2")]})
+        await send({"type": "http.response.body", "body": body})
+
+    return app, bodies
+
+
+def test_failover_replays_the_request_on_another_replica() -> None:
+    app, bodies = _dying_replicas(deaths=1)
+    response = _through_failover(app, json={"prompt": "a fox", "seed": 7})
+    assert response.status_code == 200 and response.json() == {"prompt": "a fox", "seed": 7}
+    assert len(bodies) == 2 and bodies[0] == bodies[1]
+
+
+def test_failover_gives_up_with_a_503_envelope() -> None:
+    from deploy.proxy import ATTEMPTS
+
+    app, bodies = _dying_replicas(deaths=99)
+    response = _through_failover(app, json={"prompt": "a fox"})
+    error = assert_envelope(response, 503)
+    assert error["code"] == "replica_failed" and response.headers["Retry-After"] == "1"
+    assert len(bodies) == ATTEMPTS
+
+
+def test_rays_own_503_gets_the_envelope_and_a_replicas_passes_unchanged() -> None:
+    def answering(headers: list[tuple[bytes, bytes]], body: bytes) -> Any:
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await send({"type": "http.response.start", "status": 503, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+
+        return app
+
+    ray_text = b"Request dropped due to backpressure (num_queued_requests=4, max_queued_requests=4)."
+    response = _through_failover(answering([(b"retry-after", b"2")], ray_text), json={})
+    error = assert_envelope(response, 503)
+    assert (error["type"], error["code"]) == ("overloaded_error", "queue_full")
+    assert response.headers["Retry-After"] == "2"
+    replica = b'{"error": {"message": "busy", "type": "overloaded_error", "param": null, "code": "queue_full"}}'
+    headers = [(b"x-replica", b"r1"), (b"content-type", b"application/json"), (b"retry-after", b"1")]
+    response = _through_failover(answering(headers, replica), json={})
+    assert response.status_code == 503 and response.content == replica
+
+
+# -- a real local Ray cluster ----------------------------------------------------------------------------------------
+
+
+class ServeProcess:
+    """``python deploy/ray_serve.py`` with two replicas on a free loopback port."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self.log_path = tmp / "ray_serve.log"
+        command = [
+            sys.executable,
+            str(REPO / "deploy" / "ray_serve.py"),
+            *("--model", "random:tiny", "--num-replicas", "2", "--num-cpus", "0.5", "--ray-cpus", "2"),
+            *("--host", "127.0.0.1", "--port", self.url.rsplit(":", 1)[1], "--image-dir", str(tmp / "images")),
+            *("--max-queue", str(MAX_QUEUE), "--default-steps", "2", "--shutdown-timeout", "10"),
+        ]
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        # Its own session: a fallback kill reaches Ray's processes even if the script dies first.
+        self.proc = subprocess.Popen(
+            command, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_serving(self) -> None:
+        """Until the script says it serves (Serve's deploy returned: both replicas loaded), or skip/fail."""
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while "deploy.ray_serve: serving" not in self.log():
+            if self.proc.poll() is not None:
+                if self.proc.returncode == EXIT_RAY_UNAVAILABLE:
+                    line = next((x for x in self.log().splitlines() if "ray could not start" in x), "")
+                    pytest.skip(f"Ray cannot start on this machine: {line[-300:]}")
+                pytest.fail(f"deploy/ray_serve.py exited {self.proc.returncode}:\n{self.log()[-3000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"not serving after {STARTUP_TIMEOUT:g}s:\n{self.log()[-3000:]}")
+            time.sleep(0.5)
+        assert httpx.get(f"{self.url}/ready", timeout=30).status_code == 200
+
+    def descendants(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def replica_pids(self) -> list[int]:
+        return [p.pid for p in self.descendants() if any("ServeReplica" in part for part in _cmdline(p))]
+
+    def stop(self) -> None:
+        """Fallback clean-up (the last test stops it properly): SIGTERM, then SIGKILL to all it started."""
+        children = self.descendants()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=30)
+        for child in children:
+            if _alive(child):
+                child.kill()
+        self._log.close()
+
+
+def _cmdline(process: psutil.Process) -> list[str]:
+    try:
+        return process.cmdline()
+    except psutil.Error:
+        return []
+
+
+def _describe(process: psutil.Process) -> str:
+    try:
+        return f"{process.pid} {process.name()}: {' '.join(process.cmdline())[:100]}"
+    except psutil.Error:
+        return f"{process.pid} (gone)"
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
+    server = ServeProcess(tmp_path_factory.mktemp("ray"))
+    try:
+        server.wait_serving()
+        yield server
+    finally:
+        server.stop()
+
+
+def _post(url: str, path: str, body: dict[str, Any]) -> httpx.Response:
+    return httpx.post(url + path, json=body, timeout=REQUEST_TIMEOUT)
+
+
+def _burst(url: str, bodies: list[tuple[str, dict[str, Any]]]) -> list[httpx.Response]:
+    """All at once, each on its own connection; every one must finish within the client's timeout."""
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        return list(pool.map(lambda item: _post(url, *item), bodies))
+
+
+def _replicas_answering(url: str, want: int, timeout: float) -> set[str]:
+    """Replica ids seen on GET /ready until ``want`` distinct ones answered (bounded)."""
+    seen: set[str] = set()
+    deadline = time.monotonic() + timeout
+    while len(seen) < want and time.monotonic() < deadline:
+        response = httpx.get(f"{url}/ready", timeout=30)
+        if response.status_code == 200:
+            seen.add(response.headers[REPLICA_HEADER])
+        time.sleep(0.05)
+    return seen
+
+
+def _urls(response: httpx.Response) -> list[str]:
+    body = response.json()
+    return body["response"] if "response" in body else [item["url"] for item in body["data"]]
+
+
+def test_concurrent_requests_on_both_apis_are_spread_over_replicas(served: ServeProcess) -> None:
+    bodies = [(NATIVE, {"prompt": f"a fox {i}", "seed": i}) for i in range(10)]
+    bodies += [(OPENAI, {"prompt": f"a cat {i}", "n": 2 if i % 2 else 1, "seed": i}) for i in range(10)]
+    responses = _burst(served.url, bodies)
+    assert [r.status_code for r in responses] == [200] * 20, [r.text[:200] for r in responses if r.status_code != 200]
+    assert len({r.headers[REPLICA_HEADER] for r in responses}) == 2, "one replica served everything"
+    assert all(len(r.headers.get_list("x-request-id")) == 1 for r in responses)  # the app's and Ray's: one
+    urls = [(url, r.headers[REPLICA_HEADER]) for r in responses for url in _urls(r)]
+    assert len(urls) == 25
+    crossed = 0
+    with httpx.Client() as client:
+        for url, made_by in urls:
+            assert url.startswith(served.url + "/images/"), url  # the Serve endpoint the client used
+            fetched = client.get(url, timeout=60)
+            assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/png"
+            crossed += fetched.headers[REPLICA_HEADER] != made_by
+        # Each URL was fetched once through the proxy; some from the replica that did not make the image. Bounded
+        # retries in case the router happened to send every fetch home.
+        for url, made_by in urls * 4:
+            if crossed:
+                break
+            crossed += client.get(url, timeout=60).headers[REPLICA_HEADER] != made_by
+    assert crossed, "no image was ever served by a replica other than the one that generated it"
+
+
+def test_same_seed_gives_the_same_image_on_either_replica(served: ServeProcess) -> None:
+    body = {"prompt": "a lighthouse", "seed": 1234, "num_inference_steps": 3}
+    by_replica: dict[str, tuple[tuple[int, int], bytes]] = {}
+    for _ in range(6):  # bounded: a few bursts until both replicas have answered
+        for response in _burst(served.url, [(NATIVE, body)] * 4):
+            assert response.status_code == 200, response.text
+            image = pixels(fetch_png(_urls(response)[0]))
+            replica = response.headers[REPLICA_HEADER]
+            assert by_replica.setdefault(replica, image) == image, "one replica gave two images for one seed"
+        if len(by_replica) == 2:
+            break
+    assert len(by_replica) == 2, "only one replica answered"
+    first, second = by_replica.values()
+    assert first == second
+
+
+def test_overload_across_replicas_is_503_with_retry_after(served: ServeProcess) -> None:
+    started = time.monotonic()
+    responses = _burst(served.url, [(NATIVE, {"prompt": f"busy {i}", "seed": i, **SLOW}) for i in range(60)])
+    assert time.monotonic() - started < 2 * REQUEST_TIMEOUT  # nothing hung (each also had the client's timeout)
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 503}, statuses
+    refused = [r for r in responses if r.status_code == 503]
+    # Both replicas hold 2 running + 12 queued: 60 at once go past both.
+    assert refused, "60 requests against two replicas of 14 places each: none was refused"
+    assert statuses.count(200) >= 2 * (2 + MAX_QUEUE) - 4  # the places were used (a few may free as they come)
+    served_by = {r.headers.get(REPLICA_HEADER) for r in responses if r.status_code == 200}
+    assert len(served_by) == 2
+    for response in refused:
+        error = assert_envelope(response, 503)
+        assert (error["type"], error["code"]) == ("overloaded_error", "queue_full"), error
+        assert int(response.headers["Retry-After"]) >= 1
+
+
+def test_a_replica_killed_under_load_is_retried_elsewhere_and_comes_back(served: ServeProcess) -> None:
+    before = _replicas_answering(served.url, 2, 60)
+    assert len(before) == 2
+    victims = served.replica_pids()
+    assert len(victims) == 2, victims
+    with ThreadPoolExecutor(12) as pool:
+        futures = [
+            pool.submit(_post, served.url, NATIVE, {"prompt": f"kill {i}", "seed": i, **SLOW}) for i in range(12)
+        ]
+        time.sleep(1.5)  # both replicas are generating
+        os.kill(victims[0], signal.SIGKILL)
+        responses = [f.result(timeout=2 * REQUEST_TIMEOUT) for f in futures]  # none hangs
+    for response in responses:
+        if response.status_code != 200:  # the clean alternative to a retry: the envelope, with Retry-After
+            error = assert_envelope(response, 503)
+            assert error["code"] in ("replica_failed", "queue_full"), error
+            assert int(response.headers["Retry-After"]) >= 1
+    assert sum(r.status_code == 200 for r in responses) >= 6, [r.text[:100] for r in responses]
+    # Ray's controller starts a new replica in the dead one's place.
+    after = _replicas_answering(served.url, 2, STARTUP_TIMEOUT)
+    assert len(after) == 2 and after - before, (before, after)
+
+
+def test_the_script_shuts_down_cleanly_with_nothing_left_running(served: ServeProcess) -> None:
+    children = served.descendants()
+    names = "\n".join(_describe(c) for c in children)
+    assert "raylet" in names and "gcs_server" in names and "ServeReplica" in names, names
+    served.proc.send_signal(signal.SIGTERM)
+    assert served.proc.wait(timeout=120) == 0, served.log()[-3000:]
+    deadline = time.monotonic() + 30  # a process already told to stop may take a moment to go
+    while any(_alive(c) for c in children) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [_describe(c) for c in children if _alive(c)]
+    assert not left, f"still running after the script exited: {left}"
+    assert "SIGTERM: stopping" in served.log()
