@@ -31,10 +31,19 @@ __all__ = [
 
 
 def usable_cores() -> int:
+    """The cores this process may use: its CPU affinity, capped by ``OMP_NUM_THREADS`` when that is set.
+
+    The cap matters where several servers share a machine: Ray sets ``OMP_NUM_THREADS`` to a replica's ``num_cpus``,
+    and two replicas each splitting every core between their slots would run twice as many threads as cores.
+    """
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    limit = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if limit.isdigit() and int(limit) > 0:
+        cores = min(cores, int(limit))
+    return cores
 
 
 def default_engine(device_type: str) -> str:

@@ -132,3 +132,18 @@ def test_sse_events_are_one_data_line_of_json() -> None:
     assert comment("keep-alive") == b": keep-alive\n\n"
     with pytest.raises(ValueError):
         sse_event({}, event="bad\nname")
+
+
+def test_usable_cores_honours_omp_num_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from api.loading import usable_cores
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    affinity = len(os.sched_getaffinity(0))
+    assert usable_cores() == affinity
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as Ray sets it for a replica with num_cpus=1
+    assert usable_cores() == 1
+    for ignored in ("", "0", "many", str(affinity + 8)):
+        monkeypatch.setenv("OMP_NUM_THREADS", ignored)
+        assert usable_cores() == affinity
