@@ -16,6 +16,7 @@ Steps = Annotated[int, Field(ge=1, le=1000)]
 Side = Annotated[int, Field(ge=16, le=8192, description="pixels, a multiple of 16")]
 Guidance = Annotated[float, Field(ge=0.0, le=50.0)]
 OPENAI_MAX_N = 10  # the OpenAI Images API's own bound on n
+OPENAI_MAX_PARTIAL_IMAGES = 3  # and on partial_images
 
 
 class InferenceRequest(BaseModel):
@@ -64,6 +65,11 @@ class OpenAIImageRequest(BaseModel):
     quality: Annotated[str, Field(max_length=32)] | None = None
     style: Annotated[str, Field(max_length=32)] | None = None
     user: Annotated[str, Field(max_length=256)] | None = None
+    # Streaming (api/streaming.py): Server-Sent Events, partial images while it denoises, then the images.
+    stream: bool | None = Field(False, description="answer Server-Sent Events (text/event-stream) in OpenAI's shape")
+    partial_images: Annotated[int, Field(ge=0, le=OPENAI_MAX_PARTIAL_IMAGES)] | None = Field(
+        None, description="streaming: partial images (previews) per image, spread over the steps"
+    )
     # Extensions (send with the client's extra_body): reproducibility and sampling controls.
     seed: Seed | None = None
     negative_prompt: Annotated[str, Field(max_length=100_000)] | None = None
