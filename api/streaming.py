@@ -70,13 +70,18 @@ class EventFields:
 
 
 def preview_interval(steps: int, partial_images: int) -> int:
-    """Steps between previews so that at most ``partial_images`` fall before the last step, evenly spread.
+    """Steps between previews: ``partial_images`` of them before the last step, evenly spread where possible.
 
-    E.g. 28 steps and 2 partials: after steps 10 and 20. With fewer steps than partials there are fewer (OpenAI
-    allows that); 0 partials, none."""
+    E.g. 28 steps and 2 partials: after steps 10 and 20. The engine previews every N steps, so a few short runs
+    get a tighter spacing and a preview more than asked for, which the stream drops (9 steps, 3 partials: after 2,
+    4 and 6). With fewer steps than partials + 1 there are fewer partials (OpenAI allows that); 0 partials, none.
+    """
     if partial_images <= 0 or steps <= 1:
         return 0
-    return -(-steps // (partial_images + 1))  # ceil: (partial_images + 1) intervals cover every step
+    every = -(-steps // (partial_images + 1))  # ceil: at most partial_images multiples fall before the last step
+    if (steps - 1) // every < partial_images:
+        every = max(1, (steps - 1) // partial_images)  # enough of them, as long as there are enough steps
+    return every
 
 
 def encode_for_stream(image: Any, size: tuple[int, int]) -> str:
