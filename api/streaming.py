@@ -6,9 +6,9 @@ The answer is Server-Sent Events in the shape the ``openai`` package parses (its
 
 - **Partial images** are the engine's previews of the current latents (``utils/previews.py``: a linear projection
   fitted to the VAE, at 1/8 of the side), spread evenly over the steps (``preview_interval``) and never after the
-  last step, so no partial follows a completed image. Each is upscaled to the requested size before encoding, so
-  that a partial has the ``size`` its event reports and a client can draw it where the final image will go
-  (a bilinear resize of a small image: milliseconds, bench/RESULTS.md "Streamed previews").
+  last step, so no partial follows a completed image. Each is upscaled to the requested size before encoding
+  (``upscale``), so that a partial has the ``size`` its event reports and a client can draw it where the final
+  image will go; the cost per partial image is in bench/RESULTS.md, "Streamed previews".
 - **n > 1**: the images denoise together, so each preview round yields one partial per image, sent in image order;
   ``partial_image_index`` counts the partials of one image (0 .. partial_images - 1, as OpenAI defines it), and the
   completed events come in image order too. The event shape has no image index: the order is the contract.
@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["OUTPUT_FORMAT", "encode_for_stream", "preview_interval", "stream_generation"]
+__all__ = ["OUTPUT_FORMAT", "encode_for_stream", "preview_interval", "stream_generation", "upscale"]
 
 PARTIAL = "image_generation.partial_image"
 COMPLETED = "image_generation.completed"
@@ -84,15 +84,22 @@ def preview_interval(steps: int, partial_images: int) -> int:
     return every
 
 
-def encode_for_stream(image: Any, size: tuple[int, int]) -> str:
-    """One image as an event carries it: at ``size`` (width, height; previews are upscaled), encoded, base64."""
+def upscale(image: Any, size: tuple[int, int]) -> Any:
+    """``image`` at ``size`` (width, height): a preview's pixels repeated (nearest neighbour).
+
+    Nearest, not bilinear: the partial keeps exactly the detail the preview has, and its PNG stays small (runs of
+    equal pixels): at 1024x1024, 90 KB and 14 ms to encode against 1.7 MB and 70 ms for a bilinear upscale
+    (bench/RESULTS.md, "Streamed previews"). A client may smooth it when drawing it."""
     from PIL import Image
 
+    return image if image.size == size else image.convert("RGB").resize(size, Image.Resampling.NEAREST)
+
+
+def encode_for_stream(image: Any, size: tuple[int, int]) -> str:
+    """One image as an event carries it: at ``size`` (previews are upscaled), encoded, base64."""
     from utils.image_store import encode_png
 
-    if image.size != size:
-        image = image.convert("RGB").resize(size, Image.Resampling.BILINEAR)
-    return base64.b64encode(encode_png(image)).decode()
+    return base64.b64encode(encode_png(upscale(image, size))).decode()
 
 
 async def stream_generation(request: Request, generation: GenerationRequest, partial_images: int) -> StreamingResponse:
