@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -253,3 +254,18 @@ def test_disconnect_mid_stream_stops_the_generation_and_frees_the_slot(held: Cal
     # The freed slot serves the next request at once (one slot only).
     fault.delay = 0
     assert [event.type for event in stream_events(live, steps=2)] == ["image_generation.completed"]
+
+
+def test_the_end_of_a_drain_mid_stream_is_a_draining_error_event(spawn_server: Callable[..., Any]) -> None:
+    proc = spawn_server("--shutdown-timeout", "1", "--max-steps", "1000").wait_ready()
+    body = {"prompt": "a fox", "num_inference_steps": 1000, "size": "256x256", "partial_images": 3, "stream": True}
+    with httpx.stream("POST", proc.url + OPENAI, json=body, timeout=60) as response:
+        assert response.status_code == 200  # generating: the stream has started
+        proc.proc.send_signal(signal.SIGTERM)
+        events = list(sse(response))
+    # Whatever partials came first, the stream ended with the error, not silently, once the drain's second passed.
+    name, data = events[-1]
+    assert name == "error" and data["error"]["code"] == "draining" and data["error"]["type"] == "unavailable"
+    assert all(name == "image_generation.partial_image" for name, _ in events[:-1])
+    assert proc.proc.wait(timeout=60) == 0
+    assert "Traceback" not in proc.log()
