@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import base64
 import copy
+import importlib.util
 import json
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -19,6 +21,8 @@ import torch
 from http_helpers import OPENAI, assert_envelope, pixels
 
 from api.streaming import preview_interval
+
+REPO = Path(__file__).resolve().parent.parent
 
 ENGINES = ["threads", "step"]
 SIZE = "96x64"  # not square: the events' size and the images' must say width x height in that order
@@ -269,3 +273,16 @@ def test_the_end_of_a_drain_mid_stream_is_a_draining_error_event(spawn_server: C
     assert all(name == "image_generation.partial_image" for name, _ in events[:-1])
     assert proc.proc.wait(timeout=60) == 0
     assert "Traceback" not in proc.log()
+
+
+def test_bench_previews_stream_prints_the_cost_per_partial_image(capsys: pytest.CaptureFixture[str]) -> None:
+    spec = importlib.util.spec_from_file_location("bench_previews", REPO / "bench" / "previews.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--stream", "--preset", "random:tiny", "--sizes", "64,96", "--repeats", "1"])
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if "x" in line.split("|")[0]]
+    assert [row[0].strip() for row in rows] == ["64x64", "96x96"]
+    for row in rows:
+        projection, upscale, encode, total = (float(cell) for cell in row[1:5])
+        assert total == pytest.approx(projection + upscale + encode, abs=2e-4) and float(row[5]) > 0
