@@ -38,9 +38,11 @@ def base_url(request: Request) -> str:
     return str(request.base_url).rstrip("/")
 
 
-def watch_disconnect(request: Request) -> tuple[asyncio.Event, asyncio.Task[None]]:
-    """An event set when the client goes away (the body has been read, so the next message is a disconnect)."""
-    gone = asyncio.Event()
+def watch_disconnect(request: Request, gone: asyncio.Event | None = None) -> tuple[asyncio.Event, asyncio.Task[None]]:
+    """An event set when the client goes away (the body has been read, so the next message is a disconnect).
+
+    ``gone``: an event of the caller's to set (it may set it too, e.g. when a stream's body is abandoned)."""
+    gone = asyncio.Event() if gone is None else gone
 
     async def watch() -> None:
         while True:

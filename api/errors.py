@@ -22,6 +22,7 @@ __all__ = [
     "envelope",
     "error_response",
     "install_error_handlers",
+    "internal_error",
     "param_of",
 ]
 
@@ -52,6 +53,11 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers or {}
+
+
+def internal_error(request_id: str) -> APIError:
+    """The answer to an unexpected failure: a request id to find it in the log, never the exception's text."""
+    return APIError(500, f"Internal server error (request id {request_id}).", "server_error", code="internal_error")
 
 
 def envelope(message: str, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:  # noqa: A002
@@ -137,12 +143,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         request_id = getattr(request.state, "request_id", "-")
         logger.exception("request %s failed", request_id)
+        error = internal_error(request_id)
         # This handler answers from Starlette's outermost middleware, outside RequestIdMiddleware: set the header here.
         return error_response(
-            500,
-            f"Internal server error (request id {request_id}).",
-            "server_error",
-            None,
-            "internal_error",
-            **{"X-Request-ID": request_id},
+            error.status, error.message, error.type, error.param, error.code, **{"X-Request-ID": request_id}
         )

@@ -19,7 +19,7 @@ from api.errors import APIError
 from api.limits import limit_messages, max_side
 
 if TYPE_CHECKING:
-    from utils.engine import EngineError, GenerationRequest, GenerationResult
+    from utils.engine import EngineError, GenerationRequest, GenerationResult, Progress
     from utils.image_store import Encoding
 
 # utils (torch) is imported inside the functions: importing the HTTP layer loads nothing heavy.
@@ -95,12 +95,20 @@ def to_generation(
     )
 
 
-async def run_generation(request: Request, generation: GenerationRequest) -> GenerationResult:
-    """Submit to the engine, stopping the generation if the client leaves; engine failures become envelopes."""
+async def run_generation(
+    request: Request,
+    generation: GenerationRequest,
+    progress: Progress | None = None,
+    gone: asyncio.Event | None = None,
+) -> GenerationResult:
+    """Submit to the engine, stopping the generation if the client leaves; engine failures become envelopes.
+
+    ``progress``: the engine's progress callback. ``gone``: an event the caller may set to stop the generation as a
+    client disconnect does (a streamed answer whose body was abandoned)."""
     from utils.engine import ClientGone, GenerationTimeout, NotReady, OutOfMemory, Overloaded
 
     engine = ready_engine(request)
-    gone, watcher = watch_disconnect(request)
+    gone, watcher = watch_disconnect(request, gone)
     logger.info(
         "request %s: %dx%d, %d step(s), %d image(s), seed %d, prompt %.60r",
         generation.request_id,
@@ -112,7 +120,7 @@ async def run_generation(request: Request, generation: GenerationRequest) -> Gen
         generation.prompt,
     )
     try:
-        result = await engine.submit(generation, gone)
+        result = await engine.submit(generation, gone, progress)
         if gone.is_set():
             # The client left as its generation finished: saving the images would leave files nobody can name.
             raise ClientGone

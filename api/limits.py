@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from api.schemas import OPENAI_MAX_N
+from api.schemas import OPENAI_MAX_N, OPENAI_MAX_PARTIAL_IMAGES
 
 __all__ = ["limit_messages", "max_side"]
 
@@ -32,4 +32,5 @@ def limit_messages(settings: Any, geometry: Any | None) -> dict[str, str]:
         "n": f"must be between 1 and {min(OPENAI_MAX_N, settings.max_images_per_request)}",
         "height": side,
         "width": side,
+        "partial_images": f"must be between 0 and {OPENAI_MAX_PARTIAL_IMAGES}",
     }

@@ -17,6 +17,7 @@ Side = Annotated[int, Field(ge=16, le=8192, description="pixels, a multiple of 1
 Guidance = Annotated[float, Field(ge=0.0, le=50.0)]
 OPENAI_MAX_N = 10  # the OpenAI Images API's own bound on n
 OutputFormat = Literal["png", "jpeg", "webp"]
+OPENAI_MAX_PARTIAL_IMAGES = 3  # and on partial_images
 
 
 class OutputOptions(BaseModel):
@@ -78,6 +79,11 @@ class OpenAIImageRequest(OutputOptions):
     quality: Annotated[str, Field(max_length=32)] | None = None
     style: Annotated[str, Field(max_length=32)] | None = None
     user: Annotated[str, Field(max_length=256)] | None = None
+    # Streaming (api/streaming.py): Server-Sent Events, partial images while it denoises, then the images.
+    stream: bool | None = Field(False, description="answer Server-Sent Events (text/event-stream) in OpenAI's shape")
+    partial_images: Annotated[int, Field(ge=0, le=OPENAI_MAX_PARTIAL_IMAGES)] | None = Field(
+        None, description="streaming: partial images (previews) per image, spread over the steps"
+    )
     # Extensions (send with the client's extra_body): reproducibility and sampling controls.
     seed: Seed | None = None
     negative_prompt: Annotated[str, Field(max_length=100_000)] | None = None

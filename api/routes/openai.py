@@ -8,12 +8,14 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from api.deps import base_url, ready_engine
 from api.errors import APIError
 from api.generation import encode_all, encoding_of, run_generation, save_all, timing_headers, to_generation
 from api.schemas import OpenAIImageRequest, OpenAIImagesResponse
+from api.sse import SSE_MEDIA_TYPE
+from api.streaming import stream_generation
 
 __all__ = ["router"]
 
@@ -37,14 +39,17 @@ def parse_size(size: str | None) -> tuple[int | None, int | None]:
     response_model=OpenAIImagesResponse,
     response_model_exclude_none=True,
     summary="OpenAI Images API: generate images",
+    responses={200: {"content": {SSE_MEDIA_TYPE: {"schema": {"type": "string"}}}, "description": "with stream"}},
 )
-async def openai_generations(body: OpenAIImageRequest, request: Request) -> JSONResponse:
+async def openai_generations(body: OpenAIImageRequest, request: Request) -> Response:
     from utils.image_store import build_image_url
 
     ready_engine(request)  # 503 while loading, before the limits (which depend on the model) are checked
     width, height = parse_size(body.size)
     generation = to_generation(request, body, OPENAI_NAMES, n=body.n, height=height, width=width)
     encoding = encoding_of(body)
+    if body.stream:
+        return await stream_generation(request, generation, body.partial_images or 0, encoding)
     result = await run_generation(request, generation)
     if body.response_format == "b64_json":
         data = [{"b64_json": base64.b64encode(e).decode()} for e in await encode_all(result.images, encoding)]
