@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -232,3 +233,26 @@ def test_jobs_need_the_api_key(make_server: Callable[..., Any]) -> None:
             assert_envelope(client.request(method, f"{JOBS}/{path}"), 401)
         client.headers.update(key)
         assert follow(client, job)[-1][1]["status"] == "succeeded"
+
+
+def test_a_job_stopped_by_the_drain_fails_with_the_draining_envelope(spawn_server: Callable[..., Any]) -> None:
+    server = spawn_server("--shutdown-timeout", "1", "--max-steps", "1000").wait_ready()
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        job = submit(client, BLOCKER)
+        events = []
+        with client.stream("GET", f"{JOBS}/{job}/events") as response:
+            for event in read_events(response):
+                events.append(event)
+                if event[0] == "step" and event[1]["step"] == 2:
+                    server.proc.send_signal(signal.SIGTERM)  # the job runs on past the drain's timeout
+    assert server.proc.wait(timeout=60) == 0
+    done = events[-1]
+    assert done[0] == "done" and done[1]["status"] == "failed", done
+    assert done[1]["error"] == {
+        "message": "The server is draining.",
+        "type": "unavailable",
+        "param": None,
+        "code": "draining",
+    }
+    log = server.log()
+    assert "Traceback" not in log and "Task was destroyed" not in log and "never retrieved" not in log, log
