@@ -201,6 +201,10 @@ class JobStore:
     def __len__(self) -> int:
         return len(self._jobs)
 
+    def ids(self) -> list[str]:
+        """The ids held now (expired ones included until pruned), oldest first."""
+        return list(self._jobs)
+
     def get(self, job_id: str) -> Job | None:
         job = self._jobs.get(job_id)
         if job is not None and self._expired(job, time.monotonic()):
