@@ -266,3 +266,16 @@ def test_openapi_documents_the_jobs_with_the_configured_limits(make_server: Call
     assert body["preview_every"]["minimum"] == 0
     assert {"/api/jobs", "/api/jobs/{job_id}", "/api/jobs/{job_id}/events"} <= set(document["paths"])
     assert set(document["paths"]["/api/jobs/{job_id}"]) == {"get", "delete"}
+
+
+def test_a_page_on_an_allowed_origin_may_cancel_a_job(make_server: Callable[..., Any]) -> None:
+    origin = "https://app.example"
+    live = make_server(cors_origins=origin)
+    preflight = httpx.options(
+        f"{live.url}{JOBS}/some-id",
+        headers={"Origin": origin, "Access-Control-Request-Method": "DELETE"},
+        timeout=30,
+    )
+    assert preflight.status_code == 200 and "DELETE" in preflight.headers["access-control-allow-methods"]
+    created = httpx.post(f"{live.url}{JOBS}", json=BODY, headers={"Origin": origin}, timeout=30)
+    assert "location" in created.headers["access-control-expose-headers"].lower()
