@@ -279,3 +279,18 @@ def test_a_page_on_an_allowed_origin_may_cancel_a_job(make_server: Callable[...,
     assert preflight.status_code == 200 and "DELETE" in preflight.headers["access-control-allow-methods"]
     created = httpx.post(f"{live.url}{JOBS}", json=BODY, headers={"Origin": origin}, timeout=30)
     assert "location" in created.headers["access-control-expose-headers"].lower()
+
+
+def test_an_idle_event_stream_outlasts_the_connection_timeouts(make_server: Callable[..., Any]) -> None:
+    live = make_server(max_concurrency=1, max_steps=1000, keep_alive_timeout=1, receive_timeout=1)
+    with httpx.Client(base_url=live.url, timeout=60) as client:
+        blocker = submit(client, BLOCKER)
+        job = submit(client, BODY)
+        events = []
+        with client.stream("GET", f"{JOBS}/{job}/events") as response:
+            for event in read_events(response):
+                events.append(event)
+                if len(events) == 1:
+                    time.sleep(2.5)  # nothing happens to a queued job: the stream stays open regardless
+                    client.delete(f"{JOBS}/{blocker}")
+    assert events[0] == ("queued", {"position": 1}) and events[-1][1]["status"] == "succeeded"
