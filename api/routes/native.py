@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from typing import BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -15,7 +15,11 @@ from api.errors import APIError, ErrorResponse
 from api.generation import encoding_of, run_generation, save_all, timing_headers, to_generation
 from api.schemas import InferenceRequest, InferenceResponse, ResolvedParameters
 
-__all__ = ["router"]
+if TYPE_CHECKING:
+    from utils.engine import GenerationRequest, GenerationResult
+    from utils.image_store import Encoding
+
+__all__ = ["NATIVE_NAMES", "native_answer", "router"]
 
 router = APIRouter()
 
@@ -30,16 +34,24 @@ IMAGE_MEDIA_TYPES = ("image/png", "image/jpeg", "image/webp")
     summary="Generate images; answers their URLs",
 )
 async def inference(body: InferenceRequest, request: Request) -> JSONResponse:
-    from utils.image_store import build_image_url
-
     ready_engine(request)  # 503 while loading, before the limits (which depend on the model) are checked
     generation = to_generation(
         request, body, NATIVE_NAMES, n=body.num_images_per_prompt, height=body.height, width=body.width
     )
     encoding = encoding_of(body)
     result = await run_generation(request, generation)
-    names = await save_all(request.app.state.store, result.images, encoding)
-    base = base_url(request)
+    payload = await native_answer(request.app.state.store, base_url(request), generation, result, encoding)
+    return JSONResponse(payload, headers=timing_headers(result))
+
+
+async def native_answer(
+    store: Any, base: str, generation: GenerationRequest, result: GenerationResult, encoding: Encoding
+) -> dict[str, Any]:
+    """Store the images (encoded as ``encoding``) and build this API's answer (also a job's result): their URLs
+    under ``base``, the seed and the parameters used."""
+    from utils.image_store import build_image_url
+
+    names = await save_all(store, result.images, encoding)
     resolved = {
         **dataclasses.asdict(generation),
         "num_images_per_prompt": generation.num_images,
@@ -52,7 +64,7 @@ async def inference(body: InferenceRequest, request: Request) -> JSONResponse:
         parameters=ResolvedParameters.model_validate(resolved),
         request_id=generation.request_id,
     )
-    return JSONResponse(payload.model_dump(), headers=timing_headers(result))
+    return payload.model_dump()
 
 
 @router.get(
