@@ -13,6 +13,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 
 from api.errors import ERROR_RESPONSES, install_error_handlers
+from api.jobs import JobStore
 from api.loading import load_model
 from api.middleware import (
     ApiKeyMiddleware,
@@ -49,6 +50,7 @@ def create_app(settings: Settings | None = None, loader: Callable[[Settings], An
         state = app.state
         state.load_task = asyncio.create_task(load_model(app, settings, loader))
         state.prune_task = asyncio.create_task(_prune_periodically(store, settings))
+        state.jobs.open()
         try:
             yield
         finally:
@@ -57,6 +59,9 @@ def create_app(settings: Settings | None = None, loader: Callable[[Settings], An
                 finished = await engine.drain(settings.shutdown_timeout)
                 if not finished:
                     logger.warning("shutdown timeout: %d request(s) still running were abandoned", engine.active)
+            # The engine has drained (or aborted): the jobs' tasks are storing their last images or already done.
+            await state.jobs.close(settings.shutdown_timeout)
+            if engine is not None:
                 engine.close()
             for task in (state.load_task, state.prune_task):
                 task.cancel()
@@ -74,6 +79,7 @@ def create_app(settings: Settings | None = None, loader: Callable[[Settings], An
     # The collaborators every route reads (api.deps); engine and loaded are set once the model has loaded.
     app.state.settings = settings
     app.state.store = store
+    app.state.jobs = JobStore(settings.max_jobs, settings.job_ttl)
     app.state.engine = None
     app.state.loaded = None
     app.state.prompt_cache = None

@@ -79,3 +79,40 @@ class OpenAIImage(BaseModel):
 class OpenAIImagesResponse(BaseModel):
     created: int
     data: list[OpenAIImage]
+
+
+class JobRequest(InferenceRequest):
+    """Body of POST /api/jobs: the native body, and previews."""
+
+    preview_every: Annotated[int, Field(ge=0, le=1000)] = Field(
+        0, description="a preview of every image after every N steps, in the job's events (0: none)"
+    )
+
+
+class JobError(BaseModel):
+    """The error envelope's inner object (api.errors.ErrorBody; not imported: api.errors imports this module)."""
+
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class JobCreated(BaseModel):
+    id: str
+    status: Literal["queued"]
+    status_url: str = Field(description="GET it for the job's state; DELETE it to cancel")
+    events_url: str = Field(description="Server-Sent Events: queued, started, step, preview, done")
+
+
+class JobState(BaseModel):
+    id: str
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    created_at: float = Field(description="unix seconds")
+    position: int | None = Field(description="place in the queue, 1 = next; null unless queued")
+    step: int = Field(description="denoising steps done")
+    total_steps: int
+    eta_s: float | None = Field(description="seconds left, from the step rate so far; null before the first step")
+    seed: int
+    result: InferenceResponse | None = Field(description="the answer of POST /api/diffusers/inference, once succeeded")
+    error: JobError | None = Field(description="the error envelope's inner object, once failed")

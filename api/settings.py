@@ -83,6 +83,13 @@ class Settings(BaseSettings):
     image_grace: float = Field(
         300.0, ge=1, description="seconds a new image is kept whatever the caps, so every returned URL can be fetched"
     )
+    max_jobs: int = Field(
+        1000,
+        ge=1,
+        le=1_000_000,
+        description="jobs kept (POST /api/jobs); the oldest finished go first; full of unfinished ones: 503",
+    )
+    job_ttl: float = Field(3600.0, ge=0, description="seconds a finished job is kept (0: until --max-jobs evicts it)")
     served_model_name: str | None = Field(
         None, description="model name shown to clients (default: the hub id or preset; a local path's last part)"
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from typing import BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -15,7 +15,10 @@ from api.errors import APIError, ErrorResponse
 from api.generation import run_generation, save_all, timing_headers, to_generation
 from api.schemas import InferenceRequest, InferenceResponse, ResolvedParameters
 
-__all__ = ["router"]
+if TYPE_CHECKING:
+    from utils.engine import GenerationRequest, GenerationResult
+
+__all__ = ["NATIVE_NAMES", "native_answer", "router"]
 
 router = APIRouter()
 
@@ -28,15 +31,23 @@ NATIVE_NAMES = {"steps": "num_inference_steps", "n": "num_images_per_prompt"}
     summary="Generate images; answers their URLs",
 )
 async def inference(body: InferenceRequest, request: Request) -> JSONResponse:
-    from utils.image_store import build_image_url
-
     ready_engine(request)  # 503 while loading, before the limits (which depend on the model) are checked
     generation = to_generation(
         request, body, NATIVE_NAMES, n=body.num_images_per_prompt, height=body.height, width=body.width
     )
     result = await run_generation(request, generation)
-    names = await save_all(request.app.state.store, result.images)
-    base = base_url(request)
+    payload = await native_answer(request.app.state.store, base_url(request), generation, result)
+    return JSONResponse(payload, headers=timing_headers(result))
+
+
+async def native_answer(
+    store: Any, base: str, generation: GenerationRequest, result: GenerationResult
+) -> dict[str, Any]:
+    """Store the images and build this API's answer (also a job's result): their URLs under ``base``, the seed and
+    the parameters used."""
+    from utils.image_store import build_image_url
+
+    names = await save_all(store, result.images)
     payload = InferenceResponse(
         response=[build_image_url(base, name) for name in names],
         seed=result.seed,
@@ -45,7 +56,7 @@ async def inference(body: InferenceRequest, request: Request) -> JSONResponse:
         ),
         request_id=generation.request_id,
     )
-    return JSONResponse(payload.model_dump(), headers=timing_headers(result))
+    return payload.model_dump()
 
 
 @router.get(
