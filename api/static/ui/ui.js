@@ -153,8 +153,8 @@
     } else if (type === "started") {
       setJob("running", "Started: encoding the prompt…");
     } else if (type === "step") {
-      const left = data.step > 0 ? (data.elapsed_s / data.step) * (data.total - data.step) : null;
-      const eta = left === null ? "" : ` · about ${seconds(left)} left`;
+      const left = (data.elapsed_s / Math.max(data.step, 1)) * (data.total - data.step);
+      const eta = data.step < data.total ? ` · about ${seconds(left)} left` : " · decoding…";
       setJob("running", `Step ${data.step} of ${data.total}${eta}`, data.step, data.total);
       job.step = data.step;
       job.total = data.total;
@@ -192,12 +192,14 @@
       const caption = document.createElement("figcaption");
       const label = document.createElement("span");
       label.className = "seed";
-      label.textContent = `seed ${seed}${many ? ` · #${i + 1}` : ""} · ${parameters.width}×${parameters.height}`;
+      label.textContent = `seed ${seed}`;
+      const size = document.createElement("span");
+      size.textContent = `${many ? `#${i + 1} · ` : ""}${parameters.width}×${parameters.height}`;
       const reuse = document.createElement("button");
       reuse.type = "button";
       reuse.textContent = "Use seed";
       reuse.addEventListener("click", () => { els.seed.value = String(seed); });
-      caption.append(label, reuse);
+      caption.append(label, size, reuse);
       const figure = document.createElement("figure");
       figure.append(link, caption);
       const item = document.createElement("li");
@@ -212,7 +214,8 @@
     els.previews.hidden = true;
     if (final.status === "succeeded") {
       const n = final.result.response.length;
-      setJob("succeeded", `Done: ${n} image${n > 1 ? "s" : ""}, seed ${final.result.seed}.`, 1, 1);
+      const total = final.total_steps || 1;
+      setJob("succeeded", `Done: ${n} image${n > 1 ? "s" : ""}, seed ${final.result.seed}.`, total, total);
       addToGallery(final.result);
     } else if (final.status === "cancelled") {
       const where = final.step ? ` at step ${final.step} of ${final.total_steps}` : " before it started";
