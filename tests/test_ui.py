@@ -232,3 +232,24 @@ def test_cancel_while_queued_and_while_running_and_a_busy_server(
         finally:
             for leftover in (blocker, queued):
                 client.delete(f"/api/jobs/{leftover}")
+
+
+@needs_chromium
+def test_a_refused_request_and_a_failed_job_are_shown(make_server: Callable[..., Any], tmp_path: Path) -> None:
+    server = make_server(max_prompt_chars=20, request_timeout=1, max_steps=1000)
+    with Browser(tmp_path) as browser:
+        open_page(browser, server.url)
+        # Typing stops at the limit the page read from the server; a value set by script does not, so the server's
+        # own 400 is what the page shows.
+        browser.evaluate("document.getElementById('prompt').value = 'a very long prompt indeed, past the limit'")
+        browser.click("#generate")
+        browser.wait_for(f"{STATE} === 'failed'", "the 400")
+        assert browser.evaluate(MESSAGE) == "Please check the form: prompt: at most 20 characters; shorten the prompt"
+
+        fill(browser, prompt="a long walk", steps=1000, width=256, height=256)
+        browser.click("#generate")
+        assert wait_state(browser, "failed") == "Failed."  # the server's --request-timeout stopped it
+        assert browser.evaluate(MESSAGE) == "The generation failed: The request took longer than 1s and was stopped."
+        assert browser.evaluate("document.getElementById('message').classList.contains('error')")
+        assert browser.evaluate("document.getElementById('generate').disabled") is False
+        assert browser.errors == []
