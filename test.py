@@ -2,17 +2,22 @@
 
     python test.py --prompt "a red fox in the snow" --steps 28 --images 2 --seed 42
     python test.py --url http://gpu-box:8500 --concurrency 8 --steps 10
+    python test.py --stream --steps 28        # as a job: a progress bar (steps, ETA, queue place) while it runs
 
-Exit status: 0 when every request succeeded and every image was downloaded, 1 otherwise, 2 for bad arguments.
+Exit status: 0 when every request succeeded and every image was downloaded, 1 otherwise, 2 for bad arguments, 130
+when interrupted (Ctrl-C; with --stream the jobs it started are cancelled).
 This is a script for people; pytest does not collect it (see ``testpaths`` in pyproject.toml).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import math
 import statistics
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,6 +28,8 @@ from urllib.parse import urlparse
 import httpx
 
 ENDPOINT = "/api/diffusers/inference"
+JOBS = "/api/jobs"
+BAR_WIDTH = 24
 
 
 class ClientError(Exception):
@@ -61,6 +68,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--concurrency", type=_positive, default=1, help="send N requests at once and summarise latency"
     )
     parser.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer KEY'")
+    parser.add_argument(
+        "--stream",
+        action="store_true",
+        help="submit as jobs (/api/jobs) and show a progress bar on stderr (steps, ETA, queue place) while waiting",
+    )
     args = parser.parse_args(argv)
     if urlparse(args.url).scheme not in ("http", "https") or not urlparse(args.url).netloc:
         parser.error(f"--url must look like http://host:port, not {args.url!r}")
@@ -111,14 +123,24 @@ def error_message(response: httpx.Response) -> str:
     return f"HTTP {response.status_code}: {message}"
 
 
-def generate(client: httpx.Client, args: argparse.Namespace, index: int) -> Outcome:
-    """Send one request, download its images into ``args.out``; never raises for HTTP or network failures."""
+def generate(
+    client: httpx.Client,
+    args: argparse.Namespace,
+    index: int,
+    progress: Progress | None = None,
+    jobs: list[str] | None = None,
+) -> Outcome:
+    """Send one request (as a job followed to its end, with ``progress``), download its images into ``args.out``;
+    never raises for HTTP or network failures."""
     started = time.perf_counter()
     try:
-        response = client.post(ENDPOINT, json=build_payload(args, index))
-        if response.status_code != 200:
-            raise ClientError(error_message(response))
-        answer = response.json()
+        if progress is not None:
+            answer = follow_job(client, args, index, progress, [] if jobs is None else jobs)
+        else:
+            response = client.post(ENDPOINT, json=build_payload(args, index))
+            if response.status_code != 200:
+                raise ClientError(error_message(response))
+            answer = response.json()
         paths = [download(client, url, args.out) for url in answer["response"]]
         return Outcome(index, time.perf_counter() - started, paths=paths, seed=answer.get("seed"))
     except ClientError as exc:
@@ -133,6 +155,98 @@ def generate(client: httpx.Client, args: argparse.Namespace, index: int) -> Outc
         return Outcome(index, time.perf_counter() - started, error=f"HTTP failure: {exc}")
     except (ValueError, KeyError, TypeError) as exc:
         return Outcome(index, time.perf_counter() - started, error=f"unexpected answer from the server: {exc!r}")
+
+
+class Progress:
+    """The progress of every job, drawn as one line on stderr: redrawn in place on a terminal; elsewhere (a pipe,
+    a log) a new line only when something other than the step count moves, or every quarter of the steps."""
+
+    def __init__(self, count: int) -> None:
+        self.states: list[dict[str, Any]] = [{"state": "submitting"} for _ in range(count)]
+        self.tty = sys.stderr.isatty()
+        self._lock = threading.Lock()  # the jobs' threads update it together
+        self._last_key: Any = None
+        self._width = 0
+
+    def update(self, index: int, **state: Any) -> None:
+        with self._lock:
+            self.states[index] = state
+            self._draw()
+
+    def _draw(self) -> None:
+        line, key = self.render()
+        if self.tty:
+            sys.stderr.write("\r" + line.ljust(self._width))
+            self._width = len(line)
+        elif key != self._last_key:
+            sys.stderr.write(line + "\n")
+        self._last_key = key
+        sys.stderr.flush()
+
+    def render(self) -> tuple[str, Any]:
+        """The line, and what must change for a non-terminal to get a new one."""
+        done = sum(s.get("step", 0) for s in self.states)
+        total = sum(s.get("total", 0) for s in self.states)
+        filled = BAR_WIDTH * done // total if total else 0
+        bar = f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {done}/{total or '?'} steps"
+        etas = [s["eta"] for s in self.states if s.get("eta") is not None]
+        eta = f", ETA {max(etas):.1f}s" if etas else ""
+        states = [s["state"] for s in self.states]
+        if len(states) == 1:
+            words = f"queued, position {self.states[0]['position']}" if states[0] == "queued" else states[0]
+        else:
+            words = ", ".join(f"{states.count(w)} {w}" for w in dict.fromkeys(states))
+        quarter = 4 * done // total if total else 0
+        return f"{bar}{eta} ({words})", (quarter, tuple(states), self.states[0].get("position"))
+
+    def close(self) -> None:
+        if self.tty and self._width:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def follow_job(client: httpx.Client, args: argparse.Namespace, index: int, progress: Progress, jobs: list[str]) -> Any:
+    """Submit request ``index`` as a job and follow its events until it ends; return its result (the synchronous
+    API's answer). ``jobs`` collects the ids started, so an interrupted run can cancel them."""
+    response = client.post(JOBS, json=build_payload(args, index))
+    if response.status_code != 202:
+        raise ClientError(error_message(response))
+    job = response.json()
+    jobs.append(job["id"])
+    total = args.steps or 0
+    with client.stream("GET", job["events_url"]) as events:
+        if events.status_code != 200:
+            events.read()
+            raise ClientError(error_message(events))
+        for name, data in sse_events(events):
+            if name == "queued":
+                progress.update(index, state="queued", position=data["position"], total=total)
+            elif name == "started":
+                progress.update(index, state="running", total=total)
+            elif name == "step":
+                total = data["total"]
+                eta = data["elapsed_s"] / data["step"] * (total - data["step"])
+                progress.update(index, state="running", step=data["step"], total=total, eta=eta)
+            elif name == "done":
+                progress.update(index, state=data["status"], step=data["step"], total=data["total_steps"])
+                if data["status"] != "succeeded":
+                    error = data.get("error") or {"message": f"the job was {data['status']}"}
+                    raise ClientError(f"job {data['status']}: {error['message']}")
+                return data["result"]
+    raise ClientError("the server closed the job's event stream before the job ended")
+
+
+def sse_events(response: httpx.Response) -> Any:
+    """(event, data) pairs from a Server-Sent Events response; comment lines (keep-alives) are skipped."""
+    name, data = "message", None
+    for line in response.iter_lines():
+        if line.startswith("event:"):
+            name = line[len("event:") :].strip()
+        elif line.startswith("data:"):
+            data = json.loads(line[len("data:") :])
+        elif not line and data is not None:
+            yield name, data
+            name, data = "message", None
 
 
 def download(client: httpx.Client, url: str, out_dir: Path) -> Path:
@@ -174,12 +288,24 @@ def main(argv: list[str] | None = None) -> int:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limits = httpx.Limits(max_connections=args.concurrency)
     started = time.perf_counter()
+    progress = Progress(args.concurrency) if args.stream else None
+    jobs: list[str] = []
     with httpx.Client(base_url=args.url, headers=headers, timeout=args.timeout, limits=limits) as client:
-        if args.concurrency == 1:
-            outcomes = [generate(client, args, 0)]
-        else:
-            with ThreadPoolExecutor(max_workers=args.concurrency) as pool:
-                outcomes = list(pool.map(lambda i: generate(client, args, i), range(args.concurrency)))
+        pool = ThreadPoolExecutor(max_workers=args.concurrency)
+        try:
+            outcomes = list(pool.map(lambda i: generate(client, args, i, progress, jobs), range(args.concurrency)))
+        except KeyboardInterrupt:
+            # The jobs would run on without us (that is what jobs are for): cancel the ones this run started.
+            for job in list(jobs):
+                with contextlib.suppress(httpx.HTTPError):
+                    client.delete(f"{JOBS}/{job}")
+            pool.shutdown(wait=True, cancel_futures=True)
+            print(f"\ninterrupted; cancelled {len(jobs)} job(s)", file=sys.stderr)
+            return 130
+        finally:
+            pool.shutdown(wait=False)
+            if progress is not None:
+                progress.close()
     wall_s = time.perf_counter() - started
     for outcome in outcomes:
         if outcome.error is not None:

@@ -12,6 +12,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.limits import limit_messages
+from api.schemas import ErrorBody
 
 logger = logging.getLogger(__name__)
 
@@ -24,13 +25,6 @@ __all__ = [
     "install_error_handlers",
     "param_of",
 ]
-
-
-class ErrorBody(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
 
 
 class ErrorResponse(BaseModel):

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["is_blank", "run_generation", "save_all", "timing_headers", "to_generation"]
+__all__ = ["is_blank", "log_generation", "run_generation", "save_all", "timing_headers", "to_generation"]
 
 
 # Characters that show nothing: spaces and separators (Z*), controls (Cc) and format characters (Cf: zero-width
@@ -100,16 +100,7 @@ async def run_generation(request: Request, generation: GenerationRequest) -> Gen
 
     engine = ready_engine(request)
     gone, watcher = watch_disconnect(request)
-    logger.info(
-        "request %s: %dx%d, %d step(s), %d image(s), seed %d, prompt %.60r",
-        generation.request_id,
-        generation.width,
-        generation.height,
-        generation.num_inference_steps,
-        generation.num_images,
-        generation.seed,
-        generation.prompt,
-    )
+    log_generation(generation)
     try:
         result = await engine.submit(generation, gone)
         if gone.is_set():
@@ -122,6 +113,21 @@ async def run_generation(request: Request, generation: GenerationRequest) -> Gen
         raise _as_api_error(exc, engine, request.app.state.settings.request_timeout) from None
     finally:
         watcher.cancel()
+
+
+def log_generation(generation: GenerationRequest, job_id: str | None = None) -> None:
+    """One log line for a generation as it is submitted (the prompt truncated)."""
+    logger.info(
+        "request %s%s: %dx%d, %d step(s), %d image(s), seed %d, prompt %.60r",
+        generation.request_id,
+        f" (job {job_id})" if job_id else "",
+        generation.width,
+        generation.height,
+        generation.num_inference_steps,
+        generation.num_images,
+        generation.seed,
+        generation.prompt,
+    )
 
 
 def _as_api_error(exc: EngineError, engine: Any, request_timeout: float) -> APIError:

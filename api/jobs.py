@@ -86,6 +86,7 @@ class Job:
         self.subscribers: set[Subscriber] = set()
         self.last_preview: dict[str, Any] | None = None  # replayed to late subscribers while running
         self._encoding: asyncio.Task[None] | None = None  # the preview being encoded (at most one at a time)
+        self._started_announced = False  # "started" went out (live, or in a replay)
 
     @property
     def finished(self) -> bool:
@@ -129,6 +130,7 @@ class Job:
             subscriber.put("queued", {"position": self.position})
         elif self.status == "running":
             subscriber.put("started", {})
+            self._started_announced = True
             if self.step:
                 subscriber.put("step", self._step_data())
             if self.last_preview is not None:
@@ -152,8 +154,11 @@ class Job:
             self.position = event.position
             self._publish("queued", {"position": event.position})
         elif event.type == "started":
-            self.status, self.position = "running", None
-            self._publish("started", {})
+            # A job that took a free slot at once is "running" from then on, and a subscriber may have had its
+            # "started" in the replay: announce it once.
+            if not self._started_announced:
+                self._publish("started", {})
+            self.status, self.position, self._started_announced = "running", None, True
         elif event.type == "step":
             self.status = "running"  # a step may overtake "started" in the loop's queue: never go back
             self.step, self.elapsed_s, self.last_step_at = event.step, event.elapsed_s, time.monotonic()
@@ -201,6 +206,10 @@ class JobStore:
     def __len__(self) -> int:
         return len(self._jobs)
 
+    def ids(self) -> list[str]:
+        """The ids held now (expired ones included until pruned), oldest first."""
+        return list(self._jobs)
+
     def get(self, job_id: str) -> Job | None:
         job = self._jobs.get(job_id)
         if job is not None and self._expired(job, time.monotonic()):
@@ -241,6 +250,8 @@ class JobStore:
         they were scheduled, so after one ``sleep(0)`` here the job's task has already been admitted or refused:
         a refusal is answered now, as a 503, and no job exists; an admitted job holds its place.
         """
+        from api.generation import log_generation
+
         self._make_room()
         job = Job(generation)
         self._jobs[job.id] = job
@@ -249,6 +260,10 @@ class JobStore:
         if job.task.done() and job.status == "failed" and job.error is not None:
             del self._jobs[job.id]
             raise job.error
+        if job.position is None:
+            # Not queued (that is announced at once): it took a free slot, and its thread is starting.
+            job.status = "running"
+        log_generation(generation, job.id)
         return job
 
     async def _run(self, job: Job, engine: Any, finisher: Finisher, timeout: float) -> None:

@@ -32,6 +32,7 @@ def publish_limits(app: FastAPI, settings: Settings) -> None:
             "n": ("maximum", min(OPENAI_MAX_N, images)),
         },
     }
+    limits["JobRequest"] = limits["InferenceRequest"]  # a job's body is the native body (and preview_every)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -89,8 +89,8 @@ class JobRequest(InferenceRequest):
     )
 
 
-class JobError(BaseModel):
-    """The error envelope's inner object (api.errors.ErrorBody; not imported: api.errors imports this module)."""
+class ErrorBody(BaseModel):
+    """The error envelope's inner object (the envelope itself is ``api.errors.ErrorResponse``)."""
 
     message: str
     type: str
@@ -115,4 +115,4 @@ class JobState(BaseModel):
     eta_s: float | None = Field(description="seconds left, from the step rate so far; null before the first step")
     seed: int
     result: InferenceResponse | None = Field(description="the answer of POST /api/diffusers/inference, once succeeded")
-    error: JobError | None = Field(description="the error envelope's inner object, once failed")
+    error: ErrorBody | None = Field(description="the error envelope's inner object, once failed")

@@ -85,3 +85,35 @@ def test_bad_arguments_exit_2(tmp_path: Path) -> None:
         result = run_client(*args, "--out", str(tmp_path / "out"))
         assert result.returncode == 2, args
         assert "error:" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_stream_shows_progress_then_downloads_the_same_images(make_server: Callable[..., Any], tmp_path: Path) -> None:
+    server = make_server(max_concurrency=1)
+    args = ["--url", server.url, "--steps", "8", "--images", "2", "--seed", "9", "--width", "32", "--height", "32"]
+    streamed = run_client(*args, "--out", str(tmp_path / "streamed"), "--stream")
+    plain = run_client(*args, "--out", str(tmp_path / "plain"))
+    assert streamed.returncode == 0 == plain.returncode, streamed.stderr
+    paths = printed_paths(streamed.stdout)
+    assert len(paths) == 2 and "seed 9" in streamed.stdout
+    pixels_of = sorted(open_png(p.read_bytes()).tobytes() for p in paths)
+    assert pixels_of == sorted(open_png(p.read_bytes()).tobytes() for p in printed_paths(plain.stdout))
+    # Not a terminal: a line per quarter of the steps and per change of state, ending at all 8 steps.
+    lines = streamed.stderr.splitlines()
+    assert any("running" in line and "ETA" in line for line in lines), streamed.stderr
+    assert lines[-1].startswith("[" + "#" * 24 + "] 8/8 steps") and "succeeded" in lines[-1], streamed.stderr
+    assert len(lines) <= 12, streamed.stderr
+    assert len(server.app.state.jobs) == 1 and server.engine.stats["completed"] == 2
+
+
+def test_stream_with_concurrency_and_a_queue(make_server: Callable[..., Any], tmp_path: Path) -> None:
+    server = make_server(max_concurrency=1, api_key="sesame")
+    out = tmp_path / "out"
+    common = ["--url", server.url, "--steps", "4", "--concurrency", "3", "--stream", "--out", str(out)]
+    result = run_client(*common, "--api-key", "sesame")
+    assert result.returncode == 0, result.stderr
+    assert len(printed_paths(result.stdout)) == 3 and "3 sent, 3 ok, 0 failed" in result.stdout
+    assert "queued" in result.stderr and "3 succeeded" in result.stderr.splitlines()[-1], result.stderr
+    assert len(server.app.state.jobs) == 3 and server.engine.stats["completed"] == 3
+
+    no_key = run_client(*common)
+    assert no_key.returncode == 1 and "HTTP 401" in no_key.stderr

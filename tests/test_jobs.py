@@ -256,3 +256,13 @@ def test_a_job_stopped_by_the_drain_fails_with_the_draining_envelope(spawn_serve
     }
     log = server.log()
     assert "Traceback" not in log and "Task was destroyed" not in log and "never retrieved" not in log, log
+
+
+def test_openapi_documents_the_jobs_with_the_configured_limits(make_server: Callable[..., Any]) -> None:
+    live = make_server(max_steps=7, default_steps=2, max_image_size=256)
+    document = httpx.get(f"{live.url}/openapi.json").json()
+    body = document["components"]["schemas"]["JobRequest"]["properties"]
+    assert body["num_inference_steps"]["anyOf"][0]["maximum"] == 7 and body["width"]["anyOf"][0]["maximum"] == 256
+    assert body["preview_every"]["minimum"] == 0
+    assert {"/api/jobs", "/api/jobs/{job_id}", "/api/jobs/{job_id}/events"} <= set(document["paths"])
+    assert set(document["paths"]["/api/jobs/{job_id}"]) == {"get", "delete"}

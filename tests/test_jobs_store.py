@@ -121,3 +121,26 @@ def test_a_cancelled_job_never_reports_steps_after_its_end() -> None:
         engine.close()
 
     asyncio.run(scenario())
+
+
+def test_a_job_that_takes_a_free_slot_is_running_at_once_and_started_is_said_once() -> None:
+    async def scenario() -> list[list[str]]:
+        engine = Engine(_stepping_runner, max_concurrency=1, max_queue=1, release=lambda: None)
+        engine.set_ready()
+        store = JobStore(max_jobs=10, ttl=60)
+        job = await store.start(_request(steps=3), engine, _answer, 0)
+        assert (job.status, job.to_dict()["position"]) == ("running", None)
+        early = job.subscribe()  # before the worker thread's "started" arrives: replayed
+        await job.task  # type: ignore[misc]
+        late = job.subscribe()
+        names = []
+        for subscriber in (early, late):
+            events = []
+            while (event := await subscriber.get(0.01)) is not None:
+                events.append(event[0])
+            names.append(events)
+        engine.close()
+        return names
+
+    early, late = asyncio.run(scenario())
+    assert early == ["started", "step", "step", "step", "done"] and late == ["done"]

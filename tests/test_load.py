@@ -1,4 +1,5 @@
-"""Bounded load through real HTTP: valid, invalid and abandoned requests mixed; nothing lost, nothing leaked."""
+"""Bounded load through real HTTP: valid, invalid and abandoned requests, jobs followed to their end and jobs
+cancelled, mixed; nothing lost (every job ends in a final state), nothing leaked."""
 
 from __future__ import annotations
 
@@ -26,6 +27,9 @@ logger = logging.getLogger(__name__)
 NATIVE = "/api/diffusers/inference"
 OPENAI = "/v1/images/generations"
 VALID, INVALID, ABANDONED = 330, 110, 70  # 510 requests
+JOBS_FOLLOWED, JOBS_CANCELLED = 40, 30  # and 70 jobs
+JOBS = "/api/jobs"
+FINAL = {"succeeded", "failed", "cancelled"}
 PARALLEL = 16  # clients at once: more than one slot plus the queue, so some are turned away
 INVALID_BODIES: list[tuple[str, bytes]] = [
     (NATIVE, b'{"prompt": "x", '),
@@ -48,6 +52,7 @@ class Tally:
     stored_images: int = 0  # images answered as URLs (b64 ones are never written to disk)
     problems: list[str] = field(default_factory=list)
     abandoned: int = 0
+    jobs: dict[str, str] = field(default_factory=dict)  # id -> final status, for every job accepted (202)
 
 
 def _valid(rng: random.Random) -> tuple[str, dict[str, Any]]:
@@ -111,6 +116,54 @@ async def _send_abandoned(url: str, rng: random.Random, tally: Tally) -> None:
     tally.abandoned += 1
 
 
+async def _send_job(client: httpx.AsyncClient, rng: random.Random, tally: Tally, cancel: bool) -> None:
+    """A job, followed through its event stream (or by polling) to its end, or cancelled after a random wait."""
+    kind = "cancelled job" if cancel else "job"
+    n = rng.choice((1, 2))
+    payload = {"prompt": "job", "num_inference_steps": rng.choice((2, 6)), "height": 32, "width": 32, "seed": 3}
+    payload.update(num_images_per_prompt=n, preview_every=rng.choice((0, 1)))
+    answer = await client.post(JOBS, json=payload)
+    tally.statuses[(kind, answer.status_code)] += 1
+    if answer.status_code == 503:
+        if answer.json()["error"]["type"] != "overloaded_error" or "retry-after" not in answer.headers:
+            tally.problems.append(f"{kind}: 503 that is not a clean overload answer: {answer.text}")
+        return
+    if answer.status_code != 202:
+        tally.problems.append(f"{kind}: {answer.status_code} {answer.text[:200]}")
+        return
+    job = answer.json()["id"]
+    tally.jobs[job] = "accepted"
+    if cancel:
+        await asyncio.sleep(rng.uniform(0, 0.3))  # cancelled queued, running, or (rarely) already finished
+        state = (await client.delete(f"{JOBS}/{job}")).json()
+    elif rng.random() < 0.5:
+        state = await _follow(client, job)
+    else:
+        state = (await client.get(f"{JOBS}/{job}")).json()
+        while state["status"] not in FINAL:
+            await asyncio.sleep(0.05)
+            state = (await client.get(f"{JOBS}/{job}")).json()
+    tally.jobs[job] = state["status"]
+    if state["status"] == "succeeded":
+        if len(state["result"]["response"]) != n:
+            tally.problems.append(f"{kind}: {n} image(s) asked, result {state['result']}")
+        tally.stored_images += len(state["result"]["response"])
+    elif state["status"] == "failed" and state["error"]["code"] != "timeout":
+        tally.problems.append(f"{kind}: failed: {state['error']}")
+
+
+async def _follow(client: httpx.AsyncClient, job: str) -> dict[str, Any]:
+    """The ``done`` event's job, read from the event stream."""
+    async with client.stream("GET", f"{JOBS}/{job}/events") as response:
+        name = None
+        async for line in response.aiter_lines():
+            if line.startswith("event: "):
+                name = line[len("event: ") :]
+            elif line.startswith("data: ") and name == "done":
+                return json.loads(line[len("data: ") :])
+    return {"status": "stream ended before done"}
+
+
 async def _run_load(url: str, plan: list[str], seed: int) -> Tally:
     rng = random.Random(seed)
     tally = Tally()
@@ -129,6 +182,11 @@ async def _run_load(url: str, plan: list[str], seed: int) -> Tally:
                         await asyncio.sleep(rng.uniform(0.05, 0.2))
                 elif kind == "invalid":
                     await _send_invalid(client, *rng.choice(INVALID_BODIES), tally)
+                elif kind in ("job", "cancelled job"):
+                    turned_away = tally.statuses[(kind, 503)]
+                    await _send_job(client, rng, tally, cancel=kind == "cancelled job")
+                    if tally.statuses[(kind, 503)] > turned_away:
+                        await asyncio.sleep(rng.uniform(0.05, 0.2))
                 else:
                     await _send_abandoned(url, rng, tally)
 
@@ -166,7 +224,7 @@ def test_bounded_load_loses_nothing_and_leaks_nothing(make_server: Callable[...,
     image_dir = live.app.state.store.directory
 
     # Warm-up: the same mix, so that lazily created threads and caches exist before the baseline is taken.
-    warm_plan = ["valid"] * 30 + ["invalid"] * 10 + ["abandoned"] * 5
+    warm_plan = ["valid"] * 30 + ["invalid"] * 10 + ["abandoned"] * 5 + ["job"] * 5 + ["cancelled job"] * 5
     random.Random(1).shuffle(warm_plan)
     warm = asyncio.run(_run_load(live.url, warm_plan, seed=1))
     assert warm.problems == []
@@ -177,6 +235,7 @@ def test_bounded_load_loses_nothing_and_leaks_nothing(make_server: Callable[...,
     threads_before, rss_before = _footprint()
 
     plan = ["valid"] * VALID + ["invalid"] * INVALID + ["abandoned"] * ABANDONED
+    plan += ["job"] * JOBS_FOLLOWED + ["cancelled job"] * JOBS_CANCELLED
     random.Random(2).shuffle(plan)
     tally = asyncio.run(_run_load(live.url, plan, seed=2))
     state = _wait_idle(live.url)
@@ -185,7 +244,7 @@ def test_bounded_load_loses_nothing_and_leaks_nothing(make_server: Callable[...,
     valid = {code: n for (kind, code), n in tally.statuses.items() if kind == "valid"}
     invalid = sum(n for (kind, _), n in tally.statuses.items() if kind == "invalid")
     logger.info(
-        "load: %d sent; valid %d (200: %d, 503: %d, 504: %d), invalid %d, abandoned %d; threads %d -> %d, "
+        "load: %d sent; valid %d (200: %d, 503: %d, 504: %d), invalid %d, abandoned %d, jobs %s; threads %d -> %d, "
         "rss %.0f -> %.0f MiB",
         len(plan),
         VALID,
@@ -194,6 +253,7 @@ def test_bounded_load_loses_nothing_and_leaks_nothing(make_server: Callable[...,
         valid.get(504, 0),
         invalid,
         tally.abandoned,
+        dict(Counter(tally.jobs.values())),
         threads_before,
         threads_after,
         rss_before / 2**20,
@@ -205,12 +265,25 @@ def test_bounded_load_loses_nothing_and_leaks_nothing(make_server: Callable[...,
     assert sum(valid.values()) == VALID and set(valid) <= {200, 503, 504}, valid
     assert valid.get(200, 0) > VALID // 4, f"too few successes to mean anything: {valid} {state}"
     assert invalid == INVALID and tally.abandoned == ABANDONED
+    # Every job accepted ended in a final state, as its client saw it and as the server still tells; the rest were
+    # turned away at once (503), never accepted to fail later.
+    jobs = {kind: sum(n for (k, code), n in tally.statuses.items() if k == kind) for kind in ("job", "cancelled job")}
+    assert jobs == {"job": JOBS_FOLLOWED, "cancelled job": JOBS_CANCELLED}, tally.statuses
+    outcomes = Counter(tally.jobs.values())
+    assert set(outcomes) <= FINAL and sum(outcomes.values()) >= (JOBS_FOLLOWED + JOBS_CANCELLED) // 2, outcomes
+    assert outcomes["cancelled"] >= 1 and outcomes["succeeded"] >= 1, outcomes
+    store = live.app.state.jobs
+    for job, status in tally.jobs.items():
+        assert store.get(job) is not None and store.get(job).status == status
+    assert all(store.get(job).finished for job in store.ids())
 
     # Nothing leaked: counters at 0, one file per image answered as a URL, and no request thread or memory left.
     assert (state["active_inferences"], state["queued"]) == (0, 0)
     stats = state["requests"]
     delta = {k: stats[k] - before_stats[k] for k in stats}
-    assert delta["completed"] == valid.get(200, 0), delta  # no abandoned request ran to the end
+    # No abandoned request ran to the end; a job cancelled as its generation ended is counted completed by the engine.
+    finished = valid.get(200, 0) + outcomes["succeeded"]
+    assert finished <= delta["completed"] <= finished + outcomes["cancelled"], (delta, outcomes)
     assert delta["failed"] == delta["out_of_memory"] == 0, delta
     assert delta["disconnected"] >= 1, "no abandoned request was seen leaving"
     assert delta["total"] == sum(delta[k] for k in delta if k != "total"), delta
