@@ -63,8 +63,9 @@ class BrowserError(RuntimeError):
 class Browser:
     """One headless Chromium with one page, driven over the DevTools protocol. Use as a context manager.
 
-    It records what the page did, for assertions: ``requests`` (every URL it fetched) and ``errors`` (uncaught
-    exceptions and ``console.error`` lines).
+    It records what the page did, for assertions: ``requests`` (every URL it fetched), ``errors`` (uncaught
+    exceptions and ``console.error`` lines) and ``log`` (the browser's own messages: failed loads, refusals by the
+    page's Content-Security-Policy, ...).
     """
 
     def __init__(self, tmp_path: Path, width: int = 1200, height: int = 900, timeout: float = 60.0) -> None:
@@ -73,6 +74,7 @@ class Browser:
         self.timeout = timeout
         self.requests: list[tuple[str, str]] = []  # (method, url)
         self.errors: list[str] = []
+        self.log: list[str] = []
         self._ids = itertools.count(1)
         self._proc: subprocess.Popen[bytes] | None = None
         self._ws: Any = None
@@ -89,7 +91,7 @@ class Browser:
             page = next(t for t in self.send("Target.getTargets", session=False)["targetInfos"] if t["type"] == "page")
             attached = self.send("Target.attachToTarget", {"targetId": page["targetId"], "flatten": True}, False)
             self._session = attached["sessionId"]
-            for domain in ("Page", "Runtime", "Network"):
+            for domain in ("Page", "Runtime", "Network", "Log"):
                 self.send(f"{domain}.enable")
             self.set_viewport(*self.size)
         except BaseException:
@@ -147,6 +149,8 @@ class Browser:
         elif method == "Runtime.exceptionThrown":
             details = params["exceptionDetails"]
             self.errors.append(details.get("exception", {}).get("description") or details.get("text", "exception"))
+        elif method == "Log.entryAdded":
+            self.log.append(f"{params['entry']['level']}: {params['entry']['text']}")
         elif method == "Runtime.consoleAPICalled" and params.get("type") == "error":
             self.errors.append(" ".join(str(a.get("value", a.get("description", ""))) for a in params["args"]))
 

@@ -112,13 +112,16 @@ def job_id(browser: Browser, method: str = "GET") -> str:
 
 def screenshot(browser: Browser, tmp_path: Path, name: str) -> Path:
     kept = keep_artifact(browser.screenshot(tmp_path / name))
-    print(f"screenshot: {tmp_path / name} (kept as {kept})")  # noqa: T201 - the artifact's path, for people
+    print(f"screenshot: {tmp_path / name} (kept as {kept})")  # where to look at it (pytest -s shows it)
     return kept
 
 
 @needs_chromium
-def test_a_generation_is_followed_live_to_its_images(make_server: Callable[..., Any], tmp_path: Path) -> None:
-    server = make_server()
+@pytest.mark.parametrize("engine", ["threads", "step"])
+def test_a_generation_is_followed_live_to_its_images(
+    make_server: Callable[..., Any], tmp_path: Path, engine: str
+) -> None:
+    server = make_server(engine=engine)
     with Browser(tmp_path) as browser:
         open_page(browser, server.url)
         assert browser.evaluate("document.getElementById('width').value") == "64"  # the model's size, from status
@@ -152,10 +155,12 @@ def test_a_generation_is_followed_live_to_its_images(make_server: Callable[..., 
         # Nothing but this server was asked for anything (no CDN, no font), and the script threw nothing.
         assert all(url.startswith((server.url + "/", "data:")) for _, url in browser.requests), browser.requests
         assert browser.errors == []
-        screenshot(browser, tmp_path, "ui.png")
+        assert not [line for line in browser.log if "Content Security Policy" in line], browser.log
+        suffix = "" if engine == "threads" else f"-{engine}"
+        screenshot(browser, tmp_path, f"ui{suffix}.png")
         browser.set_viewport(380, 800)  # a phone: one column, nothing wider than the screen
         assert browser.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
-        screenshot(browser, tmp_path, "ui-narrow.png")
+        screenshot(browser, tmp_path, f"ui-narrow{suffix}.png")
 
 
 @needs_chromium
