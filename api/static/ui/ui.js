@@ -252,20 +252,22 @@
     return JSON.parse(JSON.stringify(body)); // drops the undefined fields: the server's defaults apply
   }
 
-  function setBusy(busy) {
+  // Generate is off while a job is submitted or followed; Cancel is on once there is a job to cancel.
+  function setBusy(busy, cancellable) {
     els.generate.disabled = busy;
-    els.cancel.disabled = !busy;
+    els.cancel.disabled = !cancellable;
   }
 
   async function generate(event) {
     event.preventDefault();
     clearMessage();
     rememberKey();
-    setBusy(true);
+    setBusy(true, false);
     setJob("submitting", "Submitting…");
     try {
       const answer = await api("POST", "/api/jobs", requestBody());
       current = { id: answer.id };
+      setBusy(true, true);
       setJob("queued", "Queued.");
       finish(current, await follow(current));
     } catch (err) {
@@ -273,7 +275,7 @@
       showMessage(explain(err), true);
     } finally {
       current = null;
-      setBusy(false);
+      setBusy(false, false);
     }
   }
 
