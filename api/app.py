@@ -108,9 +108,9 @@ def _add_middleware(app: FastAPI, settings: Settings) -> None:
             CORSMiddleware,
             allow_origins=origins,
             allow_credentials="*" not in origins,
-            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],  # DELETE: cancelling a job
             allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
-            expose_headers=["X-Request-ID", "X-Seed", "Server-Timing", "Retry-After"],
+            expose_headers=["X-Request-ID", "X-Seed", "Server-Timing", "Retry-After", "Location"],
         )
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
     app.add_middleware(HeadAsGetMiddleware)

@@ -6,6 +6,7 @@ import base64
 import signal
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -65,16 +66,20 @@ def test_life_cycle(make_server: Callable[..., Any], engine: str) -> None:
     assert job_images == sync_images  # the same seed gives the same images as the synchronous API
 
 
-def test_a_finished_jobs_stream_is_just_done_and_every_subscriber_sees_the_end(make_server: Callable[..., Any]) -> None:
+def test_every_subscriber_sees_the_job_and_a_finished_jobs_stream_is_just_done(
+    make_server: Callable[..., Any],
+) -> None:
     live = make_server()
-    with httpx.Client(base_url=live.url, timeout=120) as client, httpx.Client(base_url=live.url) as other:
-        job = submit(client, {**BODY, "num_inference_steps": 30})
-        first = follow(client, job, until="started")  # a live subscriber, still open below
-        second = follow(other, job)
+    with httpx.Client(base_url=live.url, timeout=120) as client:
+        job = submit(client, {**BODY, "num_inference_steps": 12})
+        with ThreadPoolExecutor(3) as pool:  # three clients following the job at once
+            streams = list(pool.map(lambda _: follow(client, job), range(3)))
         replay = follow(client, job)
-    assert first[-1][0] == "started"
-    assert second[-1][0] == "done" and second[-1][1]["status"] == "succeeded"
-    assert [name for name, _ in replay] == ["done"] and replay[0][1] == second[-1][1]
+    for events in streams:
+        names = [name for name, _ in events]
+        assert events[-1] == streams[0][-1] and events[-1][1]["status"] == "succeeded"
+        assert "step" in names and "preview" not in names  # previews were not asked for
+    assert [name for name, _ in replay] == ["done"] and replay[0][1] == streams[0][-1][1]
 
 
 def test_cancel_a_queued_job_it_never_runs(make_server: Callable[..., Any]) -> None:
@@ -266,3 +271,31 @@ def test_openapi_documents_the_jobs_with_the_configured_limits(make_server: Call
     assert body["preview_every"]["minimum"] == 0
     assert {"/api/jobs", "/api/jobs/{job_id}", "/api/jobs/{job_id}/events"} <= set(document["paths"])
     assert set(document["paths"]["/api/jobs/{job_id}"]) == {"get", "delete"}
+
+
+def test_a_page_on_an_allowed_origin_may_cancel_a_job(make_server: Callable[..., Any]) -> None:
+    origin = "https://app.example"
+    live = make_server(cors_origins=origin)
+    preflight = httpx.options(
+        f"{live.url}{JOBS}/some-id",
+        headers={"Origin": origin, "Access-Control-Request-Method": "DELETE"},
+        timeout=30,
+    )
+    assert preflight.status_code == 200 and "DELETE" in preflight.headers["access-control-allow-methods"]
+    created = httpx.post(f"{live.url}{JOBS}", json=BODY, headers={"Origin": origin}, timeout=30)
+    assert "location" in created.headers["access-control-expose-headers"].lower()
+
+
+def test_an_idle_event_stream_outlasts_the_connection_timeouts(make_server: Callable[..., Any]) -> None:
+    live = make_server(max_concurrency=1, max_steps=1000, keep_alive_timeout=1, receive_timeout=1)
+    with httpx.Client(base_url=live.url, timeout=60) as client:
+        blocker = submit(client, BLOCKER)
+        job = submit(client, BODY)
+        events = []
+        with client.stream("GET", f"{JOBS}/{job}/events") as response:
+            for event in read_events(response):
+                events.append(event)
+                if len(events) == 1:
+                    time.sleep(2.5)  # nothing happens to a queued job: the stream stays open regardless
+                    client.delete(f"{JOBS}/{blocker}")
+    assert events[0] == ("queued", {"position": 1}) and events[-1][1]["status"] == "succeeded"
