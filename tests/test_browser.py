@@ -3,44 +3,21 @@
 from __future__ import annotations
 
 import io
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
-import pytest
+from browser import OFFLINE, needs_chromium, run_chromium
 from http_helpers import NATIVE, fetch_png
 from PIL import Image
 
-CHROMIUM = Path("/usr/bin/chromium")
 WINDOW = (320, 240)
 IMAGE = (128, 96)  # width, height: smaller than the window, so Chromium centres it on its dark background
 BACKGROUND = np.array([14, 14, 14])  # Chromium's backdrop for a lone image (rgb(14, 14, 14))
 
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} is not installed (apt-get install chromium)")
-
-
-def chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """Run headless Chromium once, with a fresh profile and nothing that reaches beyond loopback."""
-    profile = tmp_path / f"profile-{len(list(tmp_path.glob('profile-*')))}"
-    command = [
-        str(CHROMIUM),
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={profile}",
-        *args,
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result
+pytestmark = needs_chromium
 
 
 def test_chromium_shows_the_generated_image(make_server: Callable[..., Any], tmp_path: Path) -> None:
@@ -51,7 +28,7 @@ def test_chromium_shows_the_generated_image(make_server: Callable[..., Any], tmp
     served = np.asarray(Image.open(io.BytesIO(fetch_png(url))).convert("RGB"), dtype=np.int16)
 
     shot = tmp_path / "shot.png"
-    chromium(tmp_path, f"--window-size={WINDOW[0]},{WINDOW[1]}", f"--screenshot={shot}", url)
+    run_chromium(tmp_path, f"--window-size={WINDOW[0]},{WINDOW[1]}", f"--screenshot={shot}", url)
     screen = np.asarray(Image.open(shot).convert("RGB"), dtype=np.int16)
     assert screen.shape == (WINDOW[1], WINDOW[0], 3)
 
@@ -79,12 +56,12 @@ def test_chromium_decodes_the_image_and_gets_a_404_envelope_for_unknown_names(
     [url] = httpx.post(server.url + NATIVE, json=body, timeout=120).json()["response"]
     name = url.rsplit("/", 1)[1]
 
-    dom = chromium(tmp_path, "--dump-dom", url).stdout
+    dom = run_chromium(tmp_path, "--dump-dom", url).stdout
     # Chromium titles an image document "<name> (<width>×<height>)" once it has decoded it.
     assert f"{name} ({IMAGE[0]}×{IMAGE[1]})" in dom
     assert '<img style="' in dom and f'src="{url}"' in dom
 
-    missing = chromium(tmp_path, "--dump-dom", f"{server.url}/images/{'0' * 32}.png").stdout
+    missing = run_chromium(tmp_path, "--dump-dom", f"{server.url}/images/{'0' * 32}.png").stdout
     assert "No such image." in missing and "image_not_found" in missing
     assert "<img" not in missing
 
@@ -92,8 +69,7 @@ def test_chromium_decodes_the_image_and_gets_a_404_envelope_for_unknown_names(
 def test_docs_render_every_operation_with_no_network(make_server: Callable[..., Any], tmp_path: Path) -> None:
     server = make_server()
     # Every host name but loopback fails to resolve: a page that needs a CDN renders nothing here.
-    offline = "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"
-    dom = chromium(tmp_path, offline, "--virtual-time-budget=20000", "--dump-dom", f"{server.url}/docs").stdout
+    dom = run_chromium(tmp_path, OFFLINE, "--virtual-time-budget=20000", "--dump-dom", f"{server.url}/docs").stdout
     # Swagger UI built its page from /openapi.json: one block per operation, each with its path.
     for path in ("/api/diffusers/inference", "/v1/images/generations", "/v1/models", "/health"):
         assert f'data-path="{path}"' in dom, f"{path} missing from the rendered /docs"

@@ -74,5 +74,6 @@ def test_head_answers_wherever_get_does(spawn_server: Callable[..., Any]) -> Non
 
 def test_public_paths_are_exactly_the_documented_ones() -> None:
     public = ("/", "/health", "/ready", "/docs", "/openapi.json", "/images/a.png", "/docs/static/swagger-ui.css")
-    assert all(is_public(p) for p in public)
-    assert not any(is_public(p) for p in ("/api/status", "/v1/models", NATIVE, OPENAI, "/imagesx", "/metrics"))
+    assert all(is_public(p) for p in (*public, "/ui", "/ui/static/ui.js"))
+    guarded = ("/api/status", "/v1/models", NATIVE, OPENAI, "/imagesx", "/metrics", "/ui/x", "/uix", "/api/jobs")
+    assert not any(is_public(p) for p in guarded)
