@@ -10,10 +10,21 @@ from __future__ import annotations
 import json
 from typing import Any
 
-__all__ = ["SSE_HEADERS", "SSE_MEDIA_TYPE", "comment", "sse_event"]
+__all__ = ["SSE_EVENT_SCHEMA", "SSE_HEADERS", "SSE_MEDIA_TYPE", "comment", "sse_event"]
 
 SSE_MEDIA_TYPE = "text/event-stream"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# One event, as OpenAPI describes an event stream's items (the ``schema`` of a text/event-stream before OpenAPI 3.2,
+# its ``itemSchema`` from 3.2): the fields of the wire format, ``data`` being the JSON text.
+SSE_EVENT_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "event": {"type": "string"},
+        "id": {"type": "string"},
+        "data": {"type": "string", "contentMediaType": "application/json"},
+    },
+    "required": ["data"],
+}
 
 
 def sse_event(data: Any, event: str | None = None, event_id: str | int | None = None) -> bytes:

@@ -69,3 +69,22 @@ def test_api_conforms_to_its_schema(make_server: Callable[..., Any]) -> None:
     # The fuzzer got real images out of both generation endpoints, so their success answers were checked too.
     for path in ("/api/diffusers/inference", "/v1/images/generations"):
         assert seen[(f"POST {path}", 200)] > 0, seen
+
+
+def test_event_streams_conform_to_their_schema(make_server: Callable[..., Any]) -> None:
+    """Both event streams, every time (the fuzzer above reaches ``stream: true`` only by chance)."""
+    import httpx
+
+    live = make_server(max_steps=4, default_steps=2)
+    schema = schemathesis.openapi.from_url(live.url + "/openapi.json", config=CONFIG)
+    stream = schema["/v1/images/generations"]["POST"].Case(
+        body={"prompt": "a fox", "size": "64x64", "stream": True, "partial_images": 1, "num_inference_steps": 4},
+        media_type="application/json",
+    )
+    response = stream.call_and_validate(timeout=60)
+    assert response.status_code == 200 and "image_generation.completed" in response.text
+    created = httpx.post(live.url + "/api/jobs", json={"prompt": "a fox", "height": 64, "width": 64}, timeout=60)
+    assert created.status_code == 202, created.text
+    events = schema["/api/jobs/{job_id}/events"]["GET"].Case(path_parameters={"job_id": created.json()["id"]})
+    response = events.call_and_validate(timeout=60)
+    assert response.status_code == 200 and "event: done" in response.text

@@ -19,7 +19,7 @@ from api.generation import encoding_of, to_generation
 from api.jobs import Job, JobStore, Subscriber
 from api.routes.native import NATIVE_NAMES, native_answer
 from api.schemas import JobCreated, JobRequest, JobState
-from api.sse import SSE_HEADERS, SSE_MEDIA_TYPE, comment, sse_event
+from api.sse import SSE_EVENT_SCHEMA, SSE_HEADERS, SSE_MEDIA_TYPE, comment, sse_event
 
 __all__ = ["KEEP_ALIVE_S", "router"]
 
@@ -85,7 +85,10 @@ async def cancel_job(job_id: str, request: Request) -> dict[str, Any]:
 @router.get(
     "/api/jobs/{job_id}/events",
     response_class=StreamingResponse,
-    responses={200: {"content": {SSE_MEDIA_TYPE: {}}, "description": "The job's events"}, **_NOT_FOUND},
+    responses={
+        200: {"content": {SSE_MEDIA_TYPE: {"schema": SSE_EVENT_SCHEMA}}, "description": "The job's events"},
+        **_NOT_FOUND,
+    },
     summary="A job's events (Server-Sent Events): its current state, then live events until done",
 )
 async def job_events(job_id: str, request: Request) -> StreamingResponse:

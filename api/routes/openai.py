@@ -14,7 +14,7 @@ from api.deps import base_url, ready_engine
 from api.errors import APIError
 from api.generation import encode_all, encoding_of, run_generation, save_all, timing_headers, to_generation
 from api.schemas import OpenAIImageRequest, OpenAIImagesResponse
-from api.sse import SSE_MEDIA_TYPE
+from api.sse import SSE_EVENT_SCHEMA, SSE_MEDIA_TYPE
 from api.streaming import stream_generation
 
 __all__ = ["router"]
@@ -39,7 +39,7 @@ def parse_size(size: str | None) -> tuple[int | None, int | None]:
     response_model=OpenAIImagesResponse,
     response_model_exclude_none=True,
     summary="OpenAI Images API: generate images",
-    responses={200: {"content": {SSE_MEDIA_TYPE: {"schema": {"type": "string"}}}, "description": "with stream"}},
+    responses={200: {"content": {SSE_MEDIA_TYPE: {"schema": SSE_EVENT_SCHEMA}}, "description": "with stream"}},
 )
 async def openai_generations(body: OpenAIImageRequest, request: Request) -> Response:
     from utils.image_store import build_image_url
