@@ -1,5 +1,6 @@
-"""Bounded load through real HTTP: valid, invalid and abandoned requests, jobs followed to their end and jobs
-cancelled, mixed; nothing lost (every job ends in a final state), nothing leaked."""
+"""Bounded load through real HTTP: valid, invalid and abandoned requests, OpenAI streams, jobs followed to their end
+and jobs cancelled, mixed; nothing lost (every stream ends with its images or an error event, every job in a final
+state), nothing leaked."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ NATIVE = "/api/diffusers/inference"
 OPENAI = "/v1/images/generations"
 VALID, INVALID, ABANDONED = 330, 110, 70  # 510 requests
 JOBS_FOLLOWED, JOBS_CANCELLED = 40, 30  # and 70 jobs
+STREAMS = 30  # and 30 streamed OpenAI requests
 JOBS = "/api/jobs"
 FINAL = {"succeeded", "failed", "cancelled"}
 PARALLEL = 16  # clients at once: more than one slot plus the queue, so some are turned away
@@ -53,6 +55,7 @@ class Tally:
     problems: list[str] = field(default_factory=list)
     abandoned: int = 0
     jobs: dict[str, str] = field(default_factory=dict)  # id -> final status, for every job accepted (202)
+    streams: Counter[str] = field(default_factory=Counter)  # how each accepted stream ended: "completed", "timeout"
 
 
 def _valid(rng: random.Random) -> tuple[str, dict[str, Any]]:
@@ -152,6 +155,40 @@ async def _send_job(client: httpx.AsyncClient, rng: random.Random, tally: Tally,
         tally.problems.append(f"{kind}: failed: {state['error']}")
 
 
+async def _send_stream(client: httpx.AsyncClient, rng: random.Random, tally: Tally) -> None:
+    """An OpenAI stream read to its end: its partial images, then one completed event per image, or an error event."""
+    n = rng.choice((1, 2))
+    payload = {"prompt": "stream", "size": "32x32", "n": n, "num_inference_steps": rng.choice((2, 4)), "stream": True}
+    payload["partial_images"] = rng.choice((0, 1, 2))
+    events: list[tuple[str, dict[str, Any]]] = []
+    async with client.stream("POST", OPENAI, json=payload) as response:
+        tally.statuses[("stream", response.status_code)] += 1
+        if response.status_code != 200:
+            error = json.loads(await response.aread())["error"]
+            if (
+                response.status_code != 503
+                or error["type"] != "overloaded_error"
+                or "retry-after" not in response.headers
+            ):
+                tally.problems.append(f"stream: {response.status_code} that is not a clean overload answer: {error}")
+            return
+        name = ""
+        async for line in response.aiter_lines():
+            if line.startswith("event: "):
+                name = line[len("event: ") :]
+            elif line.startswith("data: "):
+                events.append((name, json.loads(line[len("data: ") :])))
+    names = [name for name, _ in events]
+    completed = names.count("image_generation.completed")
+    partials = names[: len(names) - completed]
+    if names and names[-1] == "error" and events[-1][1]["error"]["code"] == "timeout":
+        tally.streams["timeout"] += 1
+    elif completed == n and set(partials) <= {"image_generation.partial_image"} and names[-1:] != ["error"]:
+        tally.streams["completed"] += 1
+    else:
+        tally.problems.append(f"stream: {n} image(s) asked, events {names}")
+
+
 async def _follow(client: httpx.AsyncClient, job: str) -> dict[str, Any]:
     """The ``done`` event's job, read from the event stream."""
     async with client.stream("GET", f"{JOBS}/{job}/events") as response:
@@ -182,9 +219,12 @@ async def _run_load(url: str, plan: list[str], seed: int) -> Tally:
                         await asyncio.sleep(rng.uniform(0.05, 0.2))
                 elif kind == "invalid":
                     await _send_invalid(client, *rng.choice(INVALID_BODIES), tally)
-                elif kind in ("job", "cancelled job"):
+                elif kind in ("job", "cancelled job", "stream"):
                     turned_away = tally.statuses[(kind, 503)]
-                    await _send_job(client, rng, tally, cancel=kind == "cancelled job")
+                    if kind == "stream":
+                        await _send_stream(client, rng, tally)
+                    else:
+                        await _send_job(client, rng, tally, cancel=kind == "cancelled job")
                     if tally.statuses[(kind, 503)] > turned_away:
                         await asyncio.sleep(rng.uniform(0.05, 0.2))
                 else:
@@ -225,6 +265,7 @@ def test_bounded_load_loses_nothing_and_leaks_nothing(make_server: Callable[...,
 
     # Warm-up: the same mix, so that lazily created threads and caches exist before the baseline is taken.
     warm_plan = ["valid"] * 30 + ["invalid"] * 10 + ["abandoned"] * 5 + ["job"] * 5 + ["cancelled job"] * 5
+    warm_plan += ["stream"] * 5
     random.Random(1).shuffle(warm_plan)
     warm = asyncio.run(_run_load(live.url, warm_plan, seed=1))
     assert warm.problems == []
@@ -235,7 +276,7 @@ def test_bounded_load_loses_nothing_and_leaks_nothing(make_server: Callable[...,
     threads_before, rss_before = _footprint()
 
     plan = ["valid"] * VALID + ["invalid"] * INVALID + ["abandoned"] * ABANDONED
-    plan += ["job"] * JOBS_FOLLOWED + ["cancelled job"] * JOBS_CANCELLED
+    plan += ["job"] * JOBS_FOLLOWED + ["cancelled job"] * JOBS_CANCELLED + ["stream"] * STREAMS
     random.Random(2).shuffle(plan)
     tally = asyncio.run(_run_load(live.url, plan, seed=2))
     state = _wait_idle(live.url)
@@ -244,8 +285,8 @@ def test_bounded_load_loses_nothing_and_leaks_nothing(make_server: Callable[...,
     valid = {code: n for (kind, code), n in tally.statuses.items() if kind == "valid"}
     invalid = sum(n for (kind, _), n in tally.statuses.items() if kind == "invalid")
     logger.info(
-        "load: %d sent; valid %d (200: %d, 503: %d, 504: %d), invalid %d, abandoned %d, jobs %s; threads %d -> %d, "
-        "rss %.0f -> %.0f MiB",
+        "load: %d sent; valid %d (200: %d, 503: %d, 504: %d), invalid %d, abandoned %d, jobs %s, streams %s; "
+        "threads %d -> %d, rss %.0f -> %.0f MiB",
         len(plan),
         VALID,
         valid.get(200, 0),
@@ -254,6 +295,7 @@ def test_bounded_load_loses_nothing_and_leaks_nothing(make_server: Callable[...,
         invalid,
         tally.abandoned,
         dict(Counter(tally.jobs.values())),
+        dict(tally.streams),
         threads_before,
         threads_after,
         rss_before / 2**20,
@@ -276,13 +318,18 @@ def test_bounded_load_loses_nothing_and_leaks_nothing(make_server: Callable[...,
     for job, status in tally.jobs.items():
         assert store.get(job) is not None and store.get(job).status == status
     assert all(store.get(job).finished for job in store.ids())
+    # Every stream was answered: turned away at once (503), or accepted and ended with its images or an error event.
+    streams = {code: n for (kind, code), n in tally.statuses.items() if kind == "stream"}
+    assert sum(streams.values()) == STREAMS and set(streams) <= {200, 503}, streams
+    assert sum(tally.streams.values()) == streams.get(200, 0), (tally.streams, streams)
+    assert tally.streams["completed"] >= 1, tally.streams
 
     # Nothing leaked: counters at 0, one file per image answered as a URL, and no request thread or memory left.
     assert (state["active_inferences"], state["queued"]) == (0, 0)
     stats = state["requests"]
     delta = {k: stats[k] - before_stats[k] for k in stats}
     # No abandoned request ran to the end; a job cancelled as its generation ended is counted completed by the engine.
-    finished = valid.get(200, 0) + outcomes["succeeded"]
+    finished = valid.get(200, 0) + outcomes["succeeded"] + tally.streams["completed"]
     assert finished <= delta["completed"] <= finished + outcomes["cancelled"], (delta, outcomes)
     assert delta["failed"] == delta["out_of_memory"] == 0, delta
     assert delta["disconnected"] >= 1, "no abandoned request was seen leaving"
