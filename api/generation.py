@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "as_api_error",
     "encode_all",
     "encoding_of",
     "is_blank",
@@ -128,7 +129,7 @@ async def run_generation(
     except (Overloaded, NotReady, GenerationTimeout, OutOfMemory, ClientGone) as exc:
         if isinstance(exc, ClientGone):
             logger.info("request %s: client disconnected, generation stopped", generation.request_id)
-        raise _as_api_error(exc, engine, request.app.state.settings.request_timeout) from None
+        raise as_api_error(exc, engine, request.app.state.settings.request_timeout) from None
     finally:
         watcher.cancel()
 
@@ -148,7 +149,7 @@ def log_generation(generation: GenerationRequest, job_id: str | None = None) -> 
     )
 
 
-def _as_api_error(exc: EngineError, engine: Any, request_timeout: float) -> APIError:
+def as_api_error(exc: EngineError, engine: Any, request_timeout: float) -> APIError:
     from utils.engine import GenerationTimeout, NotReady, OutOfMemory, Overloaded
 
     if isinstance(exc, Overloaded):

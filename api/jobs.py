@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from api.errors import APIError
+from api.errors import APIError, envelope, internal_error
 
 logger = logging.getLogger(__name__)
 
@@ -103,8 +103,7 @@ class Job:
         """The job as ``GET /api/jobs/{id}`` answers it."""
         error = None
         if self.error is not None:
-            error = {"message": self.error.message, "type": self.error.type, "param": self.error.param}
-            error["code"] = self.error.code
+            error = envelope(self.error.message, self.error.type, self.error.param, self.error.code)["error"]
         return {
             "id": self.id,
             "status": self.status,
@@ -267,7 +266,7 @@ class JobStore:
         return job
 
     async def _run(self, job: Job, engine: Any, finisher: Finisher, timeout: float) -> None:
-        from api.generation import _as_api_error
+        from api.generation import as_api_error
         from utils.engine import ClientGone, EngineError
 
         generation = job.generation
@@ -283,11 +282,10 @@ class JobStore:
             logger.info("job %s: cancelled at step %d", job.id, job.step)
             job.finish("cancelled")
         except EngineError as exc:
-            job.finish("failed", error=_as_api_error(exc, engine, timeout))
+            job.finish("failed", error=as_api_error(exc, engine, timeout))
         except Exception:
             logger.exception("job %s (request %s) failed", job.id, generation.request_id)
-            message = f"Internal server error (request id {generation.request_id})."
-            job.finish("failed", error=APIError(500, message, "server_error", code="internal_error"))
+            job.finish("failed", error=internal_error(generation.request_id))
         else:
             job.finish("succeeded", result=answer)
 
