@@ -45,6 +45,25 @@ from typing import Any
 
 import torch
 
+# The engine's vocabulary lives in engine_types; re-exported here, where callers have always imported it from.
+from .engine_types import (
+    ClientGone,
+    EngineError,
+    GenerationCancelled,
+    GenerationRequest,
+    GenerationResult,
+    GenerationTimeout,
+    Listener,
+    NotReady,
+    OutOfMemory,
+    Overloaded,
+    Previewer,
+    Progress,
+    ProgressEvent,
+    Runner,
+    StepCallback,
+)
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -55,91 +74,18 @@ __all__ = [
     "GenerationRequest",
     "GenerationResult",
     "GenerationTimeout",
+    "Listener",
     "NotReady",
     "OutOfMemory",
     "Overloaded",
+    "Previewer",
+    "Progress",
     "ProgressEvent",
+    "Runner",
+    "StepCallback",
     "is_oom",
     "release_memory",
 ]
-
-
-class EngineError(Exception):
-    """Base of the engine's expected failures; the HTTP layer maps each to a status code."""
-
-
-class Overloaded(EngineError):
-    """All slots busy and the queue full: nothing was done."""
-
-
-class NotReady(EngineError):
-    """The engine is loading or draining."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-class GenerationTimeout(EngineError):
-    """The request's deadline passed; its generation was stopped."""
-
-
-class ClientGone(EngineError):
-    """The client disconnected; its generation was stopped or never started."""
-
-
-class OutOfMemory(EngineError):
-    """The device (or host) ran out of memory; caches were freed."""
-
-
-class GenerationCancelled(Exception):
-    """Raised inside the worker thread, from the step callback, to stop a generation."""
-
-
-@dataclass
-class GenerationRequest:
-    """One generation, whichever API it came from."""
-
-    prompt: str
-    num_inference_steps: int
-    num_images: int
-    seed: int
-    height: int
-    width: int
-    negative_prompt: str | None = None
-    guidance_scale: float | None = None
-    request_id: str = ""
-    preview_every: int = 0  # preview images every N steps (0: none); needs an engine with a previewer
-
-
-@dataclass
-class ProgressEvent:
-    """What happened to one request; see the module docstring. ``previews`` holds PIL images (one per image)."""
-
-    type: str  # "queued", "started" or "step"
-    position: int | None = None  # queued: 1 = next to start
-    step: int | None = None  # step: steps done so far (1..total)
-    total: int | None = None
-    elapsed_s: float | None = None  # step: seconds since the request started (left the queue)
-    previews: list[Any] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """The event's JSON-ready fields (previews left out), for event streams."""
-        fields = {"type": self.type, "position": self.position, "step": self.step, "total": self.total}
-        fields["elapsed_s"] = None if self.elapsed_s is None else round(self.elapsed_s, 3)
-        return {k: v for k, v in fields.items() if v is not None}
-
-
-@dataclass
-class GenerationResult:
-    images: list[Any]
-    seed: int
-    queued_s: float = 0.0  # waiting for a slot
-    first_step_s: float | None = None  # arrival -> first denoising step done
-    generate_s: float = 0.0  # in the pipeline
-
-
-Progress = Callable[[ProgressEvent], None]
 
 
 @dataclass
@@ -159,12 +105,6 @@ class _Job:
                 self.loop.call_soon_threadsafe(self.progress, event)
 
 
-# on_step(step_index, latents): latents (the batch being denoised, pipeline space) may be None where unavailable.
-StepCallback = Callable[..., None]
-Runner = Callable[[GenerationRequest, StepCallback], list[Any]]
-Previewer = Callable[[Any], list[Any]]
-
-
 def _notify(progress: Progress, event: ProgressEvent) -> None:
     """Call a progress callback on the event loop; its failure is logged, never the engine's."""
     try:
@@ -173,7 +113,6 @@ def _notify(progress: Progress, event: ProgressEvent) -> None:
         logger.exception("progress callback failed")
 
 
-Listener = Callable[[GenerationRequest, "GenerationResult | BaseException"], None]
 Submit = Callable[..., Awaitable[GenerationResult]]
 
 

@@ -1,0 +1,113 @@
+"""What goes into the engine and comes out of it: the request, its result, its progress events, the failures, and
+the shapes of the callables the engine is built from (runner, step callback, previewer, listener).
+
+Kept apart from ``utils.engine`` (admission and execution), which re-exports every name here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "ClientGone",
+    "EngineError",
+    "GenerationCancelled",
+    "GenerationRequest",
+    "GenerationResult",
+    "GenerationTimeout",
+    "Listener",
+    "NotReady",
+    "OutOfMemory",
+    "Overloaded",
+    "Previewer",
+    "Progress",
+    "ProgressEvent",
+    "Runner",
+    "StepCallback",
+]
+
+
+class EngineError(Exception):
+    """Base of the engine's expected failures; the HTTP layer maps each to a status code."""
+
+
+class Overloaded(EngineError):
+    """All slots busy and the queue full: nothing was done."""
+
+
+class NotReady(EngineError):
+    """The engine is loading or draining."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class GenerationTimeout(EngineError):
+    """The request's deadline passed; its generation was stopped."""
+
+
+class ClientGone(EngineError):
+    """The client disconnected; its generation was stopped or never started."""
+
+
+class OutOfMemory(EngineError):
+    """The device (or host) ran out of memory; caches were freed."""
+
+
+class GenerationCancelled(Exception):
+    """Raised inside the worker thread, from the step callback, to stop a generation."""
+
+
+@dataclass
+class GenerationRequest:
+    """One generation, whichever API it came from."""
+
+    prompt: str
+    num_inference_steps: int
+    num_images: int
+    seed: int
+    height: int
+    width: int
+    negative_prompt: str | None = None
+    guidance_scale: float | None = None
+    request_id: str = ""
+    preview_every: int = 0  # preview images every N steps (0: none); needs an engine with a previewer
+
+
+@dataclass
+class ProgressEvent:
+    """What happened to one request; see the module docstring. ``previews`` holds PIL images (one per image)."""
+
+    type: str  # "queued", "started" or "step"
+    position: int | None = None  # queued: 1 = next to start
+    step: int | None = None  # step: steps done so far (1..total)
+    total: int | None = None
+    elapsed_s: float | None = None  # step: seconds since the request started (left the queue)
+    previews: list[Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The event's JSON-ready fields (previews left out), for event streams."""
+        fields = {"type": self.type, "position": self.position, "step": self.step, "total": self.total}
+        fields["elapsed_s"] = None if self.elapsed_s is None else round(self.elapsed_s, 3)
+        return {k: v for k, v in fields.items() if v is not None}
+
+
+@dataclass
+class GenerationResult:
+    images: list[Any]
+    seed: int
+    queued_s: float = 0.0  # waiting for a slot
+    first_step_s: float | None = None  # arrival -> first denoising step done
+    generate_s: float = 0.0  # in the pipeline
+
+
+Progress = Callable[[ProgressEvent], None]
+
+# on_step(step_index, latents): latents (the batch being denoised, pipeline space) may be None where unavailable.
+StepCallback = Callable[..., None]
+Runner = Callable[[GenerationRequest, StepCallback], list[Any]]
+Previewer = Callable[[Any], list[Any]]
+Listener = Callable[[GenerationRequest, "GenerationResult | BaseException"], None]
