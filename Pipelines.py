@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from api.settings import DTYPE_ALIASES
-from utils.random_models import RANDOM_PRESETS, build_random_pipeline, is_random_preset, parameter_counts
+from models.dtypes import DTYPE_ALIASES
+from models.random_build import RANDOM_PRESETS, build_random_pipeline, is_random_preset, parameter_counts
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from api.errors import APIError
 from api.limits import limit_messages, max_side
 
 if TYPE_CHECKING:
-    from utils.engine import EngineError, GenerationRequest, GenerationResult, Progress
+    from engine import EngineError, GenerationRequest, GenerationResult, Progress
     from utils.image_store import Encoding
 
 # utils (torch) is imported inside the functions: importing the HTTP layer loads nothing heavy.
@@ -57,7 +57,7 @@ def to_generation(
     ``body`` is either API's schema: the fields both share (prompt, negative_prompt, num_inference_steps, seed,
     guidance_scale) are read from it; the image count and size, named differently by each API, come as arguments.
     """
-    from utils.engine import GenerationRequest
+    from engine import GenerationRequest
 
     settings = request.app.state.settings
     geometry = request.app.state.geometry
@@ -115,7 +115,7 @@ async def run_generation(
 
     ``progress``: the engine's progress callback. ``gone``: an event the caller may set to stop the generation as a
     client disconnect does (a streamed answer whose body was abandoned)."""
-    from utils.engine import ClientGone, GenerationTimeout, NotReady, OutOfMemory, Overloaded
+    from engine import ClientGone, GenerationTimeout, NotReady, OutOfMemory, Overloaded
 
     engine = ready_engine(request)
     gone, watcher = watch_disconnect(request, gone)
@@ -150,7 +150,7 @@ def log_generation(generation: GenerationRequest, job_id: str | None = None) -> 
 
 
 def as_api_error(exc: EngineError, engine: Any, request_timeout: float) -> APIError:
-    from utils.engine import GenerationTimeout, NotReady, OutOfMemory, Overloaded
+    from engine import GenerationTimeout, NotReady, OutOfMemory, Overloaded
 
     if isinstance(exc, Overloaded):
         return APIError(

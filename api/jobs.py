@@ -267,7 +267,7 @@ class JobStore:
 
     async def _run(self, job: Job, engine: Any, finisher: Finisher, timeout: float) -> None:
         from api.generation import as_api_error
-        from utils.engine import ClientGone, EngineError
+        from engine import ClientGone, EngineError
 
         generation = job.generation
         try:

@@ -142,12 +142,12 @@ def compile_blocks(transformer: Any) -> None:
 
 def build_engine(settings: Settings, pipeline: Any, device: Any) -> tuple[Any, Any, Any]:
     """The engine the settings ask for (or the device's default), its RequestScopedPipeline and prompt cache."""
+    from engine import Engine
+    from engine.previews import LatentPreviewer
+    from engine.prompt_cache import PromptCache
+    from engine.step import StepRunner
+    from engine.threads import pipeline_runner
     from utils import RequestScopedPipeline
-    from utils.engine import Engine
-    from utils.previews import LatentPreviewer
-    from utils.prompt_cache import PromptCache
-    from utils.step_engine import StepRunner
-    from utils.threads_runner import pipeline_runner
 
     kind = engine_kind(settings, device.type)
     scoped = RequestScopedPipeline(pipeline)

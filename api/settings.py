@@ -12,18 +12,11 @@ from typing import Any
 from pydantic import AliasChoices, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["DTYPE_ALIASES", "ENV_PREFIX", "Settings", "SettingsError", "max_image_bytes", "parse_settings"]
+from models.dtypes import DTYPE_ALIASES
+
+__all__ = ["ENV_PREFIX", "Settings", "SettingsError", "max_image_bytes", "parse_settings"]
 
 ENV_PREFIX = "SERVER_"
-# Accepted --dtype names and the torch dtype each means (Pipelines maps them; this module stays free of torch).
-DTYPE_ALIASES: dict[str, str] = {
-    "float32": "float32",
-    "fp32": "float32",
-    "bfloat16": "bfloat16",
-    "bf16": "bfloat16",
-    "float16": "float16",
-    "fp16": "float16",
-}
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d{1,3})?)$")
 
 

@@ -4,7 +4,7 @@ The answer is Server-Sent Events in the shape the ``openai`` package parses (its
 ``partial_images`` ``image_generation.partial_image`` events per image while the request denoises, then one
 ``image_generation.completed`` event per image. Each event's ``event:`` name is its ``type``.
 
-- **Partial images** are the engine's previews of the current latents (``utils/previews.py``: a linear projection
+- **Partial images** are the engine's previews of the current latents (``engine/previews.py``: a linear projection
   fitted to the VAE, at 1/8 of the side), spread evenly over the steps (``preview_interval``) and never after the
   last step, so no partial follows a completed image. Each is upscaled to the requested size before encoding
   (``upscale``), so that a partial has the ``size`` its event reports and a client can draw it where the final
@@ -40,7 +40,7 @@ from api.generation import run_generation
 from api.sse import SSE_HEADERS, SSE_MEDIA_TYPE, sse_event
 
 if TYPE_CHECKING:
-    from utils.engine import GenerationRequest, GenerationResult, ProgressEvent
+    from engine import GenerationRequest, GenerationResult, ProgressEvent
     from utils.image_store import Encoding
 
 logger = logging.getLogger(__name__)

@@ -29,10 +29,10 @@ def build_vae(preset: str) -> torch.nn.Module:
     """The preset's VAE alone, random weights."""
     from diffusers import AutoencoderKL
 
-    from utils.random_models import _PRESET_CONFIGS, _VAE_COMMON
+    from models.presets import PRESET_CONFIGS, VAE_COMMON
 
     torch.manual_seed(0)
-    return AutoencoderKL(**_PRESET_CONFIGS[preset]["vae"], **_VAE_COMMON).eval()
+    return AutoencoderKL(**PRESET_CONFIGS[preset]["vae"], **VAE_COMMON).eval()
 
 
 def timed(fn: Callable[[], object], repeats: int) -> float:
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stream", action="store_true", help="the stream path's cost per partial image instead")
     args = parser.parse_args(argv)
 
-    from utils.previews import LatentPreviewer
+    from engine.previews import LatentPreviewer
 
     vae = build_vae(args.preset)
     scale = 2 ** (len(vae.config.block_out_channels) - 1)

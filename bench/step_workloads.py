@@ -79,10 +79,10 @@ def lone_in_process(args: argparse.Namespace, repeats: int = 5) -> str:
     """Median latency of one request alone: a plain pipeline call and the step engine, in this process."""
     import torch
 
+    from engine import GenerationRequest
+    from engine.step import StepRunner
     from Pipelines import TextToImagePipelineSD3
     from utils import RequestScopedPipeline
-    from utils.engine import GenerationRequest
-    from utils.step_engine import StepRunner
 
     size = max(args.sizes)
     loaded = TextToImagePipelineSD3(args.model, device=args.device or "cpu").start()

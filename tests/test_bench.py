@@ -151,7 +151,7 @@ def test_fused_qkv_gives_the_same_images_and_stays_safe_under_concurrency(bench:
 
 def test_flop_estimate_matches_the_issue_for_sd35_medium(bench: ModuleType) -> None:
     """About 646 TFLOP per 1024x1024 image at 28 steps, counted on the meta device (nothing allocated)."""
-    from utils.random_models import build_random_pipeline
+    from models.random_build import build_random_pipeline
 
     pipe = build_random_pipeline("random:sd3.5-medium", device="meta", dtype=torch.bfloat16)
     flops = bench.estimate_flops(pipe, 1024, 28)

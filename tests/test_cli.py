@@ -23,7 +23,16 @@ from serverasync import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 CUDA = torch.cuda.is_available()
-HEAVY = ("torch", "diffusers", "transformers", "Pipelines", "utils", "fastapi.testclient")
+HEAVY = (
+    "torch",
+    "diffusers",
+    "transformers",
+    "Pipelines",
+    "utils",
+    "engine",
+    "models.random_build",
+    "fastapi.testclient",
+)
 
 
 def run_server_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import pytest
 
-from utils.engine import (
+from engine import (
     ClientGone,
     Engine,
     GenerationRequest,

@@ -11,7 +11,7 @@ import pytest
 
 from api.errors import APIError
 from api.jobs import Job, JobStore, Subscriber
-from utils.engine import Engine, GenerationRequest, ProgressEvent
+from engine import Engine, GenerationRequest, ProgressEvent
 
 
 def _request(steps: int = 1000, seed: int = 0) -> GenerationRequest:

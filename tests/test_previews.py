@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from utils.previews import LatentPreviewer
+from engine.previews import LatentPreviewer
 
 
 def _latents_of(vae: Any, images: torch.Tensor) -> torch.Tensor:

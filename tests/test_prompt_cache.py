@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import torch
 
+from engine.prompt_cache import PromptCache, TextEmbedding, encode_texts
 from utils import RequestScopedPipeline
-from utils.prompt_cache import PromptCache, TextEmbedding, encode_texts
 
 TEXTS = [f"a lighthouse in a storm, number {i}" for i in range(6)] + [""]
 

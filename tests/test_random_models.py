@@ -1,4 +1,4 @@
-"""Tests for the offline random-weight SD3 presets in utils.random_models."""
+"""Tests for the offline random-weight SD3 presets in models (built by models.random_build)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 from PIL import Image
 
-from utils.random_models import (
+from models.random_build import (
     RANDOM_PRESETS,
     build_random_pipeline,
     is_random_preset,

@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 import torch
 
+from engine import Engine, GenerationCancelled, GenerationRequest, OutOfMemory
+from engine.prompt_cache import PromptCache
+from engine.step import StepRunner
+from engine.threads import pipeline_runner
 from utils import RequestScopedPipeline
-from utils.engine import Engine, GenerationCancelled, GenerationRequest, OutOfMemory
-from utils.prompt_cache import PromptCache
-from utils.step_engine import StepRunner
-from utils.threads_runner import pipeline_runner
 
 MAX_ABS, MEAN_ABS = 2, 0.01  # pixel levels (0..255): tolerance for a request batched with others
 

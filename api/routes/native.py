@@ -16,7 +16,7 @@ from api.generation import encoding_of, run_generation, save_all, timing_headers
 from api.schemas import InferenceRequest, InferenceResponse, ResolvedParameters
 
 if TYPE_CHECKING:
-    from utils.engine import GenerationRequest, GenerationResult
+    from engine import GenerationRequest, GenerationResult
     from utils.image_store import Encoding
 
 __all__ = ["NATIVE_NAMES", "native_answer", "router"]

@@ -79,11 +79,11 @@ class Driver:
                     self.report.add(workload, name, run)
 
     def run(self) -> None:
-        from utils.random_models import is_random_preset
+        from models.random_build import is_random_preset
 
         args = self.args
         if not any(name.startswith("serial") for name in self.report.arms) and is_random_preset(args.model):
-            from utils.random_models import build_random_pipeline
+            from models.random_build import build_random_pipeline
 
             self.report.flops = estimate_flops(build_random_pipeline(args.model, device="meta"), args.size, args.steps)
         try:

@@ -27,7 +27,8 @@ from typing import Any
 
 import torch
 
-from .engine import GenerationCancelled, is_oom, release_memory
+from .memory import is_oom, release_memory
+from .types import GenerationCancelled
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class Track:
     guidance: float | None  # None: no classifier-free guidance (guidance_scale <= 1)
     on_step: Callable[..., None]  # (step, latents)
     group: Hashable
+    after_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None  # the task's (engine.tasks.base.Start)
     index: int = 0
     last_pass: int = -1
     arrival: int = 0  # the order the loop took it in (set by the loop)
@@ -228,6 +230,8 @@ class DenoiseLoop:
         track.latents = track.view.scheduler.step(noise_pred, t, track.latents, return_dict=False)[0]
         track.last_pass = self._passes
         step = track.index
+        if track.after_step is not None:
+            track.latents = track.after_step(step, track.latents)
         track.index += 1
         track.on_step(step, track.latents)  # raises GenerationCancelled when the request was abandoned
         if track.index == len(track.timesteps):

@@ -26,10 +26,12 @@ from typing import Any
 
 import torch
 
-from .denoise_loop import DenoiseLoop, Track
-from .engine import GenerationCancelled, GenerationRequest
+from utils.requestscopedpipeline import default_guidance_scale
+
+from .loop import DenoiseLoop, Track
 from .prompt_cache import PromptCache, TextEmbedding, encode_texts, is_guided, request_embeddings
-from .requestscopedpipeline import default_guidance_scale
+from .tasks import get_task
+from .types import GenerationCancelled, GenerationRequest
 
 logger = logging.getLogger(__name__)
 
@@ -174,46 +176,22 @@ class StepRunner:
         negative: TextEmbedding | None,
         on_step: Callable[..., None],
     ) -> Track:
-        """The request's view, timesteps and starting noise, exactly as the pipeline prepares them."""
-        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
-
+        """The request's view, embeddings and guidance; its task gives the starting latents and timesteps."""
         view = self.scoped.make_view(device=self.device)
         embeds, pooled = request_embeddings(positive, negative, request.num_images)
         embeds, pooled = embeds.to(self.device), pooled.to(self.device)
-        with torch.no_grad():
-            latents = view.prepare_latents(
-                request.num_images,
-                view.transformer.config.in_channels,
-                request.height,
-                request.width,
-                embeds.dtype,
-                self.device,
-                torch.Generator("cpu").manual_seed(request.seed),
-            )
-        scheduler = view.scheduler
-        kwargs: dict[str, Any] = {}
-        if scheduler.config.get("use_dynamic_shifting", None):
-            patch = view.transformer.config.patch_size
-            seq_len = (latents.shape[2] // patch) * (latents.shape[3] // patch)
-            config = scheduler.config
-            kwargs["mu"] = calculate_shift(
-                seq_len,
-                config.get("base_image_seq_len", 256),
-                config.get("max_image_seq_len", 4096),
-                config.get("base_shift", 0.5),
-                config.get("max_shift", 1.16),
-            )
-        scheduler.set_timesteps(request.num_inference_steps, device=self.device, **kwargs)
+        start = get_task(request.task).start(view, request, embeds.dtype, self.device)
         guidance = self._default_guidance if request.guidance_scale is None else float(request.guidance_scale)
         return Track(
             view=view,
-            timesteps=scheduler.timesteps,
-            latents=latents,
+            timesteps=start.timesteps,
+            latents=start.latents,
             embeds=embeds,
             pooled=pooled,
             guidance=guidance if negative is not None else None,
             on_step=on_step,
-            group=(request.height, request.width),
+            after_step=start.after_step,
+            group=tuple(start.latents.shape[-2:]),  # batched with requests of the same latent size
         )
 
     @staticmethod

@@ -10,9 +10,10 @@ A request that times out or whose client went away is stopped at its next denois
 ``GenerationCancelled`` in the worker thread); a queued one never runs. Its slot is released when the worker thread
 has really stopped, so ``active`` always counts threads that are computing.
 
-Execution sits behind one seam, the runner a slot thread calls: ``threads_runner.pipeline_runner`` (the threads
-strategy: a whole pipeline call per slot) or ``step_engine.StepRunner`` (the step strategy: the slot thread encodes,
-hands the request to the one shared denoising loop, waits, then decodes). Admission does not know which one it runs.
+Execution sits behind one seam, the runner a slot thread calls: ``engine.threads.pipeline_runner`` (the threads
+strategy: a whole pipeline call per slot) or ``engine.step.StepRunner`` (the step strategy: the slot thread encodes,
+hands the request to the one shared denoising loop, waits, then decodes). Admission does not know which one it runs,
+and neither runner knows which task it runs: each asks the request's task (``engine.tasks``) what differs.
 
 Progress: ``submit(..., progress=callback)`` reports what happens to one request as events (``ProgressEvent``),
 always called on the event loop thread: ``queued`` (with the 1-based queue position, again whenever it moves),
@@ -40,15 +41,14 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-# The engine's vocabulary lives in engine_types; re-exported here, where callers have always imported it from.
-from .engine_types import (
+from .memory import is_oom, release_memory
+from .progress import Ticket, notify
+from .types import (
     ClientGone,
-    EngineError,
     GenerationCancelled,
     GenerationRequest,
     GenerationResult,
@@ -61,56 +61,11 @@ from .engine_types import (
     Progress,
     ProgressEvent,
     Runner,
-    StepCallback,
 )
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "ClientGone",
-    "Engine",
-    "EngineError",
-    "GenerationCancelled",
-    "GenerationRequest",
-    "GenerationResult",
-    "GenerationTimeout",
-    "Listener",
-    "NotReady",
-    "OutOfMemory",
-    "Overloaded",
-    "Previewer",
-    "Progress",
-    "ProgressEvent",
-    "Runner",
-    "StepCallback",
-    "is_oom",
-    "release_memory",
-]
-
-
-@dataclass
-class _Job:
-    request: GenerationRequest
-    cancel: threading.Event = field(default_factory=threading.Event)
-    arrived: float = field(default_factory=time.monotonic)
-    first_step_at: float | None = None
-    started_at: float | None = None
-    progress: Progress | None = None
-    loop: asyncio.AbstractEventLoop | None = None
-
-    def report(self, event: ProgressEvent) -> None:
-        """From a worker thread: hand ``event`` to the progress callback on the event loop."""
-        if self.progress is not None and self.loop is not None:
-            with contextlib.suppress(RuntimeError):  # the loop closed: nobody is listening any more
-                self.loop.call_soon_threadsafe(self.progress, event)
-
-
-def _notify(progress: Progress, event: ProgressEvent) -> None:
-    """Call a progress callback on the event loop; its failure is logged, never the engine's."""
-    try:
-        progress(event)
-    except Exception:  # noqa: BLE001 - a listener's bug must not break admission
-        logger.exception("progress callback failed")
+__all__ = ["Engine"]
 
 
 Submit = Callable[..., Awaitable[GenerationResult]]
@@ -130,24 +85,6 @@ def _tell_listeners(submit: Submit) -> Submit:
         return result
 
     return submit_and_tell
-
-
-def is_oom(exc: BaseException) -> bool:
-    """True for the out-of-memory errors of the host and of CUDA."""
-    return isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError))
-
-
-def release_memory() -> None:
-    """Return the accelerator's cached blocks to the device (nothing to do on a CPU).
-
-    No ``gc.collect()`` here: tensors are freed by reference counting, and a full collection with a pipeline loaded
-    takes ~0.2 s holding the GIL, which delayed every response on a CPU server (bench/RESULTS.md). Only an
-    out-of-memory failure collects first.
-    """
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    if torch.backends.mps.is_available():
-        torch.mps.empty_cache()
 
 
 class Engine:
@@ -224,7 +161,7 @@ class Engine:
 
     # -- admission --------------------------------------------------------------------------------------
 
-    async def _acquire(self, job: _Job, gone: asyncio.Event, deadline: float | None) -> None:
+    async def _acquire(self, job: Ticket, gone: asyncio.Event, deadline: float | None) -> None:
         if self._active < self.max_concurrency and not self._waiters:
             self._active += 1
             return
@@ -234,7 +171,7 @@ class Engine:
         self._waiters.append(waiter)
         if job.progress is not None:
             self._positions[waiter] = job.progress
-            _notify(job.progress, ProgressEvent("queued", position=len(self._waiters)))
+            notify(job.progress, ProgressEvent("queued", position=len(self._waiters)))
         try:
             await self._race(waiter, gone, deadline)
         except BaseException:
@@ -260,7 +197,7 @@ class Engine:
             position += 1
             progress = self._positions.get(waiter)
             if progress is not None:
-                _notify(progress, ProgressEvent("queued", position=position))
+                notify(progress, ProgressEvent("queued", position=position))
 
     def _thread_done(self, future: asyncio.Future[Any]) -> None:
         if not future.cancelled():
@@ -332,7 +269,7 @@ class Engine:
         if self.ready_reason is not None:
             self.stats["rejected"] += 1
             raise NotReady(self.ready_reason)
-        job = _Job(request, progress=progress, loop=asyncio.get_running_loop())
+        job = Ticket(request, progress=progress, loop=asyncio.get_running_loop())
         gone = gone if gone is not None else asyncio.Event()
         deadline = job.arrived + self.request_timeout if self.request_timeout > 0 else None
         try:
@@ -374,7 +311,7 @@ class Engine:
             images, request.seed, queued_s=admitted - job.arrived, first_step_s=first, generate_s=done - admitted
         )
 
-    def _run(self, job: _Job) -> list[Any]:
+    def _run(self, job: Ticket) -> list[Any]:
         """Worker thread: run the pipeline unless the request was abandoned while queued."""
         with self._memory_lock:
             pass  # wait for an idle-time memory release that began before this slot was taken
@@ -382,21 +319,8 @@ class Engine:
             raise GenerationCancelled
         job.started_at = time.monotonic()
         job.report(ProgressEvent("started"))
-        total = job.request.num_inference_steps
-
-        def on_step(step: int, latents: Any = None) -> None:
-            now = time.monotonic()
-            if job.first_step_at is None:
-                job.first_step_at = now
-            if job.cancel.is_set():
-                raise GenerationCancelled
-            if job.progress is not None:
-                event = ProgressEvent("step", step=step + 1, total=total, elapsed_s=now - job.started_at)
-                event.previews = self._previews(job.request, step + 1, latents)
-                job.report(event)
-
         try:
-            return self.runner(job.request, on_step)
+            return self.runner(job.request, job.step_callback(self.previewer))
         except BaseException as exc:
             if not is_oom(exc):
                 raise
@@ -408,19 +332,6 @@ class Engine:
         except Exception:  # noqa: BLE001 - the OOM answer matters more than a failed clean-up
             logger.exception("memory release failed")
         raise OutOfMemory
-
-    def _previews(self, request: GenerationRequest, done: int, latents: Any) -> list[Any] | None:
-        """Preview images when one is due after ``done`` steps (never after the last: the image itself follows)."""
-        every = request.preview_every
-        if not every or self.previewer is None or latents is None:
-            return None
-        if done % every or done >= request.num_inference_steps:
-            return None
-        try:
-            return self.previewer(latents)
-        except Exception:  # noqa: BLE001 - a failed preview must not fail the generation
-            logger.exception("preview failed in request %s", request.request_id)
-            return None
 
     def abort(self) -> None:
         """End a drain: every running and queued request is answered ``NotReady("draining")`` now, and running

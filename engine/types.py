@@ -1,7 +1,7 @@
 """What goes into the engine and comes out of it: the request, its result, its progress events, the failures, and
 the shapes of the callables the engine is built from (runner, step callback, previewer, listener).
 
-Kept apart from ``utils.engine`` (admission and execution), which re-exports every name here.
+The package (``engine``) re-exports every name here.
 """
 
 from __future__ import annotations
@@ -75,6 +75,7 @@ class GenerationRequest:
     guidance_scale: float | None = None
     request_id: str = ""
     preview_every: int = 0  # preview images every N steps (0: none); needs an engine with a previewer
+    task: str = "text-to-image"  # which room of engine.tasks prepares and steps it (engine.tasks.TASKS)
 
 
 @dataclass

@@ -1,15 +1,54 @@
-"""The threads strategy's runner: one whole pipeline call per admitted request, in its slot thread."""
+"""The threads strategy's runner: one whole diffusers pipeline call per admitted request, in its slot thread.
+
+Which pipeline is called, and with which of the task's own arguments, is the request's task's to say
+(``engine.tasks``): text-to-image calls the loaded ``StableDiffusion3Pipeline``; a task whose pipeline is another
+class (image-to-image, inpainting) gets that class built once over the loaded pipeline's components
+(``from_pipe``: the same weight objects, nothing copied) and a request-scoped view of it per request.
+"""
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
 
-from .engine import GenerationRequest, Runner, StepCallback
-from .prompt_cache import PromptCache, encode_texts, is_guided, request_embeddings
+from utils import RequestScopedPipeline
 
-__all__ = ["pipeline_runner"]
+from .prompt_cache import PromptCache, encode_texts, is_guided, request_embeddings
+from .tasks import get_task
+from .types import GenerationRequest, Runner, StepCallback
+
+__all__ = ["TaskPipelines", "pipeline_runner"]
+
+
+class TaskPipelines:
+    """The ``RequestScopedPipeline`` each task's pipeline class runs on, all over the loaded pipeline's weights."""
+
+    def __init__(self, scoped: RequestScopedPipeline) -> None:
+        self.scoped = scoped
+        self._by_class: dict[str, RequestScopedPipeline] = {}
+        # Protects _by_class: two slot threads asking for a new class at once must build it once, not twice.
+        self._lock = threading.Lock()
+
+    def get(self, class_name: str) -> RequestScopedPipeline:
+        """The scoped pipeline of diffusers' ``class_name``: the loaded one when it is of that class (or a subclass),
+        else one built on first use from the loaded one's components."""
+        with self._lock:
+            found = self._by_class.get(class_name)
+            if found is None:
+                import diffusers
+
+                cls = getattr(diffusers, class_name)
+                if isinstance(self.scoped.pipeline, cls):
+                    found = self.scoped
+                else:
+                    pipeline = cls.from_pipe(self.scoped.pipeline)
+                    pipeline.set_progress_bar_config(disable=True)
+                    # The same tokenizer objects as the loaded pipeline's, so the same lock must guard them.
+                    found = RequestScopedPipeline(pipeline, tokenizer_lock=self.scoped.tokenizer_lock)
+                self._by_class[class_name] = found
+            return found
 
 
 def pipeline_runner(scoped: Any, device: Any = None, prompt_cache: PromptCache | None = None) -> Runner:
@@ -18,6 +57,7 @@ def pipeline_runner(scoped: Any, device: Any = None, prompt_cache: PromptCache |
     The generator lives on the CPU: the same seed then gives the same starting noise on every device. With a
     ``prompt_cache`` (capacity > 0) the embeddings come from it and the pipeline skips its text encoders.
     """
+    pipelines = TaskPipelines(scoped)
     # Encodes cache misses in the calling slot thread; its tokenizers are locked, so slots may share it.
     encoder_view = scoped.make_view() if prompt_cache is not None and prompt_cache.capacity > 0 else None
 
@@ -26,7 +66,8 @@ def pipeline_runner(scoped: Any, device: Any = None, prompt_cache: PromptCache |
             on_step(step, tensors.get("latents"))  # the pipeline hands its latents by default
             return {}
 
-        kwargs: dict[str, Any] = {}
+        task = get_task(request.task)
+        kwargs = task.pipeline_arguments(request)
         if request.guidance_scale is not None:
             kwargs["guidance_scale"] = request.guidance_scale
         if encoder_view is not None:
@@ -36,10 +77,8 @@ def pipeline_runner(scoped: Any, device: Any = None, prompt_cache: PromptCache |
             kwargs.update(
                 prompt=request.prompt, negative_prompt=request.negative_prompt, num_images_per_prompt=request.num_images
             )
-        output = scoped.generate(
+        output = pipelines.get(task.pipeline_class).generate(
             num_inference_steps=request.num_inference_steps,
-            height=request.height,
-            width=request.width,
             generator=torch.Generator("cpu").manual_seed(request.seed),
             callback_on_step_end=callback,
             output_type="pil",

@@ -1,0 +1,53 @@
+"""The engine: admission and execution of generations on one shared pipeline. It knows no HTTP.
+
+Rooms (arrows run downward only: the engine imports ``utils`` and diffusers, never ``api``):
+
+- ``admission``: ``Engine``, slots, the bounded queue, deadlines, cancellation, drain, listeners;
+- ``progress``: one admitted request's bookkeeping, its step callback and its progress events;
+- ``threads`` and ``step``: the two runners behind the one seam ``Engine`` calls (``loop``: the step runner's
+  shared denoising loop);
+- ``tasks``: one room per task (text-to-image), what each runner asks of a task;
+- ``prompt_cache``, ``previews``, ``memory``: what the runners share;
+- ``types``: what goes in and comes out (re-exported here).
+"""
+
+from .admission import Engine
+from .memory import is_oom, release_memory
+from .types import (
+    ClientGone,
+    EngineError,
+    GenerationCancelled,
+    GenerationRequest,
+    GenerationResult,
+    GenerationTimeout,
+    Listener,
+    NotReady,
+    OutOfMemory,
+    Overloaded,
+    Previewer,
+    Progress,
+    ProgressEvent,
+    Runner,
+    StepCallback,
+)
+
+__all__ = [
+    "ClientGone",
+    "Engine",
+    "EngineError",
+    "GenerationCancelled",
+    "GenerationRequest",
+    "GenerationResult",
+    "GenerationTimeout",
+    "Listener",
+    "NotReady",
+    "OutOfMemory",
+    "Overloaded",
+    "Previewer",
+    "Progress",
+    "ProgressEvent",
+    "Runner",
+    "StepCallback",
+    "is_oom",
+    "release_memory",
+]

@@ -1,0 +1,81 @@
+"""One admitted request's bookkeeping, and how its progress reaches the event loop from a worker thread.
+
+A ``Ticket`` is made by ``Engine.submit`` for each request: its cancel flag (set when the client leaves, the deadline
+passes or the drain ends), its timestamps, and its progress callback. The runner's step callback
+(``Ticket.step_callback``) records the first step, raises ``GenerationCancelled`` once the request is abandoned,
+and reports a ``step`` event, with preview images when one is due.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .types import GenerationCancelled, GenerationRequest, Previewer, Progress, ProgressEvent, StepCallback
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Ticket", "notify"]
+
+
+def notify(progress: Progress, event: ProgressEvent) -> None:
+    """Call a progress callback on the event loop; its failure is logged, never the engine's."""
+    try:
+        progress(event)
+    except Exception:  # noqa: BLE001 - a listener's bug must not break admission
+        logger.exception("progress callback failed")
+
+
+@dataclass
+class Ticket:
+    """An admitted (or queued) request: what stops it, when it arrived, started and first stepped, who listens."""
+
+    request: GenerationRequest
+    cancel: threading.Event = field(default_factory=threading.Event)
+    arrived: float = field(default_factory=time.monotonic)
+    first_step_at: float | None = None
+    started_at: float | None = None
+    progress: Progress | None = None
+    loop: asyncio.AbstractEventLoop | None = None
+
+    def report(self, event: ProgressEvent) -> None:
+        """From a worker thread: hand ``event`` to the progress callback on the event loop."""
+        if self.progress is not None and self.loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody is listening any more
+                self.loop.call_soon_threadsafe(self.progress, event)
+
+    def step_callback(self, previewer: Previewer | None) -> StepCallback:
+        """The ``on_step(step_index, latents)`` the runner calls after every denoising step (in a worker thread)."""
+        total = self.request.num_inference_steps
+
+        def on_step(step: int, latents: Any = None) -> None:
+            now = time.monotonic()
+            if self.first_step_at is None:
+                self.first_step_at = now
+            if self.cancel.is_set():
+                raise GenerationCancelled
+            if self.progress is not None:
+                started = self.started_at if self.started_at is not None else now
+                event = ProgressEvent("step", step=step + 1, total=total, elapsed_s=now - started)
+                event.previews = self._previews(previewer, step + 1, latents)
+                self.report(event)
+
+        return on_step
+
+    def _previews(self, previewer: Previewer | None, done: int, latents: Any) -> list[Any] | None:
+        """Preview images when one is due after ``done`` steps (never after the last: the image itself follows)."""
+        every = self.request.preview_every
+        if not every or previewer is None or latents is None:
+            return None
+        if done % every or done >= self.request.num_inference_steps:
+            return None
+        try:
+            return previewer(latents)
+        except Exception:  # noqa: BLE001 - a failed preview must not fail the generation
+            logger.exception("preview failed in request %s", self.request.request_id)
+            return None

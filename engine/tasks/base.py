@@ -1,0 +1,77 @@
+"""What a task is: the part of a generation that differs between text-to-image and the tasks beside it.
+
+Both runners ask the request's task, and only it, what is particular to that task:
+
+- the threads runner: which diffusers pipeline to call (``pipeline_class``) and the task's own arguments to that
+  call (``pipeline_arguments``: the size for text-to-image; an init image, a mask, a strength for the edits);
+- the step runner: where the request's denoising starts (``start``: its starting latents and its timesteps) and
+  what follows each scheduler step (``Start.after_step``: nothing for text-to-image; re-noising the kept region
+  for inpainting).
+
+Everything else is shared by every task and stays in the runners: the prompt embeddings and their cache, guidance,
+the transformer passes and the scheduler steps, cancellation and progress, the VAE decode. Adding a task is adding
+a module beside ``text_to_image`` and registering it in ``engine.tasks``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from ..types import GenerationRequest
+
+__all__ = ["AfterStep", "Start", "Task", "set_timesteps"]
+
+# after_step(step_index, latents) -> latents: runs after the scheduler's step, before the request's step callback.
+AfterStep = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Start:
+    """Where one request's denoising begins in the step engine."""
+
+    latents: torch.Tensor  # the starting latents, batch = the request's images, in the pipeline's latent space
+    timesteps: torch.Tensor  # the timesteps to step through, in order (the view's scheduler is set to them)
+    after_step: AfterStep | None = None
+
+
+class Task(ABC):
+    """One kind of generation. Stateless: one instance serves every request of its kind, from any thread."""
+
+    name: ClassVar[str]  # what GenerationRequest.task names
+    pipeline_class: ClassVar[str]  # the diffusers pipeline class the threads runner calls, by name
+
+    @abstractmethod
+    def pipeline_arguments(self, request: GenerationRequest) -> dict[str, Any]:
+        """The task's own arguments to a call of ``pipeline_class`` (the runner adds the shared ones)."""
+
+    @abstractmethod
+    def start(self, view: Any, request: GenerationRequest, dtype: torch.dtype, device: torch.device) -> Start:
+        """Prepare ``request`` on its ``view`` (own scheduler) exactly as ``pipeline_class`` would: the starting
+        latents (from a CPU generator seeded with ``request.seed``) and the timesteps."""
+
+
+def set_timesteps(view: Any, num_inference_steps: int, latents: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Set the view's scheduler to ``num_inference_steps`` as SD3's pipelines do (with the resolution-dependent shift
+    ``mu`` when the scheduler shifts dynamically, as SD3.5's does) and return its timesteps."""
+    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+    scheduler = view.scheduler
+    kwargs: dict[str, Any] = {}
+    if scheduler.config.get("use_dynamic_shifting", None):
+        patch = view.transformer.config.patch_size
+        seq_len = (latents.shape[2] // patch) * (latents.shape[3] // patch)
+        config = scheduler.config
+        kwargs["mu"] = calculate_shift(
+            seq_len,
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.16),
+        )
+    scheduler.set_timesteps(num_inference_steps, device=device, **kwargs)
+    return scheduler.timesteps
