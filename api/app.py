@@ -46,26 +46,7 @@ def create_app(settings: Settings | None = None, loader: Callable[[Settings], An
         grace_seconds=settings.image_grace,
     )
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state = app.state
-        state.load_task = asyncio.create_task(load_model(app, settings, loader))
-        state.prune_task = asyncio.create_task(_prune_periodically(store, settings))
-        state.jobs.open()
-        try:
-            yield
-        finally:
-            engine = state.engine
-            if engine is not None:
-                finished = await engine.drain(settings.shutdown_timeout)
-                if not finished:
-                    logger.warning("shutdown timeout: %d request(s) still running were abandoned", engine.active)
-            # The engine has drained (or aborted): the jobs' tasks are storing their last images or already done.
-            await state.jobs.close(settings.shutdown_timeout)
-            if engine is not None:
-                engine.close()
-            for task in (state.load_task, state.prune_task):
-                task.cancel()
+    lifespan = _lifespan(settings, loader, store)
 
     # /docs with Swagger UI's script and CSS served from the fastapi-offline package, so it works with no network;
     # no /redoc (one set of docs).
@@ -95,6 +76,36 @@ def create_app(settings: Settings | None = None, loader: Callable[[Settings], An
         app.include_router(router)
     publish_limits(app, settings)
     return app
+
+
+def _lifespan(
+    settings: Settings, loader: Callable[[Settings], Any] | None, store: Any
+) -> Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]]:
+    """The app's lifespan: load the model in the background and prune images while serving; on the way out, drain
+    the engine, then the jobs, then close the engine."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state = app.state
+        state.load_task = asyncio.create_task(load_model(app, settings, loader))
+        state.prune_task = asyncio.create_task(_prune_periodically(store, settings))
+        state.jobs.open()
+        try:
+            yield
+        finally:
+            engine = state.engine
+            if engine is not None:
+                finished = await engine.drain(settings.shutdown_timeout)
+                if not finished:
+                    logger.warning("shutdown timeout: %d request(s) still running were abandoned", engine.active)
+            # The engine has drained (or aborted): the jobs' tasks are storing their last images or already done.
+            await state.jobs.close(settings.shutdown_timeout)
+            if engine is not None:
+                engine.close()
+            for task in (state.load_task, state.prune_task):
+                task.cancel()
+
+    return lifespan
 
 
 def _add_middleware(app: FastAPI, settings: Settings) -> None:
