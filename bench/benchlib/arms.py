@@ -27,7 +27,7 @@ from .common import REPO, log
 from .options import apply_options, sdpa_backend_context
 from .stats import PeakRSS, Run, Sample
 
-ARMS = ("serial", "serial-opt", "thread", "ours", "step")
+ARMS = ("serial", "serial-opt", "thread", "ours", "step", "step-compile")
 
 
 class Arm(Protocol):
@@ -321,5 +321,8 @@ def make_arm(name: str, args: argparse.Namespace) -> Arm:
     if name == "step":
         # The step engine (one worker batching the transformer across requests), otherwise the server's defaults.
         return ServerArm(name, args, ["--engine", "step"])
+    if name == "step-compile":
+        # The step engine with its transformer blocks compiled (the server's --compile; the warm-up compiles).
+        return ServerArm(name, args, ["--engine", "step", "--compile"])
     # ours: the server's defaults, unless a candidate configuration is being tried (--ours-args, --ours-env).
     return ServerArm(name, args, shlex.split(args.ours_args), dict(e.split("=", 1) for e in args.ours_env))

@@ -198,6 +198,11 @@ def workload_ratios(by_arm: dict[str, Stats]) -> dict[str, str]:
     }
     if serial and by_arm.get("serial-opt"):
         ratios["serial-opt/serial images/s"] = fmt_ratio(by_arm["serial-opt"].throughput, serial.throughput)
+    step, compiled = by_arm.get("step"), by_arm.get("step-compile")
+    if step and ours:
+        ratios["step/ours images/s"] = fmt_ratio(step.throughput, ours.throughput)
+    if step and compiled:
+        ratios["step-compile/step images/s"] = fmt_ratio(compiled.throughput, step.throughput)
     return ratios
 
 
