@@ -41,9 +41,11 @@ annotated-types typing-inspection annotated-doc importlib-metadata"
 if [ "$fetch" = 1 ]; then
   mkdir -p .whl
   for name in $WHEELS; do
+    # The versions this machine's tests ran with, where it has them.
+    version=$("$python" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$name" 2>/dev/null)
     "$python" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-      --platform any -d .whl "$name" || { echo "bench/gpu.sh: could not fetch $name" >&2; exit 1; }
+      --platform any -d .whl "$name${version:+==$version}" || { echo "bench/gpu.sh: could not fetch $name" >&2; exit 1; }
   done
   ls .whl
   exit 0
