@@ -31,6 +31,15 @@ def test_readme_commands_match_ci() -> None:
     assert "python -m pytest -q" in README and "python -m pytest -q" in CI
 
 
+def test_the_quick_starts_torch_install_is_cis() -> None:
+    """The same flags as CI's (no retries, a short timeout), so a machine that can't reach PyTorch's index falls back
+    to its configured wheels at once in both."""
+    ci_line = next(line for line in CI.splitlines() if "pip install torch==" in line)
+    command = ci_line.removeprefix("python -m ").replace(" -q", "")
+    quick_start = README.split("## Quick start", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    assert command in quick_start.splitlines(), (command, quick_start)
+
+
 def test_every_exit_code_is_documented() -> None:
     section = README.split("## Exit codes", 1)[1].split("\n## ", 1)[0]
     documented = {int(code) for code in re.findall(r"^\| (\d+) \|", section, flags=re.MULTILINE)}
