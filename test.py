@@ -4,8 +4,10 @@
     python test.py --url http://gpu-box:8500 --concurrency 8 --steps 10
     python test.py --stream --steps 28        # as a job: a progress bar (steps, ETA, queue place) while it runs
 
-Exit status: 0 when every request succeeded and every image was downloaded, 1 otherwise, 2 for bad arguments, 130
-when interrupted (Ctrl-C; with --stream the jobs it started are cancelled).
+Exit status: 0 when every request succeeded and every image was downloaded, 1 otherwise, 2 for bad arguments (or
+when httpx, from requirements.txt, is missing: run it in the server's virtual environment), 130 when interrupted
+(Ctrl-C; with --stream the jobs it started are cancelled). The API key is --api-key, else SERVER_API_KEY (the
+server's own variable), so a shell that started the server with a key can run this unchanged.
 This is a script for people; pytest does not collect it (see ``testpaths`` in pyproject.toml).
 """
 
@@ -15,6 +17,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import statistics
 import sys
 import threading
@@ -25,7 +28,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-import httpx
+try:
+    import httpx
+except ImportError:  # run outside the virtual environment the server's requirements went into
+    print(
+        "test.py needs httpx (it is in requirements.txt): run it in the server's virtual environment "
+        "(. .venv/bin/activate), or pip install httpx",
+        file=sys.stderr,
+    )
+    raise SystemExit(2) from None
 
 ENDPOINT = "/api/diffusers/inference"
 JOBS = "/api/jobs"
@@ -67,7 +78,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--concurrency", type=_positive, default=1, help="send N requests at once and summarise latency"
     )
-    parser.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer KEY'")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("SERVER_API_KEY") or None,
+        help="sent as 'Authorization: Bearer KEY' [default: $SERVER_API_KEY, the server's own variable]",
+    )
     parser.add_argument(
         "--stream",
         action="store_true",

@@ -170,6 +170,7 @@ def build_engine(settings: Settings, pipeline: Any, device: Any) -> tuple[Any, A
         cpu_threads=cores,
         kind=kind,
         previewer=previewer,
+        log_interval=settings.progress_log_interval,
     )
     return engine, scoped, cache
 

@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     max_queue: int = Field(64, ge=0, le=100_000, description="requests that may wait for a slot; beyond: 503")
     request_timeout: float = Field(300.0, ge=0, description="seconds before a request is answered 504 (0: none)")
     shutdown_timeout: float = Field(30.0, ge=0, description="seconds to let in-flight requests finish on SIGTERM")
+    progress_log_interval: float = Field(
+        10.0, ge=0, description="a running generation logs its step every this many seconds (0: never)"
+    )
     image_ttl: float = Field(86_400.0, ge=0, description="seconds generated images are kept (0: forever)")
     image_max_files: int = Field(10_000, ge=0, description="most images kept on disk, oldest go first (0: no cap)")
     image_max_bytes: int = Field(0, ge=0, description="most bytes of images kept on disk, oldest go first (0: no cap)")

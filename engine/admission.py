@@ -104,6 +104,7 @@ class Engine:
         cpu_threads: int | None = None,
         kind: str = "threads",
         previewer: Previewer | None = None,
+        log_interval: float = 0,
     ) -> None:
         if max_concurrency < 1 or max_queue < 0:
             raise ValueError("max_concurrency must be >= 1 and max_queue >= 0")
@@ -114,6 +115,7 @@ class Engine:
         self.request_timeout = request_timeout
         self.release = release
         self.previewer = previewer
+        self.log_interval = log_interval  # seconds between a running generation's progress log lines (0: none)
         # CPU only: the cores split evenly between the slots (None: leave torch's setting alone). The split is fixed,
         # never adjusted to the load: a different thread count changes the floating-point reductions, and the same
         # seed must give the same image alone or under load.
@@ -320,7 +322,7 @@ class Engine:
         job.started_at = time.monotonic()
         job.report(ProgressEvent("started"))
         try:
-            return self.runner(job.request, job.step_callback(self.previewer))
+            return self.runner(job.request, job.step_callback(self.previewer, self.log_interval))
         except BaseException as exc:
             if not is_oom(exc):
                 raise

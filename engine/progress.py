@@ -49,19 +49,26 @@ class Ticket:
             with contextlib.suppress(RuntimeError):  # the loop closed: nobody is listening any more
                 self.loop.call_soon_threadsafe(self.progress, event)
 
-    def step_callback(self, previewer: Previewer | None) -> StepCallback:
-        """The ``on_step(step_index, latents)`` the runner calls after every denoising step (in a worker thread)."""
+    def step_callback(self, previewer: Previewer | None, log_interval: float = 0) -> StepCallback:
+        """The ``on_step(step_index, latents)`` the runner calls after every denoising step (in a worker thread).
+        With ``log_interval``, a generation running longer than that logs its step every ``log_interval`` seconds,
+        so a slow one (a large image on a CPU) shows in the server's log that it is alive."""
         total = self.request.num_inference_steps
+        logged_at = time.monotonic()
 
         def on_step(step: int, latents: Any = None) -> None:
+            nonlocal logged_at
             now = time.monotonic()
             if self.first_step_at is None:
                 self.first_step_at = now
             if self.cancel.is_set():
                 raise GenerationCancelled
+            elapsed = now - (self.started_at or now)
+            if log_interval and now - logged_at >= log_interval:
+                logged_at = now
+                logger.info("request %s: step %d/%d after %.1f s", self.request.request_id, step + 1, total, elapsed)
             if self.progress is not None:
-                started = self.started_at if self.started_at is not None else now
-                event = ProgressEvent("step", step=step + 1, total=total, elapsed_s=now - started)
+                event = ProgressEvent("step", step=step + 1, total=total, elapsed_s=elapsed)
                 event.previews = self._previews(previewer, step + 1, latents)
                 self.report(event)
 

@@ -263,6 +263,25 @@ def test_cli_server_serves_end_to_end_with_client_facing_urls(spawn_server: Call
     assert open_png(fetch_png(url)).size == (64, 64)
 
 
+def test_a_long_generation_logs_that_it_is_alive_at_the_interval(spawn_server: Callable[..., Any]) -> None:
+    """--progress-log-interval: a generation running longer than the interval logs its step, request id and time
+    on the console at that interval, and only then (a short one logs nothing)."""
+    server = spawn_server("--progress-log-interval", "0.05", "--max-steps", "200").wait_ready()
+    long = {"prompt": "a lighthouse", "seed": 3, "num_inference_steps": 120, "width": 128, "height": 128}
+    response = httpx.post(server.url + NATIVE, json=long, timeout=300)
+    assert response.status_code == 200, response.text
+    rid = response.headers["x-request-id"]
+    lines = re.findall(rf"request {re.escape(rid)}: step (\d+)/120 after ([0-9.]+) s", server.log())
+    assert len(lines) >= 2, server.log()[-2000:]
+    steps, seconds = [int(step) for step, _ in lines], [float(t) for _, t in lines]
+    assert steps == sorted(set(steps)) and seconds == sorted(seconds) and steps[-1] <= 120
+
+    quiet = spawn_server("--max-steps", "200").wait_ready()  # the default interval, 10 s: longer than this request
+    response = httpx.post(quiet.url + NATIVE, json={**long, "num_inference_steps": 4}, timeout=300)
+    assert response.status_code == 200, response.text
+    assert ": step " not in quiet.log()
+
+
 def test_sigterm_while_the_model_loads_exits_at_once(tmp_path: Path) -> None:
     import signal
     import time

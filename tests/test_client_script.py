@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -14,10 +15,11 @@ from http_helpers import open_png
 REPO = Path(__file__).resolve().parent.parent
 
 
-def run_client(*args: str) -> subprocess.CompletedProcess[str]:
-    """Run test.py with ``args``; never raises on a non-zero exit."""
+def run_client(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run test.py with ``args`` (and ``env`` added to this environment); never raises on a non-zero exit."""
     command = [sys.executable, str(REPO / "test.py"), *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=180, cwd=REPO, check=False)
+    environ = {k: v for k, v in os.environ.items() if k != "SERVER_API_KEY"} | (env or {})
+    return subprocess.run(command, capture_output=True, text=True, timeout=180, cwd=REPO, env=environ, check=False)
 
 
 def printed_paths(stdout: str) -> list[Path]:
@@ -66,6 +68,24 @@ def test_server_errors_are_explained_and_exit_non_zero(make_server: Callable[...
     with_key = run_client(*common, "--api-key", "sesame")
     assert with_key.returncode == 0, with_key.stderr
     assert len(printed_paths(with_key.stdout)) == 1
+
+    # The server's own variable is the client's default key; --api-key still wins.
+    from_env = run_client(*common, env={"SERVER_API_KEY": "sesame"})
+    assert from_env.returncode == 0, from_env.stderr
+    wrong_flag = run_client(*common, "--api-key", "wrong", env={"SERVER_API_KEY": "sesame"})
+    assert wrong_flag.returncode == 1 and "HTTP 401" in wrong_flag.stderr
+
+
+def test_without_httpx_it_says_where_to_get_it_and_exits_2() -> None:
+    """Run outside the server's virtual environment (no httpx there): one line saying what to do, no traceback."""
+    hide_httpx = (
+        "import runpy, sys; sys.modules['httpx'] = None; sys.argv = ['test.py', '--help']; "
+        "runpy.run_path('test.py', run_name='__main__')"
+    )
+    result = subprocess.run([sys.executable, "-c", hide_httpx], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert result.returncode == 2
+    assert "test.py needs httpx" in result.stderr and ". .venv/bin/activate" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_unreachable_server_exits_non_zero_with_a_clear_message(tmp_path: Path) -> None:

@@ -40,6 +40,24 @@ def test_the_quick_starts_torch_install_is_cis() -> None:
     assert command in quick_start.splitlines(), (command, quick_start)
 
 
+def test_the_client_examples_run_in_the_servers_virtual_environment() -> None:
+    """test.py needs httpx from requirements.txt: the shell that runs it activates the environment first."""
+    block = README.split("Then, from another shell", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    lines = [line for line in block.splitlines() if line.strip()]
+    assert lines[0] == ". .venv/bin/activate" and lines[1].startswith("python test.py"), lines
+
+
+def test_the_request_examples_are_sized_for_the_machine_they_run_on() -> None:
+    """The examples take the model's native size ("auto", or no size), not an explicit 1024x1024 that takes a
+    minute on a CPU even with random:tiny; larger explicit sizes in examples stay at most 256 pixels a side."""
+    blocks = re.findall(r"```(?:bash|python)\n(.*?)```", README, flags=re.S)
+    sizes = [s for block in blocks for s in re.findall(r"size\"?\s*[:=]\s*[\"'](\d+)x(\d+)", block)]
+    sides = [int(w) for w, _ in sizes] + [int(h) for _, h in sizes]
+    sides += [int(v) for block in blocks for v in re.findall(r'"(?:width|height)":\s*(\d+)', block)]
+    assert all(side <= 256 for side in sides), sizes
+    assert README.count('size="auto"') >= 2 and README.count('"size": "auto"') >= 2
+
+
 def test_every_exit_code_is_documented() -> None:
     section = README.split("## Exit codes", 1)[1].split("\n## ", 1)[0]
     documented = {int(code) for code in re.findall(r"^\| (\d+) \|", section, flags=re.MULTILINE)}
