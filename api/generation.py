@@ -82,15 +82,13 @@ def to_generation(
         raise bad("n", limits[names.get("n", "n")])
     height = geometry.default_size if height is None else height
     width = geometry.default_size if width is None else width
-    max_size = max_side(settings, geometry)
     for field, value in (("height", height), ("width", width)):
-        if not 16 <= value <= max_size:
-            raise bad(field, limits[field])
-        if value % geometry.size_multiple:
-            multiple = geometry.size_multiple
-            lower = max(multiple, value - value % multiple)
-            options = " or ".join(str(v) for v in (lower, lower + multiple) if v <= max_size)
-            raise bad(field, f"must be a multiple of {multiple}; try {options}")
+        message = _size_problem(value, max_side(settings, geometry), geometry.size_multiple, limits[field])
+        if message:
+            raise bad(field, message)
+    budget = getattr(request.app.state.engine, "max_pixels", 0)
+    if budget and n * width * height > budget:
+        raise bad("n", _too_large(n, width, height, budget))
     return GenerationRequest(
         prompt=prompt,
         negative_prompt=negative_prompt,
@@ -102,6 +100,24 @@ def to_generation(
         height=height,
         width=width,
         request_id=request_id(request),
+    )
+
+
+def _size_problem(value: int, max_size: int, multiple: int, limit: str) -> str | None:
+    """What is wrong with a width or height (None: nothing), with the nearest sizes that would do."""
+    if not 16 <= value <= max_size:
+        return limit
+    if value % multiple:
+        lower = max(multiple, value - value % multiple)
+        options = " or ".join(str(v) for v in (lower, lower + multiple) if v <= max_size)
+        return f"must be a multiple of {multiple}; try {options}"
+    return None
+
+
+def _too_large(n: int, width: int, height: int, budget: int) -> str:
+    return (
+        f"{n} image(s) of {width}x{height} are {n * width * height} pixels, more than this server generates at once "
+        f"({budget}, --max-pixels-in-flight); ask for fewer images or a smaller size"
     )
 
 
@@ -150,8 +166,10 @@ def log_generation(generation: GenerationRequest, job_id: str | None = None) -> 
 
 
 def as_api_error(exc: EngineError, engine: Any, request_timeout: float) -> APIError:
-    from engine import GenerationTimeout, NotReady, OutOfMemory, Overloaded
+    from engine import GenerationTimeout, NotReady, OutOfMemory, Overloaded, TooLarge
 
+    if isinstance(exc, TooLarge):  # the API checks this first (to_generation); here for any other caller
+        return APIError(400, f"Too large: {exc}.", "invalid_request_error", code="invalid_value")
     if isinstance(exc, Overloaded):
         return APIError(
             503,

@@ -14,6 +14,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from api.limits import max_side
 from api.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -125,6 +126,12 @@ async def load_model(app: FastAPI, settings: Settings, loader: Callable[[Setting
     )
 
 
+def pixel_budget(settings: Settings, geometry: ModelGeometry) -> int:
+    """--max-pixels-in-flight, or by default the cost of one largest request: any request fits, and two of the
+    largest never run at once."""
+    return settings.max_pixels_in_flight or max_side(settings, geometry) ** 2 * settings.max_images_per_request
+
+
 def compile_blocks(transformer: Any) -> None:
     """Regional compilation: each repeated transformer block is compiled (``torch.compile``, dynamic shapes, as the
     batch size changes from pass to pass), which takes a fraction of compiling the whole model. Safe with the step
@@ -171,6 +178,7 @@ def build_engine(settings: Settings, pipeline: Any, device: Any) -> tuple[Any, A
         kind=kind,
         previewer=previewer,
         log_interval=settings.progress_log_interval,
+        max_pixels=pixel_budget(settings, ModelGeometry.of(pipeline)),
     )
     return engine, scoped, cache
 

@@ -68,6 +68,13 @@ class Settings(BaseSettings):
         False, description="step engine: compile the transformer's repeated blocks with torch.compile (regional)"
     )
     max_queue: int = Field(64, ge=0, le=100_000, description="requests that may wait for a slot; beyond: 503")
+    max_pixels_in_flight: int = Field(
+        0,
+        ge=0,
+        description="pixels (width x height x images) the generations running at once may hold; a request waits "
+        "in the queue until its pixels are free, and one larger than this is refused 400 (0: one largest request, "
+        "max-image-size squared x max-images-per-request)",
+    )
     request_timeout: float = Field(300.0, ge=0, description="seconds before a request is answered 504 (0: none)")
     shutdown_timeout: float = Field(30.0, ge=0, description="seconds to let in-flight requests finish on SIGTERM")
     progress_log_interval: float = Field(

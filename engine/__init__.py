@@ -29,6 +29,7 @@ from .types import (
     ProgressEvent,
     Runner,
     StepCallback,
+    TooLarge,
 )
 
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
     "ProgressEvent",
     "Runner",
     "StepCallback",
+    "TooLarge",
     "is_oom",
     "release_memory",
 ]

@@ -6,6 +6,12 @@ most ``max_concurrency`` at once, first come first served, gives the same throug
 (N + 1) / 2 x S, and bounds memory. Beyond the slots, up to ``max_queue`` requests wait; beyond that the answer is
 an immediate overload error, before any work is done.
 
+Cost as well as count: with a pixel budget (``max_pixels``), the requests running at once hold at most that many
+pixels (width x height x images, what their memory grows with), so three requests for ten of the largest images
+can't all run at once because two slots were free. A request waits in the same FIFO queue until both a slot and
+its pixels are free; the head of the queue holds the ones behind it (a large request is never starved by small
+ones); one that is larger than the whole budget is refused at once (``TooLarge``), as it could never run.
+
 A request that times out or whose client went away is stopped at its next denoising step (the step callback raises
 ``GenerationCancelled`` in the worker thread); a queued one never runs. Its slot is released when the worker thread
 has really stopped, so ``active`` always counts threads that are computing.
@@ -61,6 +67,7 @@ from .types import (
     Progress,
     ProgressEvent,
     Runner,
+    TooLarge,
 )
 
 logger = logging.getLogger(__name__)
@@ -105,9 +112,10 @@ class Engine:
         kind: str = "threads",
         previewer: Previewer | None = None,
         log_interval: float = 0,
+        max_pixels: int = 0,
     ) -> None:
-        if max_concurrency < 1 or max_queue < 0:
-            raise ValueError("max_concurrency must be >= 1 and max_queue >= 0")
+        if max_concurrency < 1 or max_queue < 0 or max_pixels < 0:
+            raise ValueError("max_concurrency must be >= 1, max_queue and max_pixels >= 0")
         self.runner = runner
         self.kind = kind  # the execution strategy behind the runner: "threads" or "step" (for /api/status and logs)
         self.max_concurrency = max_concurrency
@@ -123,8 +131,11 @@ class Engine:
         self._executor = ThreadPoolExecutor(
             max_workers=max_concurrency, thread_name_prefix="generate", initializer=self._init_worker
         )
+        self.max_pixels = max_pixels  # pixels running at once (0: no budget, slots alone)
         self._active = 0
+        self._pixels = 0  # what the running requests hold of max_pixels
         self._waiters: deque[asyncio.Future[None]] = deque()
+        self._waiting_pixels: dict[asyncio.Future[None], int] = {}  # each waiter's cost, for the hand-over
         self._positions: dict[asyncio.Future[None], Progress] = {}  # waiters that asked for progress
         # Held while idle-time memory is released. A generation passes through it before starting, and a release
         # only runs if no slot is taken once it holds it, so a release never overlaps (and stalls) a generation.
@@ -155,6 +166,11 @@ class Engine:
     def queued(self) -> int:
         return len(self._waiters)
 
+    @property
+    def pixels_running(self) -> int:
+        """Pixels (width x height x images) of the generations running now; at most ``max_pixels`` when set."""
+        return self._pixels
+
     def set_ready(self) -> None:
         self.ready_reason = None
 
@@ -163,14 +179,25 @@ class Engine:
 
     # -- admission --------------------------------------------------------------------------------------
 
+    def _fits(self, pixels: int) -> bool:
+        return self._active < self.max_concurrency and (not self.max_pixels or self._pixels + pixels <= self.max_pixels)
+
+    def _take(self, pixels: int) -> None:
+        self._active += 1
+        self._pixels += pixels
+
     async def _acquire(self, job: Ticket, gone: asyncio.Event, deadline: float | None) -> None:
-        if self._active < self.max_concurrency and not self._waiters:
-            self._active += 1
+        pixels = job.request.pixels
+        if self.max_pixels and pixels > self.max_pixels:
+            raise TooLarge(pixels, self.max_pixels)
+        if not self._waiters and self._fits(pixels):
+            self._take(pixels)
             return
         if len(self._waiters) >= self.max_queue:
             raise Overloaded
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
+        self._waiting_pixels[waiter] = pixels
         if job.progress is not None:
             self._positions[waiter] = job.progress
             notify(job.progress, ProgressEvent("queued", position=len(self._waiters)))
@@ -178,15 +205,17 @@ class Engine:
             await self._race(waiter, gone, deadline)
         except BaseException:
             if waiter.done() and not waiter.cancelled():
-                self._release_slot()  # the slot was handed to us as we gave up: pass it on
+                self._release_slot(pixels)  # the slot was handed to us as we gave up: pass it on
             else:
                 waiter.cancel()
                 with contextlib.suppress(ValueError):
                     self._waiters.remove(waiter)
+                self._start_waiting()  # a head that did not fit may have been holding the others back
                 self._announce_positions()
             raise
         finally:
             self._positions.pop(waiter, None)
+            self._waiting_pixels.pop(waiter, None)
 
     def _announce_positions(self) -> None:
         """Tell every waiter that asked for progress its new place in the queue (the queue moved)."""
@@ -201,25 +230,39 @@ class Engine:
             if progress is not None:
                 notify(progress, ProgressEvent("queued", position=position))
 
-    def _thread_done(self, future: asyncio.Future[Any]) -> None:
+    def _thread_done(self, pixels: int, future: asyncio.Future[Any]) -> None:
         if not future.cancelled():
             # Retrieve it: after a timeout or a disconnect nobody awaits this future, and asyncio would log
             # "exception was never retrieved" for every abandoned request.
             future.exception()
-        self._release_slot()
+        self._release_slot(pixels)
 
-    def _release_slot(self) -> None:
+    def _release_slot(self, pixels: int) -> None:
         self._active -= 1
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                self._active += 1
-                waiter.set_result(None)
-                self._announce_positions()
-                return
+        self._pixels -= pixels
+        if self._start_waiting():
+            self._announce_positions()
         if self._active == 0:
             # Idle: a good moment to return cached memory, as it can't stall a running request.
             self._executor.submit(self._release_if_idle)
+
+    def _start_waiting(self) -> bool:
+        """Hand slots to the queue's head while it fits (FIFO: a head that does not fit yet waits, and so do the
+        ones behind it). True if anyone started."""
+        started = False
+        while self._waiters:
+            waiter = self._waiters[0]
+            if waiter.done():  # it gave up and is on its way out
+                self._waiters.popleft()
+                continue
+            pixels = self._waiting_pixels[waiter]
+            if not self._fits(pixels):
+                break
+            self._waiters.popleft()
+            self._take(pixels)
+            waiter.set_result(None)
+            started = True
+        return started
 
     def _release_if_idle(self) -> None:
         with self._memory_lock:
@@ -277,13 +320,13 @@ class Engine:
         try:
             try:
                 await self._acquire(job, gone, deadline)
-            except Overloaded:
+            except (Overloaded, TooLarge):
                 self.stats["rejected"] += 1
                 raise
             admitted = time.monotonic()
             future = asyncio.wrap_future(self._executor.submit(self._run, job))
             # The slot is released when the thread is done, not when we stop waiting for it.
-            future.add_done_callback(self._thread_done)
+            future.add_done_callback(functools.partial(self._thread_done, request.pixels))
             try:
                 images = await self._race(future, gone, deadline)
             except BaseException:
@@ -298,7 +341,7 @@ class Engine:
         except OutOfMemory:
             self.stats["out_of_memory"] += 1
             raise
-        except Overloaded:
+        except (Overloaded, TooLarge):
             raise  # counted as rejected above; not a failure as well
         except NotReady:
             self.stats["rejected"] += 1  # stopped by the end of a drain

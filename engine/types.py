@@ -26,6 +26,7 @@ __all__ = [
     "ProgressEvent",
     "Runner",
     "StepCallback",
+    "TooLarge",
 ]
 
 
@@ -43,6 +44,15 @@ class NotReady(EngineError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class TooLarge(EngineError):
+    """One request asks for more pixels (width x height x images) than the engine ever runs at once."""
+
+    def __init__(self, pixels: int, budget: int) -> None:
+        super().__init__(f"{pixels} pixels, more than the budget of {budget}")
+        self.pixels = pixels
+        self.budget = budget
 
 
 class GenerationTimeout(EngineError):
@@ -76,6 +86,12 @@ class GenerationRequest:
     request_id: str = ""
     preview_every: int = 0  # preview images every N steps (0: none); needs an engine with a previewer
     task: str = "text-to-image"  # which room of engine.tasks prepares and steps it (engine.tasks.TASKS)
+
+    @property
+    def pixels(self) -> int:
+        """What the request costs the engine while it runs: width x height x images (its activations, its latents
+        and its decode all grow with it)."""
+        return self.width * self.height * self.num_images
 
 
 @dataclass

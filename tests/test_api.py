@@ -385,6 +385,31 @@ def test_out_of_range_answers_name_the_configured_limit_whichever_check_fails(ma
         assert error["message"] == f"{param}: must be {words}", error["message"]
 
 
+def test_a_request_larger_than_the_pixel_budget_is_a_400_at_once_whichever_api(make_server: Any) -> None:
+    """--max-pixels-in-flight: a request whose images could never run at once is refused before any work, on both
+    APIs and for a job (at creation, not as a failed job later); one that fits is served; /api/status shows it."""
+    budget = 2 * 64 * 64
+    server = make_server(max_pixels_in_flight=budget, default_steps=2)
+    words = f"2 image(s) of 64x96 are 12288 pixels, more than this server generates at once ({budget}"
+    for path, body, param in (
+        (NATIVE, {"num_images_per_prompt": 2, "width": 64, "height": 96}, "num_images_per_prompt"),
+        (OPENAI, {"n": 2, "size": "64x96"}, "n"),
+        ("/api/jobs", {"num_images_per_prompt": 2, "width": 64, "height": 96}, "num_images_per_prompt"),
+    ):
+        error = assert_envelope(post(server.url, path, {"prompt": "x", **body}), 400, param)
+        assert words in error["message"] and "--max-pixels-in-flight" in error["message"], error["message"]
+    assert len(server.app.state.jobs) == 0  # no job was made
+    assert len(generate(server.url, num_images_per_prompt=2)["response"]) == 2  # 2 x 64x64: exactly the budget
+    status = httpx.get(server.url + "/api/status").json()
+    assert (status["max_pixels_in_flight"], status["pixels_running"]) == (budget, 0)
+    assert status["requests"]["completed"] == 1 and status["requests"]["total"] == 1
+
+
+def test_the_default_pixel_budget_is_one_largest_request(make_server: Any) -> None:
+    server = make_server(max_image_size=512, max_images_per_request=4)
+    assert httpx.get(server.url + "/api/status").json()["max_pixels_in_flight"] == 512 * 512 * 4
+
+
 @pytest.mark.parametrize("path", [NATIVE, OPENAI])
 def test_malformed_bodies_are_400_envelopes(quiet_server: Any, path: str) -> None:
     url = quiet_server.url + path

@@ -18,6 +18,7 @@ from engine import (
     OutOfMemory,
     Overloaded,
     ProgressEvent,
+    TooLarge,
 )
 
 
@@ -311,6 +312,73 @@ def test_listeners_hear_every_outcome_on_the_loop_and_cannot_change_it() -> None
             ("ok", type(result), True),
         ]
         assert heard[2][1] is result
+        engine.close()
+
+    asyncio.run(main())
+
+
+def _sized(rid: str, n: int, steps: int = 3) -> GenerationRequest:
+    """A 64x64 request for ``n`` images: n units of 64 x 64 pixels."""
+    return GenerationRequest(
+        prompt="p", num_inference_steps=steps, num_images=n, seed=1, height=64, width=64, request_id=rid
+    )
+
+
+UNIT = 64 * 64
+
+
+def test_a_pixel_budget_runs_what_fits_and_queues_the_rest_in_order() -> None:
+    """Three free slots, but a budget of two 64x64 images: the third waits for pixels, not for a slot; a request
+    larger than the whole budget is refused at once, without work."""
+
+    async def main() -> None:
+        runner = SteppingRunner(step_s=0.02)
+        engine = _engine(runner, max_concurrency=3, max_queue=8, max_pixels=2 * UNIT)
+        first = asyncio.create_task(engine.submit(_sized("a", 1, steps=10)))
+        others = [asyncio.create_task(engine.submit(_sized(rid, 1, steps=3))) for rid in ("b", "c")]
+        await asyncio.sleep(0.05)
+        assert (engine.active, engine.queued, engine.pixels_running) == (2, 1, 2 * UNIT)
+        assert runner.started == ["a", "b"]
+        with pytest.raises(TooLarge) as refused:
+            await engine.submit(_sized("huge", 3))
+        assert (refused.value.pixels, refused.value.budget) == (3 * UNIT, 2 * UNIT)
+        await asyncio.gather(first, *others)
+        assert runner.started == ["a", "b", "c"] and "huge" not in runner.started
+        await _settle(engine)
+        assert engine.pixels_running == 0
+        assert engine.stats["completed"] == 3 and engine.stats["rejected"] == 1 and engine.stats["failed"] == 0
+        engine.close()
+
+    asyncio.run(main())
+
+
+def test_a_head_that_does_not_fit_holds_the_queue_and_its_leaving_lets_the_others_start() -> None:
+    """FIFO under a budget: a small request does not overtake a large one waiting for pixels (the large one would
+    starve); once the large one leaves the queue, the small one starts at once, beside what is running."""
+
+    async def main() -> None:
+        runner = SteppingRunner(step_s=0.02)
+        engine = _engine(runner, max_concurrency=4, max_queue=8, max_pixels=4 * UNIT)
+        stop_running = asyncio.Event()
+        running = asyncio.create_task(engine.submit(_sized("three", 3, steps=1000), stop_running))
+        await asyncio.sleep(0.05)
+        gone = asyncio.Event()
+        large = asyncio.create_task(engine.submit(_sized("two", 2), gone))
+        small = asyncio.create_task(engine.submit(_sized("one", 1)))
+        await asyncio.sleep(0.1)
+        assert runner.started == ["three"]  # "one" would fit (3 + 1 <= 4) but waits behind "two"
+        assert (engine.active, engine.queued) == (1, 2)
+        gone.set()
+        with pytest.raises(ClientGone):
+            await large
+        assert (await small).images == ["image-one"]
+        assert not running.done()  # it started beside the running request, not after it
+        assert runner.started == ["three", "one"]
+        stop_running.set()
+        with pytest.raises(ClientGone):
+            await running
+        await _settle(engine)
+        assert (engine.active, engine.pixels_running) == (0, 0)
         engine.close()
 
     asyncio.run(main())

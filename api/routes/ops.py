@@ -60,6 +60,8 @@ async def status(request: Request) -> dict[str, Any]:
         "queued": engine.queued if engine else 0,
         "max_concurrency": engine.max_concurrency if engine else settings.max_concurrency,
         "max_queue": settings.max_queue,
+        "pixels_running": engine.pixels_running if engine else 0,
+        "max_pixels_in_flight": engine.max_pixels if engine else settings.max_pixels_in_flight,
         "limits": _limits(settings, getattr(state, "geometry", None)),
         "engine": _engine_info(engine, settings, getattr(state, "prompt_cache", None)),
         "requests": dict(engine.stats) if engine else {},
