@@ -63,7 +63,8 @@ class Settings(BaseSettings):
     engine: str | None = Field(
         None,
         description="threads (a pipeline call per request, each in its own slot thread) or step (one worker batches "
-        "the transformer across requests at every denoising step) (default: step on a CPU, threads on a GPU)",
+        "the transformer across requests at every denoising step) (default: threads, on every device; step with "
+        "--compile)",
     )
     max_batch_size: int = Field(
         32, ge=1, le=1024, description="step engine: most images in one transformer pass, both guidance halves counted"

@@ -108,6 +108,18 @@ def test_help_gives_one_default_per_flag_and_lists_the_dtypes() -> None:
         assert name in entries["--dtype"]
 
 
+def test_help_names_the_engine_the_server_picks() -> None:
+    from api.loading import engine_kind
+
+    text = help_entries()["--engine"]
+    default = re.search(r"\(default: ([^)]*)\)", text).group(1)
+    assert default.startswith("threads,") and "CPU" not in default, text
+    # What --help promises is what the code does, on every device, and --compile implies step.
+    for device in ("cpu", "cuda", "mps"):
+        assert engine_kind(Settings(), device) == "threads"
+        assert engine_kind(Settings(compile=True), device) == "step"
+
+
 @pytest.mark.parametrize(
     ("args", "words"),
     [
