@@ -68,7 +68,8 @@ def create_app(settings: Settings | None = None, loader: Callable[[Settings], An
                 task.cancel()
 
     # /docs with Swagger UI's script and CSS served from the fastapi-offline package, so it works with no network;
-    # no /redoc (one set of docs).
+    # no /redoc (one set of docs). No redirects to the slash-less path: a 307 is outside the error envelope, built
+    # from the Host header, and makes a client send its body twice; "/api/jobs/" is a 404 like any unknown path.
     app = FastAPIOffline(
         title="SD3 async inference server",
         version="1.0.0",
@@ -76,6 +77,7 @@ def create_app(settings: Settings | None = None, loader: Callable[[Settings], An
         responses=ERROR_RESPONSES,
         redoc_url=None,
         static_url="/docs/static",
+        redirect_slashes=False,
     )
     # The collaborators every route reads (api.deps); engine and loaded are set once the model has loaded.
     app.state.settings = settings
