@@ -4,8 +4,9 @@ uvicorn's default parser (httptools) has no header-size limit: a 128 MB header t
 every other client, and uvicorn has no time limit on receiving a request or on sending a response. This protocol
 is uvicorn's pure-Python h11 one (which bounds the request line and headers) plus, per connection:
 
-- a header-size limit answered ``431`` (h11's ``max_incomplete_event_size``; checked as the bytes arrive, so an
-  oversized header costs at most one read before the connection is answered and closed);
+- a header-size limit answered ``431``, on every request head: h11's ``max_incomplete_event_size`` bounds a head
+  still arriving (an oversized one costs at most one read before the connection is answered and closed), and
+  ``handle_events`` measures a head that arrived whole in one read, which h11 would otherwise parse whatever its size;
 - an idle limit before the first request (uvicorn's keep-alive timeout only starts after a response);
 - a time limit on receiving a whole request, headers and body, from its first byte (slow senders get ``408``);
 - a send timeout: a client that stops reading is disconnected once the transport has been paused that long, so
@@ -21,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import resource
 import time
 from dataclasses import dataclass
@@ -40,6 +42,7 @@ __all__ = ["ConnectionLimits", "protocol_class", "uvicorn_options"]
 FD_RESERVE = 128
 # An over-cap connection gets this long to send its request before it is closed.
 OVER_CAP_IDLE_S = 1.0
+_HEAD_END = re.compile(rb"\n\r?\n")
 REASONS = {400: "Bad Request", 408: "Request Timeout", 431: "Request Header Fields Too Large"}
 
 
@@ -108,6 +111,8 @@ class GuardedH11Protocol(H11Protocol):
         self._guard: asyncio.TimerHandle | None = None  # the idle or the receive deadline, whichever applies
         self._receiving = False
         self._send_guard: asyncio.TimerHandle | None = None
+        self._tail = b""  # the last bytes received, where a head's blank line may begin
+        self._measure_head = False  # a whole head may be buffered: measure it before h11 parses it
         self._over_cap = len(self.connections) > self.limits.max_connections
         if self._over_cap:
             _OVER_CAP.note()
@@ -123,10 +128,16 @@ class GuardedH11Protocol(H11Protocol):
         if not self._receiving and self._guard is not None:
             self._guard.cancel()  # the idle deadline: the request has begun
             self._guard = None
+        # A head can only have become whole in this read if its blank line is in it (or straddles the previous read's
+        # end): only then is the buffer measured, so a head trickled in byte by byte costs no rescans.
+        window = self._tail + data
+        self._tail = window[-2:]
+        self._measure_head = self._measure_head or _HEAD_END.search(window) is not None
         super().data_received(data)
         self._watch_receive()
 
     def on_response_complete(self) -> None:
+        self._measure_head = True  # a pipelined head may be buffered whole already: uvicorn parses it next
         self._stop_receiving()  # a response sent before its request was complete (e.g. 413) ends the wait too
         super().on_response_complete()
         self._watch_receive()  # a pipelined request may have been half-buffered meanwhile
@@ -145,10 +156,23 @@ class GuardedH11Protocol(H11Protocol):
         elif not arriving and self._receiving:
             self._stop_receiving()
 
+    def handle_events(self) -> None:
+        # uvicorn parses the buffered bytes here, on new data and after a response (a pipelined request): a head
+        # that is whole in the buffer is measured before h11 parses it.
+        if self._measure_head and self.conn.their_state is h11.IDLE:
+            self._measure_head = False
+            if _head_length(self.conn.trailing_data[0]) > self.limits.max_header_bytes:
+                self._refuse_head()
+                return
+        super().handle_events()
+
     def send_400_response(self, msg: str) -> None:
         # uvicorn calls this for anything h11 refuses; the buffered head tells an oversized one from a malformed one.
+        self._refuse_head()
+
+    def _refuse_head(self) -> None:
         _MALFORMED.note()
-        if len(self.conn.trailing_data[0]) > self.limits.max_header_bytes:
+        if _head_length(self.conn.trailing_data[0]) > self.limits.max_header_bytes:
             limit = self.limits.max_header_bytes
             reply = envelope_bytes(
                 431,
@@ -219,6 +243,13 @@ class GuardedH11Protocol(H11Protocol):
         if self._send_guard is not None:
             self._send_guard.cancel()
             self._send_guard = None
+
+
+def _head_length(buffered: bytes) -> int:
+    """The length of the request head at the start of ``buffered``: up to and with its blank line (CRLF or a bare LF,
+    as h11 reads it), or all of it if incomplete."""
+    end = _HEAD_END.search(buffered)
+    return end.end() if end else len(buffered)
 
 
 def protocol_class(limits: ConnectionLimits) -> type[GuardedH11Protocol]:

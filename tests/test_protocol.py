@@ -85,6 +85,34 @@ def test_a_huge_header_is_431_and_health_stays_fast_beside_2000_idle_connections
         sock.close()
 
 
+def head_of(size: int, path: str = "/health") -> bytes:
+    """A complete GET head of exactly ``size`` bytes (its blank line included)."""
+    start = f"GET {path} HTTP/1.1\r\nHost: a\r\nX-Pad: ".encode()
+    return start + b"a" * (size - len(start) - 4) + b"\r\n\r\n"
+
+
+def test_the_header_limit_holds_for_a_head_that_arrives_whole_in_one_read(spawn_server: Callable[..., Any]) -> None:
+    # h11 measures only heads still arriving: these arrive whole, in one send each (far below one read's size).
+    server = spawn_server("--max-header-bytes", "1024").wait_ready()
+    for size, status in ((1024, 200), (1025, 431), (4096, 431), (60_000, 431)):
+        sock = connect(server)
+        sock.sendall(head_of(size))
+        raw = read_all(sock, limit_s=10) if status == 431 else sock.recv(65536)
+        assert raw.startswith(f"HTTP/1.1 {status} ".encode()), (size, raw[:200])
+        if status == 431:
+            error = envelope_of(raw, 431)
+            assert error["code"] == "too_large" and "1024 bytes" in error["message"]
+        sock.close()
+    # Pipelined behind a request that is served: the oversized head is refused when its turn comes.
+    sock = connect(server)
+    sock.sendall(head_of(200) + head_of(2000))
+    raw = read_all(sock, limit_s=10)
+    first, _, second = raw.partition(b"HTTP/1.1 431 ")
+    assert first.startswith(b"HTTP/1.1 200 ") and second, raw[:500]
+    sock.close()
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
 def test_idle_and_trickling_clients_are_timed_out_with_408(spawn_server: Callable[..., Any]) -> None:
     server = spawn_server("--keep-alive-timeout", "1", "--receive-timeout", "2").wait_ready()
     silent = connect(server)
