@@ -14,7 +14,8 @@ is uvicorn's pure-Python h11 one (which bounds the request line and headers) plu
 - a cap on open connections: the ones beyond it are answered ``503`` on their first request and closed.
 
 Every answer the server gives by itself is in the API's JSON error envelope, and refusals are logged (at most one
-line per kind every few seconds, with counts, so a flood cannot flood the log).
+line per kind every few seconds, each with the count since the last, the rest of a burst when its period ends: a
+flood cannot flood the log, and its size is always told).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import logging
 import re
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import h11
@@ -58,26 +59,50 @@ class ConnectionLimits:
 
 
 class _Tally:
-    """Counts refusals of one kind and logs them at most once per ``every`` seconds."""
+    """Counts refusals of one kind and logs them at most once per ``every`` seconds, each line with the count since
+    the previous one. What is counted after a line is logged when its period ends, so a burst is always reported
+    whole: 50 idle sockets closed at once give a line for the first and one, ``every`` seconds later, for the 49."""
 
     def __init__(self, what: str, every: float = 5.0) -> None:
         self.what, self.every = what, every
         self.count = 0
-        self.last = 0.0
+        self.last = -every  # no line yet: the first refusal is logged at once
+        self._flush: asyncio.TimerHandle | None = None
 
-    def note(self) -> None:
+    def note(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Count one refusal (on the event loop ``loop``, which runs the deferred line)."""
         self.count += 1
         now = time.monotonic()
         if now - self.last >= self.every:
-            logger.warning("%s (%d since the last report)", self.what, self.count)
-            self.count, self.last = 0, now
+            self._report(now)
+        elif self._flush is None:
+            self._flush = loop.call_later(self.last + self.every - now, self._flush_pending)
+
+    def _flush_pending(self) -> None:
+        self._flush = None
+        if self.count:
+            self._report(time.monotonic())
+
+    def _report(self, now: float) -> None:
+        logger.warning("%s (%d since the last report)", self.what, self.count)
+        self.count, self.last = 0, now
 
 
-_OVER_CAP = _Tally("too many open connections: answered 503 and closed")
-_SLOW_SENDERS = _Tally("request not received within --receive-timeout: answered 408 and closed")
-_IDLE = _Tally("connection sent nothing within --keep-alive-timeout: closed")
-_NON_READERS = _Tally("client did not read its response within --send-timeout: connection closed")
-_MALFORMED = _Tally("malformed or oversized request head: answered 400/431 and closed")
+@dataclass
+class _Tallies:
+    """One server's refusal counters (a server's own: several servers in one process never mix their counts)."""
+
+    over_cap: _Tally = field(default_factory=lambda: _Tally("too many open connections: answered 503 and closed"))
+    slow_senders: _Tally = field(
+        default_factory=lambda: _Tally("request not received within --receive-timeout: answered 408 and closed")
+    )
+    idle: _Tally = field(default_factory=lambda: _Tally("connection sent nothing within --keep-alive-timeout: closed"))
+    non_readers: _Tally = field(
+        default_factory=lambda: _Tally("client did not read its response within --send-timeout: connection closed")
+    )
+    malformed: _Tally = field(
+        default_factory=lambda: _Tally("malformed or oversized request head: answered 400/431 and closed")
+    )
 
 
 def envelope_bytes(status: int, message: str, type_: str, code: str) -> bytes:
@@ -102,9 +127,11 @@ async def _over_cap_app(scope: Any, receive: Any, send: Any) -> None:
 
 
 class GuardedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol held to ``limits`` (a class attribute: see ``protocol_class``)."""
+    """uvicorn's h11 protocol held to ``limits``, its refusals counted in ``tallies`` (class attributes: see
+    ``protocol_class``)."""
 
     limits: ConnectionLimits
+    tallies: _Tallies
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -115,7 +142,7 @@ class GuardedH11Protocol(H11Protocol):
         self._measure_head = False  # a whole head may be buffered: measure it before h11 parses it
         self._over_cap = len(self.connections) > self.limits.max_connections
         if self._over_cap:
-            _OVER_CAP.note()
+            self.tallies.over_cap.note(self.loop)
             self.app = _over_cap_app
         idle = OVER_CAP_IDLE_S if self._over_cap else self.limits.keep_alive_timeout
         self._guard = self.loop.call_later(idle, self._idle_expired)
@@ -171,7 +198,7 @@ class GuardedH11Protocol(H11Protocol):
         self._refuse_head()
 
     def _refuse_head(self) -> None:
-        _MALFORMED.note()
+        self.tallies.malformed.note(self.loop)
         if _head_length(self.conn.trailing_data[0]) > self.limits.max_header_bytes:
             limit = self.limits.max_header_bytes
             reply = envelope_bytes(
@@ -198,14 +225,14 @@ class GuardedH11Protocol(H11Protocol):
     def _idle_expired(self) -> None:
         self._guard = None
         if not self.transport.is_closing():
-            _IDLE.note()
+            self.tallies.idle.note(self.loop)
             self.transport.close()
 
     def _receive_expired(self) -> None:
         self._guard = None
         if self.transport.is_closing():
             return
-        _SLOW_SENDERS.note()
+        self.tallies.slow_senders.note(self.loop)
         if self.cycle is not None and not self.cycle.response_complete:
             # The app may be waiting for the rest of the body: it now reads a disconnect, and anything it sends is
             # dropped (the connection is gone as far as it is concerned).
@@ -223,7 +250,7 @@ class GuardedH11Protocol(H11Protocol):
     def _send_expired(self) -> None:
         self._send_guard = None
         if not self.transport.is_closing():
-            _NON_READERS.note()
+            self.tallies.non_readers.note(self.loop)
         # abort, not close: close would wait to flush the very buffer the client is not reading.
         self.transport.abort()
 
@@ -254,7 +281,7 @@ def _head_length(buffered: bytes) -> int:
 
 def protocol_class(limits: ConnectionLimits) -> type[GuardedH11Protocol]:
     """A protocol class bound to ``limits`` (uvicorn instantiates the class it is given, so the limits ride on it)."""
-    return type("BoundGuardedH11Protocol", (GuardedH11Protocol,), {"limits": limits})
+    return type("BoundGuardedH11Protocol", (GuardedH11Protocol,), {"limits": limits, "tallies": _Tallies()})
 
 
 def open_file_limit(wanted: int) -> int:

@@ -4,6 +4,7 @@ in header size, time and number, answered in the envelope, and never stall anyon
 from __future__ import annotations
 
 import json
+import re
 import resource
 import socket
 import threading
@@ -134,6 +135,26 @@ def test_idle_and_trickling_clients_are_timed_out_with_408(spawn_server: Callabl
     log = server.log()
     assert "--keep-alive-timeout: closed" in log and "--receive-timeout: answered 408" in log
     assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def reported(log: str, what: str) -> int:
+    """The sum of the counts the guard's lines for ``what`` reported."""
+    return sum(int(n) for n in re.findall(re.escape(what) + r"[^\n(]*\((\d+) since the last report\)", log))
+
+
+def test_a_burst_of_refusals_is_logged_whole(spawn_server: Callable[..., Any]) -> None:
+    server = spawn_server("--keep-alive-timeout", "1", "--max-connections", "40").wait_ready()
+    idle, over_cap = "sent nothing within --keep-alive-timeout: closed", "too many open connections"
+    burst = [connect(server) for _ in range(50)]  # 40 served (then idle), 10 beyond the cap (silent, closed)
+    for sock in burst:
+        assert read_all(sock, limit_s=10) == b""  # closed by the server
+        sock.close()
+    # One line at once, the rest of the burst when the guard's period (5 s) ends: the counts add up to the burst.
+    deadline = time.monotonic() + 15
+    while (reported(server.log(), idle), reported(server.log(), over_cap)) != (50, 10):
+        assert time.monotonic() < deadline, server.log()[-2000:]
+        time.sleep(0.2)
+    assert len(re.findall(re.escape(idle), server.log())) <= 3  # and still only a few lines
 
 
 def test_malformed_request_is_400_in_the_envelope(spawn_server: Callable[..., Any]) -> None:
