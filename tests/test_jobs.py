@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import signal
+import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -314,3 +315,29 @@ def test_an_idle_event_stream_outlasts_the_connection_timeouts(make_server: Call
                     time.sleep(2.5)  # nothing happens to a queued job: the stream stays open regardless
                     client.delete(f"{JOBS}/{blocker}")
     assert events[0] == ("queued", {"position": 1}) and events[-1][1]["status"] == "succeeded"
+
+
+def test_head_on_a_running_jobs_events_answers_headers_and_ends(make_server: Callable[..., Any]) -> None:
+    live = make_server(max_steps=1000)
+    with httpx.Client(base_url=live.url, timeout=60) as client:
+        job = submit(client, BLOCKER)  # runs for minutes unless cancelled
+        wait_for(client, job, lambda state: state["step"] >= 1)
+        port = int(live.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            # A HEAD, and a request pipelined behind it on the same connection: both are answered now.
+            started = time.monotonic()
+            sock.sendall(
+                f"HEAD {JOBS}/{job}/events HTTP/1.1\r\nHost: a\r\n\r\n".encode()
+                + b"GET /health HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+            )
+            raw = b""
+            while chunk := sock.recv(65536):  # until the server closes, after /health (10 s at most)
+                raw += chunk
+            elapsed = time.monotonic() - started
+        assert client.get(f"{JOBS}/{job}").json()["status"] == "running"  # the HEAD did not wait for the end
+        client.delete(f"{JOBS}/{job}")
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"content-type: text/event-stream" in head.lower(), raw[:500]
+    assert rest.startswith(b"HTTP/1.1 200") and rest.endswith(b'{"status":"ok"}'), rest[:500]
+    assert elapsed < 5, elapsed
+    assert not live.app.state.jobs.get(job).subscribers  # the HEAD's subscription ended with it
