@@ -66,6 +66,13 @@ class Subscriber:
         return self._events.popleft() if self._events else None
 
 
+class CancelEvent(asyncio.Event):
+    """A job's ``gone`` event: only a cancel (``DELETE``) sets it, so the engine counts the job as cancelled, not as a
+    client that disconnected (a job outlives its clients)."""
+
+    cancelled = True
+
+
 class Job:
     """One job's state, its progress callback (from the engine) and its subscribers."""
 
@@ -81,7 +88,7 @@ class Job:
         self.finished_at: float | None = None  # monotonic
         self.result: dict[str, Any] | None = None
         self.error: APIError | None = None
-        self.gone = asyncio.Event()  # set to cancel
+        self.gone = CancelEvent()  # set to cancel
         self.task: asyncio.Task[None] | None = None
         self.subscribers: set[Subscriber] = set()
         self.last_preview: dict[str, Any] | None = None  # replayed to late subscribers while running

@@ -341,3 +341,22 @@ def test_head_on_a_running_jobs_events_answers_headers_and_ends(make_server: Cal
     assert rest.startswith(b"HTTP/1.1 200") and rest.endswith(b'{"status":"ok"}'), rest[:500]
     assert elapsed < 5, elapsed
     assert not live.app.state.jobs.get(job).subscribers  # the HEAD's subscription ended with it
+
+
+def test_cancelled_jobs_are_counted_as_cancelled_not_disconnected(make_server: Callable[..., Any]) -> None:
+    live = make_server(max_concurrency=1, max_steps=1000)
+    with httpx.Client(base_url=live.url, timeout=60) as client:
+        running = submit(client, BLOCKER)
+        wait_for(client, running, lambda state: state["step"] >= 1)
+        queued = submit(client, BODY)
+        for job in (queued, running):  # one cancelled while queued, one while running
+            assert client.delete(f"{JOBS}/{job}").json()["status"] == "cancelled"
+        # A client that really leaves: its request is counted as disconnected, as before.
+        with pytest.raises(httpx.ReadTimeout):
+            client.post(NATIVE, json=BLOCKER, timeout=1)
+        wait_idle(live.engine)
+        deadline = time.monotonic() + 30
+        while (counts := client.get("/api/status").json()["requests"])["disconnected"] < 1:
+            assert time.monotonic() < deadline, counts
+            time.sleep(0.05)
+    assert (counts["cancelled"], counts["disconnected"], counts["total"]) == (2, 1, 3), counts

@@ -196,7 +196,7 @@ class Engine:
         # See the module's notes; a listener must be quick (it runs on the event loop).
         self.listeners: list[Listener] = []
         self.stats = dict.fromkeys(
-            ("total", "completed", "rejected", "timed_out", "disconnected", "failed", "out_of_memory"), 0
+            ("total", "completed", "rejected", "timed_out", "disconnected", "cancelled", "failed", "out_of_memory"), 0
         )
 
     def _init_worker(self) -> None:
@@ -326,7 +326,8 @@ class Engine:
     ) -> GenerationResult:
         """Admit, run and return one generation; raise an ``EngineError`` for every expected failure.
 
-        ``gone`` set: stop (the client left, or a job was cancelled). ``progress``: see the module docstring.
+        ``gone`` set: stop (the client left, or, when ``gone.cancelled`` is true, a job was cancelled).
+        ``progress``: see the module docstring.
         """
         self.stats["total"] += 1
         if self.ready_reason is not None:
@@ -351,7 +352,8 @@ class Engine:
                 job.cancel.set()  # whatever stopped us waiting, nobody wants this result any more
                 raise
         except ClientGone:
-            self.stats["disconnected"] += 1
+            # A ``gone`` that says it is a cancel (a job's DELETE) is not a client that left.
+            self.stats["cancelled" if getattr(gone, "cancelled", False) else "disconnected"] += 1
             raise
         except GenerationTimeout:
             self.stats["timed_out"] += 1
