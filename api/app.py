@@ -82,7 +82,7 @@ def create_app(settings: Settings | None = None, loader: Callable[[Settings], An
     # The collaborators every route reads (api.deps); engine and loaded are set once the model has loaded.
     app.state.settings = settings
     app.state.store = store
-    app.state.jobs = JobStore(settings.max_jobs, settings.job_ttl)
+    app.state.jobs = JobStore(settings.max_jobs, settings.job_ttl, settings.job_grace)
     app.state.engine = None
     app.state.loaded = None
     app.state.prompt_cache = None

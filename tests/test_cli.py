@@ -55,6 +55,8 @@ def test_help_lists_every_option() -> None:
         (["--image-max-files", "3"], "image_max_files (3) cannot hold one request's 10 images"),
         (["--image-max-bytes", "1000"], "image_max_bytes (1000) cannot hold one request's images"),
         (["--image-ttl", "60", "--image-grace", "120"], "image_ttl (60) is below image_grace (120)"),
+        (["--job-ttl", "30", "--job-grace", "60"], "job_ttl (30) is below job_grace (60)"),
+        (["--job-grace", "-1"], "--job-grace: Input should be greater than or equal to 0"),
         (["--max-header-bytes", "100"], "--max-header-bytes: Input should be greater than or equal to 1024"),
         (["--send-timeout", "0"], "--send-timeout: Input should be greater than 0"),
         (["--engine", "turbo"], "--engine: engine must be 'threads' or 'step'"),

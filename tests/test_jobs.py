@@ -210,7 +210,7 @@ def test_store_full_of_unfinished_jobs_is_503(make_server: Callable[..., Any]) -
 
 
 def test_store_keeps_its_bound_oldest_finished_first(make_server: Callable[..., Any]) -> None:
-    live = make_server(max_jobs=3)
+    live = make_server(max_jobs=3, job_grace=0)
     with httpx.Client(base_url=live.url, timeout=60) as client:
         jobs = []
         for seed in range(5):
@@ -222,7 +222,7 @@ def test_store_keeps_its_bound_oldest_finished_first(make_server: Callable[..., 
 
 
 def test_finished_jobs_expire_after_the_ttl(make_server: Callable[..., Any]) -> None:
-    live = make_server(job_ttl=1)
+    live = make_server(job_ttl=1, job_grace=1)
     with httpx.Client(base_url=live.url, timeout=60) as client:
         job = submit(client, {**BODY, "num_inference_steps": 1})
         state = wait_final(client, job)
@@ -233,6 +233,39 @@ def test_finished_jobs_expire_after_the_ttl(make_server: Callable[..., Any]) -> 
         assert_envelope(client.get(f"{JOBS}/{job}"), 404)
         # The images follow their own retention (--image-ttl), not the job's.
         assert client.get(state["result"]["response"][0]).status_code == 200
+
+
+def test_a_finished_job_outlives_any_churn_for_its_grace(make_server: Callable[..., Any]) -> None:
+    live = make_server(max_jobs=3, job_grace=60, max_steps=1000)
+    with httpx.Client(base_url=live.url, timeout=60) as client:
+        victim = submit(client, {**BODY, "num_inference_steps": 1})
+        assert wait_final(client, victim)["status"] == "succeeded"
+        for _ in range(6):  # someone else's POST + DELETE pairs: they make room among their own cancelled jobs
+            churn = submit(client, BLOCKER)
+            assert client.delete(f"{JOBS}/{churn}").json()["status"] == "cancelled"
+            assert client.get(f"{JOBS}/{victim}").status_code == 200
+        others = [submit(client, {**BODY, "num_inference_steps": 1, "seed": seed}) for seed in (1, 2)]
+        for job in others:
+            wait_final(client, job)
+        refused = client.post(JOBS, json=BODY)  # full of jobs within their grace: none may go
+        assert [client.get(f"{JOBS}/{job}").status_code for job in (victim, *others)] == [200, 200, 200]
+    error = assert_envelope(refused, 503)
+    assert (error["type"], error["code"]) == ("overloaded_error", "too_many_jobs") and "--job-grace" in error["message"]
+    assert 1 <= int(refused.headers["retry-after"]) <= 60
+
+
+def test_a_finished_job_may_make_room_once_its_grace_has_passed(make_server: Callable[..., Any]) -> None:
+    live = make_server(max_jobs=2, job_grace=1)
+    with httpx.Client(base_url=live.url, timeout=60) as client:
+        jobs = [submit(client, {**BODY, "num_inference_steps": 1, "seed": seed}) for seed in (1, 2)]
+        for job in jobs:
+            wait_final(client, job)
+        refused = client.post(JOBS, json=BODY)
+        time.sleep(1.2)  # the oldest's grace has passed: it makes room
+        admitted = client.post(JOBS, json=BODY)
+        statuses = [client.get(f"{JOBS}/{job}").status_code for job in jobs]
+    assert assert_envelope(refused, 503)["code"] == "too_many_jobs" and refused.headers["retry-after"] == "1"
+    assert admitted.status_code == 202 and statuses == [404, 200]
 
 
 def wait_for_len(store: Any, n: int, timeout: float) -> bool:
