@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 
+from api.docs_headers import DocsHeadersMiddleware
 from api.errors import ERROR_RESPONSES, install_error_handlers
 from api.jobs import JobStore
 from api.loading import load_model
@@ -116,6 +117,7 @@ def _add_middleware(app: FastAPI, settings: Settings) -> None:
             allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
             expose_headers=["X-Request-ID", "X-Seed", "Server-Timing", "Retry-After", "Location"],
         )
+    app.add_middleware(DocsHeadersMiddleware)  # /docs gets /ui's framing, sniffing and script rules
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
     app.add_middleware(HeadAsGetMiddleware)
     app.add_middleware(StopOnShutdownMiddleware, stopped=app.state.requests_stopped)
