@@ -16,7 +16,8 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import uvicorn
@@ -70,6 +71,17 @@ class _DrainingServer(uvicorn.Server):
             timeout = self._app.state.settings.shutdown_timeout
             logger.info("signal %d: draining (up to %gs; Ctrl-C again to stop now), then exiting", sig, timeout)
         super().handle_exit(sig, frame)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # uvicorn's own restores the previous handlers when serving ends and re-raises the signals it caught. These
+        # stay: the process may outlive the server (a generation thread stops only at its next step, and the
+        # interpreter waits for it), and a Ctrl-C then must still count (the third quits at once, with its line).
+        # Nothing is re-raised, so an orderly drain exits 0.
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, self.handle_exit)
+        yield
 
     async def shutdown(self, sockets: list[Any] | None = None) -> None:
         # uvicorn waits here for open requests. At --shutdown-timeout every request still open is answered 503
@@ -139,10 +151,6 @@ def _serve(settings: Settings, sock: socket.socket, app: FastAPI) -> int:
         server.should_exit = True
 
     app.state.on_fatal = fatal
-    # uvicorn re-raises the signal that stopped it once it is done; an orderly drain (SIGTERM, or Ctrl-C) should
-    # exit 0, so the re-raised signal lands on this no-op handler instead of the default one that kills the process.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: None)
     server.run(sockets=[sock])
     if app.state.engine is None and app.state.load_error is None:
         logger.info("stopped while the model was loading; exiting without waiting for the load")

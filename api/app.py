@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 
+from api.docs_headers import DocsHeadersMiddleware
 from api.errors import ERROR_RESPONSES, install_error_handlers
 from api.jobs import JobStore
 from api.loading import load_model
@@ -49,7 +50,8 @@ def create_app(settings: Settings | None = None, loader: Callable[[Settings], An
     lifespan = _lifespan(settings, loader, store)
 
     # /docs with Swagger UI's script and CSS served from the fastapi-offline package, so it works with no network;
-    # no /redoc (one set of docs).
+    # no /redoc (one set of docs). No redirects to the slash-less path: a 307 is outside the error envelope, built
+    # from the Host header, and makes a client send its body twice; "/api/jobs/" is a 404 like any unknown path.
     app = FastAPIOffline(
         title="SD3 async inference server",
         version="1.0.0",
@@ -57,11 +59,12 @@ def create_app(settings: Settings | None = None, loader: Callable[[Settings], An
         responses=ERROR_RESPONSES,
         redoc_url=None,
         static_url="/docs/static",
+        redirect_slashes=False,
     )
     # The collaborators every route reads (api.deps); engine and loaded are set once the model has loaded.
     app.state.settings = settings
     app.state.store = store
-    app.state.jobs = JobStore(settings.max_jobs, settings.job_ttl)
+    app.state.jobs = JobStore(settings.max_jobs, settings.job_ttl, settings.job_grace)
     app.state.engine = None
     app.state.loaded = None
     app.state.prompt_cache = None
@@ -125,6 +128,7 @@ def _add_middleware(app: FastAPI, settings: Settings) -> None:
             allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
             expose_headers=["X-Request-ID", "X-Seed", "Server-Timing", "Retry-After", "Location"],
         )
+    app.add_middleware(DocsHeadersMiddleware)  # /docs gets /ui's framing, sniffing and script rules
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
     app.add_middleware(HeadAsGetMiddleware)
     app.add_middleware(StopOnShutdownMiddleware, stopped=app.state.requests_stopped)

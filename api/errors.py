@@ -131,6 +131,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         message = "Not found." if exc.status_code == 404 else str(exc.detail)[:200]
+        if exc.status_code == 404 and len(request.url.path) > 1 and request.url.path.endswith("/"):
+            message = "Not found. Paths have no trailing slash."  # no redirect (create_app): say why instead
         return error_response(exc.status_code, message, kind, None, None, **(exc.headers or {}))
 
     @app.exception_handler(Exception)

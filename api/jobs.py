@@ -9,8 +9,11 @@ Events (the SSE stream of ``GET /api/jobs/{id}/events``) go to any number of sub
 bounded queue: a subscriber that reads slowly loses intermediate ``queued``/``step``/``preview`` events, never
 ``started`` or ``done``, and never holds the job up. Preview images are encoded (PNG, base64) off the event loop.
 
-The store is bounded (``--max-jobs``): when it is full, the oldest finished job makes room; when every job in it is
-unfinished, a new one is refused 503. Finished jobs expire ``--job-ttl`` seconds after they end.
+The store is bounded (``--max-jobs``): when it is full, the oldest job that may go makes room; when none may, a new
+one is refused 503 ``too_many_jobs``. A succeeded or failed job may go once its ``--job-grace`` has passed since it
+ended, so its client can fetch the outcome whatever others do: otherwise anyone could evict other users' results at
+once with pairs of POST and DELETE. A cancelled job may go at once (its end was the answer to the DELETE, and there is
+nothing to fetch), so that churn evicts only itself. Finished jobs expire ``--job-ttl`` seconds after they end.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import asyncio
 import base64
 import contextlib
 import logging
+import math
 import secrets
 import time
 from collections import deque
@@ -66,6 +70,13 @@ class Subscriber:
         return self._events.popleft() if self._events else None
 
 
+class CancelEvent(asyncio.Event):
+    """A job's ``gone`` event: only a cancel (``DELETE``) sets it, so the engine counts the job as cancelled, not as a
+    client that disconnected (a job outlives its clients)."""
+
+    cancelled = True
+
+
 class Job:
     """One job's state, its progress callback (from the engine) and its subscribers."""
 
@@ -81,7 +92,7 @@ class Job:
         self.finished_at: float | None = None  # monotonic
         self.result: dict[str, Any] | None = None
         self.error: APIError | None = None
-        self.gone = asyncio.Event()  # set to cancel
+        self.gone = CancelEvent()  # set to cancel
         self.task: asyncio.Task[None] | None = None
         self.subscribers: set[Subscriber] = set()
         self.last_preview: dict[str, Any] | None = None  # replayed to late subscribers while running
@@ -194,11 +205,13 @@ class Job:
 
 
 class JobStore:
-    """The jobs by id: bounded (``max_jobs``), finished ones expire after ``ttl`` seconds (0: never)."""
+    """The jobs by id: bounded (``max_jobs``), finished ones expire after ``ttl`` seconds (0: never) and are kept at
+    least ``grace`` seconds (cancelled ones excepted) however full the store is."""
 
-    def __init__(self, max_jobs: int, ttl: float) -> None:
+    def __init__(self, max_jobs: int, ttl: float, grace: float = 0.0) -> None:
         self.max_jobs = max_jobs
         self.ttl = ttl
+        self.grace = grace
         self._jobs: dict[str, Job] = {}  # in creation order (eviction goes oldest first)
         self._prune_task: asyncio.Task[None] | None = None
 
@@ -227,19 +240,37 @@ class JobStore:
             del self._jobs[job_id]
         return len(expired)
 
+    def _kept_for(self, job: Job, now: float) -> float | None:
+        """Seconds ``job`` must still be kept (0: it may go now); None while it is unfinished."""
+        if job.finished_at is None:
+            return None
+        if job.status == "cancelled":
+            return 0.0
+        return max(0.0, job.finished_at + self.grace - now)
+
     def _make_room(self) -> None:
         self.prune()
+        now = time.monotonic()
         while len(self._jobs) >= self.max_jobs:
-            oldest = next((job_id for job_id, job in self._jobs.items() if job.finished), None)
+            waits = {job_id: self._kept_for(job, now) for job_id, job in self._jobs.items()}
+            oldest = next((job_id for job_id, wait in waits.items() if wait == 0.0), None)
             if oldest is None:
-                raise APIError(
-                    503,
-                    f"The server holds {len(self._jobs)} unfinished jobs, its limit. Retry later.",
-                    "overloaded_error",
-                    code="too_many_jobs",
-                    headers={"Retry-After": "1"},
-                )
+                raise self._full(sorted(wait for wait in waits.values() if wait is not None))
             del self._jobs[oldest]
+
+    def _full(self, waits: list[float]) -> APIError:
+        """The 503 for a store that holds only jobs that may not go; ``waits``: the finished ones' grace left."""
+        unfinished = len(self._jobs) - len(waits)
+        message = f"The server holds {len(self._jobs)} jobs, its limit: {unfinished} unfinished"
+        if waits:
+            message += f", {len(waits)} finished within their --job-grace"
+        return APIError(
+            503,
+            message + ". Retry later.",
+            "overloaded_error",
+            code="too_many_jobs",
+            headers={"Retry-After": str(math.ceil(waits[0])) if waits else "1"},
+        )
 
     async def start(self, generation: Any, engine: Any, finisher: Finisher, timeout: float) -> Job:
         """Create a job and submit it to ``engine``; raise an ``APIError`` (503) if it cannot be admitted.

@@ -80,15 +80,44 @@ class ApiKeyMiddleware:
 
 class HeadAsGetMiddleware:
     """Answers ``HEAD`` wherever ``GET`` is answered: routes see a GET, and the HTTP server sends no body for a HEAD
-    (it keeps the request's own method, so the headers, Content-Length included, are the GET's)."""
+    (it keeps the request's own method, so the headers, Content-Length included, are the GET's).
+
+    A HEAD ends with its headers: the route is stopped once they are sent, so a HEAD on a stream (a running job's
+    events) does not stay open until the stream would have ended, holding its connection and what is pipelined
+    behind it."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "HEAD":
-            scope = {**scope, "method": "GET"}
-        await self.app(scope, receive, send)
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+        answered = asyncio.Event()
+
+        async def send_headers_only(message: Message) -> None:
+            if answered.is_set():
+                return  # the body a HEAD does not get
+            await send(message)
+            if message["type"] == "http.response.start":
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                answered.set()
+
+        task = asyncio.ensure_future(self.app({**scope, "method": "GET"}, receive, send_headers_only))
+        done = asyncio.ensure_future(answered.wait())
+        try:
+            await asyncio.wait({task, done}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        finally:
+            done.cancel()
+        if not task.done():
+            task.cancel()  # the route is still producing a body nobody gets (a stream): stop it
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            return
+        task.result()  # re-raises the route's exception, if any, for the error handlers
 
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")

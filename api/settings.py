@@ -56,7 +56,8 @@ class Settings(BaseSettings):
     engine: str | None = Field(
         None,
         description="threads (a pipeline call per request, each in its own slot thread) or step (one worker batches "
-        "the transformer across requests at every denoising step) (default: step on a CPU, threads on a GPU)",
+        "the transformer across requests at every denoising step) (default: threads, on every device; step with "
+        "--compile)",
     )
     max_batch_size: int = Field(
         32, ge=1, le=1024, description="step engine: most images in one transformer pass, both guidance halves counted"
@@ -90,9 +91,16 @@ class Settings(BaseSettings):
         1000,
         ge=1,
         le=1_000_000,
-        description="jobs kept (POST /api/jobs); the oldest finished go first; full of unfinished ones: 503",
+        description="jobs kept (POST /api/jobs); the oldest that may go (see --job-grace) go first; else 503",
     )
     job_ttl: float = Field(3600.0, ge=0, description="seconds a finished job is kept (0: until --max-jobs evicts it)")
+    job_grace: float = Field(
+        60.0,
+        ge=0,
+        le=86_400,
+        description="seconds a succeeded or failed job is kept however full the store, so its client can fetch it; "
+        "a full store of such jobs (and unfinished ones) refuses new jobs 503 (0: none)",
+    )
     served_model_name: str | None = Field(
         None, description="model name shown to clients (default: the hub id or preset; a local path's last part)"
     )
@@ -201,6 +209,8 @@ class Settings(BaseSettings):
             )
         if 0 < self.image_ttl < self.image_grace:
             raise ValueError(f"image_ttl ({self.image_ttl:g}) is below image_grace ({self.image_grace:g})")
+        if 0 < self.job_ttl < self.job_grace:
+            raise ValueError(f"job_ttl ({self.job_ttl:g}) is below job_grace ({self.job_grace:g})")
         return self
 
     @property

@@ -2,7 +2,10 @@
 
 One event is ``event: <name>`` (optional), ``id: <id>`` (optional), one ``data:`` line of compact JSON, and a blank
 line (https://html.spec.whatwg.org/multipage/server-sent-events.html). JSON never contains a raw newline, so one
-``data:`` line is always enough. ``SSE_HEADERS`` keep proxies from buffering or caching a stream.
+``data:`` line is always enough for the spec's parser; but many clients split lines as ``str.splitlines`` does (httpx's
+``iter_lines`` among them), which also breaks at U+0085, U+2028 and U+2029. JSON escapes the other separators (control
+characters) anyway; these three are escaped here too, so every client reads one event's JSON on one line.
+``SSE_HEADERS`` keep proxies from buffering or caching a stream.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ __all__ = ["SSE_EVENT_SCHEMA", "SSE_HEADERS", "SSE_MEDIA_TYPE", "comment", "sse_
 
 SSE_MEDIA_TYPE = "text/event-stream"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# The line separators of ``str.splitlines`` that ``json.dumps(..., ensure_ascii=False)`` leaves raw.
+_ESCAPED_SEPARATORS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
 # One event, as OpenAPI describes an event stream's items (the ``schema`` of a text/event-stream before OpenAPI 3.2,
 # its ``itemSchema`` from 3.2): the fields of the wire format, ``data`` being the JSON text.
 SSE_EVENT_SCHEMA = {
@@ -34,7 +39,10 @@ def sse_event(data: Any, event: str | None = None, event_id: str | int | None = 
         lines.append(f"event: {_one_line(event)}")
     if event_id is not None:
         lines.append(f"id: {_one_line(str(event_id))}")
-    lines.append("data: " + json.dumps(data, separators=(",", ":"), ensure_ascii=False))
+    text = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    # Outside strings JSON is ASCII, so these characters can only sit inside a string, where the escape is the same
+    # character to a JSON parser.
+    lines.append("data: " + text.translate(_ESCAPED_SEPARATORS))
     return ("\n".join(lines) + "\n\n").encode()
 
 
@@ -44,6 +52,6 @@ def comment(text: str = "") -> bytes:
 
 
 def _one_line(text: str) -> str:
-    if "\n" in text or "\r" in text:
+    if text.splitlines() not in ([], [text]):
         raise ValueError("an SSE field must be one line")
     return text

@@ -6,20 +6,18 @@ most ``max_concurrency`` at once, first come first served, gives the same throug
 (N + 1) / 2 x S, and bounds memory. Beyond the slots, up to ``max_queue`` requests wait; beyond that the answer is
 an immediate overload error, before any work is done.
 
-Cost as well as count: with a pixel budget (``max_pixels``), the requests running at once hold at most that many
-pixels (width x height x images, what their memory grows with), so three requests for ten of the largest images
-can't all run at once because two slots were free. A request waits in the same FIFO queue until both a slot and
-its pixels are free; the head of the queue holds the ones behind it (a large request is never starved by small
-ones); one that is larger than the whole budget is refused at once (``TooLarge``), as it could never run.
+Cost as well as count: with a pixel budget (``max_pixels``), the requests running hold at most that many pixels
+(width x height x images, what their memory grows with). A request waits in the FIFO queue until a slot and its
+pixels are free, the head holding the ones behind it (a large request is never starved by small ones); one larger
+than the whole budget is refused at once (``TooLarge``).
 
 A request that times out or whose client went away is stopped at its next denoising step (the step callback raises
 ``GenerationCancelled`` in the worker thread); a queued one never runs. Its slot is released when the worker thread
 has really stopped, so ``active`` always counts threads that are computing.
 
-Execution sits behind one seam, the runner a slot thread calls: ``engine.threads.pipeline_runner`` (the threads
-strategy: a whole pipeline call per slot) or ``engine.step.StepRunner`` (the step strategy: the slot thread encodes,
-hands the request to the one shared denoising loop, waits, then decodes). Admission does not know which one it runs,
-and neither runner knows which task it runs: each asks the request's task (``engine.tasks``) what differs.
+Execution sits behind one seam, the runner a slot thread calls: ``engine.threads.pipeline_runner`` (a whole
+pipeline call per slot) or ``engine.step.StepRunner`` (the slot thread encodes, joins the one shared denoising loop,
+then decodes). Admission does not know which one it runs, nor they which task: they ask ``engine.tasks``.
 
 Progress: ``submit(..., progress=callback)`` reports what happens to one request as events (``ProgressEvent``),
 always called on the event loop thread: ``queued`` (with the 1-based queue position, again whenever it moves),
@@ -45,14 +43,14 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 
 from .memory import is_oom, release_memory
-from .progress import Ticket, notify
+from .progress import Ticket, notify, tell_listeners
 from .types import (
     ClientGone,
     GenerationCancelled,
@@ -75,23 +73,16 @@ logger = logging.getLogger(__name__)
 __all__ = ["Engine"]
 
 
-Submit = Callable[..., Awaitable[GenerationResult]]
-
-
-def _tell_listeners(submit: Submit) -> Submit:
-    """Wraps ``Engine.submit``: its outcome, the result or the exception it raises, goes to every listener."""
-
-    @functools.wraps(submit)
-    async def submit_and_tell(self: Engine, request: GenerationRequest, *args: Any, **kwargs: Any) -> GenerationResult:
-        try:
-            result = await submit(self, request, *args, **kwargs)
-        except BaseException as exc:
-            self._tell(request, exc)
-            raise
-        self._tell(request, result)
-        return result
-
-    return submit_and_tell
+def _counter_of(exc: Exception, gone: asyncio.Event) -> str:
+    """The ``Engine.stats`` counter a failed ``submit`` counts in."""
+    if isinstance(exc, ClientGone):
+        # A ``gone`` that says it is a cancel (a job's DELETE) is not a client that left.
+        return "cancelled" if getattr(gone, "cancelled", False) else "disconnected"
+    if isinstance(exc, (Overloaded, TooLarge, NotReady)):
+        return "rejected"  # refused without work, or stopped by the end of a drain
+    if isinstance(exc, GenerationTimeout):
+        return "timed_out"
+    return "out_of_memory" if isinstance(exc, OutOfMemory) else "failed"
 
 
 class Engine:
@@ -146,7 +137,7 @@ class Engine:
         # See the module's notes; a listener must be quick (it runs on the event loop).
         self.listeners: list[Listener] = []
         self.stats = dict.fromkeys(
-            ("total", "completed", "rejected", "timed_out", "disconnected", "failed", "out_of_memory"), 0
+            ("total", "completed", "rejected", "timed_out", "disconnected", "cancelled", "failed", "out_of_memory"), 0
         )
 
     def _init_worker(self) -> None:
@@ -186,8 +177,8 @@ class Engine:
         self._active += 1
         self._pixels += pixels
 
-    async def _acquire(self, job: Ticket, gone: asyncio.Event, deadline: float | None) -> None:
-        pixels = job.request.pixels
+    async def _acquire(self, ticket: Ticket, gone: asyncio.Event, deadline: float | None) -> None:
+        pixels = ticket.request.pixels
         if self.max_pixels and pixels > self.max_pixels:
             raise TooLarge(pixels, self.max_pixels)
         if not self._waiters and self._fits(pixels):
@@ -198,9 +189,9 @@ class Engine:
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         self._waiting_pixels[waiter] = pixels
-        if job.progress is not None:
-            self._positions[waiter] = job.progress
-            notify(job.progress, ProgressEvent("queued", position=len(self._waiters)))
+        if ticket.progress is not None:
+            self._positions[waiter] = ticket.progress
+            notify(ticket.progress, ProgressEvent("queued", position=len(self._waiters)))
         try:
             await self._race(waiter, gone, deadline)
         except BaseException:
@@ -302,75 +293,58 @@ class Engine:
             except Exception:  # noqa: BLE001 - an observer must never change a request's answer
                 logger.exception("engine listener failed")
 
-    @_tell_listeners
+    @tell_listeners
     async def submit(
         self, request: GenerationRequest, gone: asyncio.Event | None = None, progress: Progress | None = None
     ) -> GenerationResult:
         """Admit, run and return one generation; raise an ``EngineError`` for every expected failure.
 
-        ``gone`` set: stop (the client left, or a job was cancelled). ``progress``: see the module docstring.
+        ``gone`` set: stop (the client left, or, when ``gone.cancelled`` is true, a job was cancelled).
+        ``progress``: see the module docstring.
         """
         self.stats["total"] += 1
         if self.ready_reason is not None:
             self.stats["rejected"] += 1
             raise NotReady(self.ready_reason)
-        job = Ticket(request, progress=progress, loop=asyncio.get_running_loop())
+        ticket = Ticket(request, progress=progress, loop=asyncio.get_running_loop())
         gone = gone if gone is not None else asyncio.Event()
-        deadline = job.arrived + self.request_timeout if self.request_timeout > 0 else None
+        deadline = ticket.arrived + self.request_timeout if self.request_timeout > 0 else None
         try:
-            try:
-                await self._acquire(job, gone, deadline)
-            except (Overloaded, TooLarge):
-                self.stats["rejected"] += 1
-                raise
+            await self._acquire(ticket, gone, deadline)
             admitted = time.monotonic()
-            future = asyncio.wrap_future(self._executor.submit(self._run, job))
+            future = asyncio.wrap_future(self._executor.submit(self._run, ticket))
             # The slot is released when the thread is done, not when we stop waiting for it.
             future.add_done_callback(functools.partial(self._thread_done, request.pixels))
             try:
                 images = await self._race(future, gone, deadline)
             except BaseException:
-                job.cancel.set()  # whatever stopped us waiting, nobody wants this result any more
+                ticket.cancel.set()  # whatever stopped us waiting, nobody wants this result any more
                 raise
-        except ClientGone:
-            self.stats["disconnected"] += 1
-            raise
-        except GenerationTimeout:
-            self.stats["timed_out"] += 1
-            raise
-        except OutOfMemory:
-            self.stats["out_of_memory"] += 1
-            raise
-        except (Overloaded, TooLarge):
-            raise  # counted as rejected above; not a failure as well
-        except NotReady:
-            self.stats["rejected"] += 1  # stopped by the end of a drain
-            raise
-        except Exception:
-            self.stats["failed"] += 1
+        except Exception as exc:
+            self.stats[_counter_of(exc, gone)] += 1
             raise
         self.stats["completed"] += 1
         done = time.monotonic()
-        first = None if job.first_step_at is None else job.first_step_at - job.arrived
+        first = None if ticket.first_step_at is None else ticket.first_step_at - ticket.arrived
         return GenerationResult(
-            images, request.seed, queued_s=admitted - job.arrived, first_step_s=first, generate_s=done - admitted
+            images, request.seed, queued_s=admitted - ticket.arrived, first_step_s=first, generate_s=done - admitted
         )
 
-    def _run(self, job: Ticket) -> list[Any]:
+    def _run(self, ticket: Ticket) -> list[Any]:
         """Worker thread: run the pipeline unless the request was abandoned while queued."""
         with self._memory_lock:
             pass  # wait for an idle-time memory release that began before this slot was taken
-        if job.cancel.is_set():
+        if ticket.cancel.is_set():
             raise GenerationCancelled
-        job.started_at = time.monotonic()
-        job.report(ProgressEvent("started"))
+        ticket.started_at = time.monotonic()
+        ticket.report(ProgressEvent("started"))
         try:
-            return self.runner(job.request, job.step_callback(self.previewer, self.log_interval))
+            return self.runner(ticket.request, ticket.step_callback(self.previewer, self.log_interval))
         except BaseException as exc:
             if not is_oom(exc):
                 raise
         # Freed outside the except block: until it ends, the traceback keeps the failed request's tensors alive.
-        logger.error("out of memory in request %s; freeing caches", job.request.request_id)
+        logger.error("out of memory in request %s; freeing caches", ticket.request.request_id)
         try:
             gc.collect()  # reference cycles from the failed call may hold tensors
             self.release()  # the configured release (release_memory by default)

@@ -1,4 +1,5 @@
-"""One admitted request's bookkeeping, and how its progress reaches the event loop from a worker thread.
+"""One admitted request's bookkeeping, how its progress reaches the event loop from a worker thread, and how its
+outcome reaches the engine's listeners.
 
 A ``Ticket`` is made by ``Engine.submit`` for each request: its cancel flag (set when the client leaves, the deadline
 passes or the drain ends), its timestamps, and its progress callback. The runner's step callback
@@ -10,17 +11,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .types import GenerationCancelled, GenerationRequest, Previewer, Progress, ProgressEvent, StepCallback
+from .types import (
+    GenerationCancelled,
+    GenerationRequest,
+    GenerationResult,
+    Previewer,
+    Progress,
+    ProgressEvent,
+    StepCallback,
+)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Ticket", "notify"]
+__all__ = ["Ticket", "notify", "tell_listeners"]
 
 
 def notify(progress: Progress, event: ProgressEvent) -> None:
@@ -29,6 +40,25 @@ def notify(progress: Progress, event: ProgressEvent) -> None:
         progress(event)
     except Exception:  # noqa: BLE001 - a listener's bug must not break admission
         logger.exception("progress callback failed")
+
+
+Submit = Callable[..., Awaitable[GenerationResult]]
+
+
+def tell_listeners(submit: Submit) -> Submit:
+    """Wraps ``Engine.submit``: its outcome, the result or the exception it raises, goes to every listener."""
+
+    @functools.wraps(submit)
+    async def submit_and_tell(self: Any, request: GenerationRequest, *args: Any, **kwargs: Any) -> GenerationResult:
+        try:
+            result = await submit(self, request, *args, **kwargs)
+        except BaseException as exc:
+            self._tell(request, exc)
+            raise
+        self._tell(request, result)
+        return result
+
+    return submit_and_tell
 
 
 @dataclass

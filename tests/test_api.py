@@ -428,8 +428,18 @@ def test_oversized_body_is_a_413_envelope(quiet_server: Any) -> None:
 
 
 def test_wrong_method_is_an_envelope_not_a_500(quiet_server: Any) -> None:
-    assert_envelope(httpx.get(quiet_server.url + NATIVE), 405)
+    wrong = httpx.get(quiet_server.url + NATIVE)
+    assert_envelope(wrong, 405) and wrong.headers["allow"] == "POST"
     assert_envelope(httpx.delete(quiet_server.url + "/images/" + "0" * 32 + ".png"), 405)
+
+
+@pytest.mark.parametrize("path", ["/api/jobs/", "/v1/models/", "/health/", NATIVE + "/", "/docs/", "/ui/"])
+def test_a_trailing_slash_is_a_404_envelope_not_a_redirect(quiet_server: Any, path: str) -> None:
+    with httpx.Client(base_url=quiet_server.url, timeout=30, follow_redirects=False) as client:
+        for method in ("GET", "POST"):
+            answer = client.request(method, path, json={"prompt": "x"})
+            error = assert_envelope(answer, 404)
+            assert "location" not in answer.headers and "trailing slash" in error["message"], (method, path)
 
 
 def test_openapi_publishes_the_configured_limits(make_server: Any) -> None:

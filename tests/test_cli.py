@@ -64,6 +64,8 @@ def test_help_lists_every_option() -> None:
         (["--image-max-files", "3"], "image_max_files (3) cannot hold one request's 10 images"),
         (["--image-max-bytes", "1000"], "image_max_bytes (1000) cannot hold one request's images"),
         (["--image-ttl", "60", "--image-grace", "120"], "image_ttl (60) is below image_grace (120)"),
+        (["--job-ttl", "30", "--job-grace", "60"], "job_ttl (30) is below job_grace (60)"),
+        (["--job-grace", "-1"], "--job-grace: Input should be greater than or equal to 0"),
         (["--max-header-bytes", "100"], "--max-header-bytes: Input should be greater than or equal to 1024"),
         (["--send-timeout", "0"], "--send-timeout: Input should be greater than 0"),
         (["--engine", "turbo"], "--engine: engine must be 'threads' or 'step'"),
@@ -115,6 +117,18 @@ def test_help_gives_one_default_per_flag_and_lists_the_dtypes() -> None:
             assert text.count("(default:") == 1 and "[default:" not in text, text
     for name in ("auto", "float32", "bfloat16", "float16"):
         assert name in entries["--dtype"]
+
+
+def test_help_names_the_engine_the_server_picks() -> None:
+    from api.loading import engine_kind
+
+    text = help_entries()["--engine"]
+    default = re.search(r"\(default: ([^)]*)\)", text).group(1)
+    assert default.startswith("threads,") and "CPU" not in default, text
+    # What --help promises is what the code does, on every device, and --compile implies step.
+    for device in ("cpu", "cuda", "mps"):
+        assert engine_kind(Settings(), device) == "threads"
+        assert engine_kind(Settings(compile=True), device) == "step"
 
 
 @pytest.mark.parametrize(

@@ -130,7 +130,7 @@ def assert_idle(live: Any) -> None:
     """Counters back to 0, and every request admitted to the engine accounted for by exactly one outcome."""
     wait_until(lambda: counters(live) == (0, 0), "active_inferences == queued == 0")
     stats = status(live)["requests"]
-    outcomes = ("completed", "rejected", "timed_out", "disconnected", "failed", "out_of_memory")
+    outcomes = ("completed", "rejected", "timed_out", "disconnected", "cancelled", "failed", "out_of_memory")
     assert stats["total"] == sum(stats[k] for k in outcomes), json.dumps(stats)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import signal
+import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -209,7 +210,7 @@ def test_store_full_of_unfinished_jobs_is_503(make_server: Callable[..., Any]) -
 
 
 def test_store_keeps_its_bound_oldest_finished_first(make_server: Callable[..., Any]) -> None:
-    live = make_server(max_jobs=3)
+    live = make_server(max_jobs=3, job_grace=0)
     with httpx.Client(base_url=live.url, timeout=60) as client:
         jobs = []
         for seed in range(5):
@@ -221,7 +222,7 @@ def test_store_keeps_its_bound_oldest_finished_first(make_server: Callable[..., 
 
 
 def test_finished_jobs_expire_after_the_ttl(make_server: Callable[..., Any]) -> None:
-    live = make_server(job_ttl=1)
+    live = make_server(job_ttl=1, job_grace=1)
     with httpx.Client(base_url=live.url, timeout=60) as client:
         job = submit(client, {**BODY, "num_inference_steps": 1})
         state = wait_final(client, job)
@@ -232,6 +233,39 @@ def test_finished_jobs_expire_after_the_ttl(make_server: Callable[..., Any]) -> 
         assert_envelope(client.get(f"{JOBS}/{job}"), 404)
         # The images follow their own retention (--image-ttl), not the job's.
         assert client.get(state["result"]["response"][0]).status_code == 200
+
+
+def test_a_finished_job_outlives_any_churn_for_its_grace(make_server: Callable[..., Any]) -> None:
+    live = make_server(max_jobs=3, job_grace=60, max_steps=1000)
+    with httpx.Client(base_url=live.url, timeout=60) as client:
+        victim = submit(client, {**BODY, "num_inference_steps": 1})
+        assert wait_final(client, victim)["status"] == "succeeded"
+        for _ in range(6):  # someone else's POST + DELETE pairs: they make room among their own cancelled jobs
+            churn = submit(client, BLOCKER)
+            assert client.delete(f"{JOBS}/{churn}").json()["status"] == "cancelled"
+            assert client.get(f"{JOBS}/{victim}").status_code == 200
+        others = [submit(client, {**BODY, "num_inference_steps": 1, "seed": seed}) for seed in (1, 2)]
+        for job in others:
+            wait_final(client, job)
+        refused = client.post(JOBS, json=BODY)  # full of jobs within their grace: none may go
+        assert [client.get(f"{JOBS}/{job}").status_code for job in (victim, *others)] == [200, 200, 200]
+    error = assert_envelope(refused, 503)
+    assert (error["type"], error["code"]) == ("overloaded_error", "too_many_jobs") and "--job-grace" in error["message"]
+    assert 1 <= int(refused.headers["retry-after"]) <= 60
+
+
+def test_a_finished_job_may_make_room_once_its_grace_has_passed(make_server: Callable[..., Any]) -> None:
+    live = make_server(max_jobs=2, job_grace=1)
+    with httpx.Client(base_url=live.url, timeout=60) as client:
+        jobs = [submit(client, {**BODY, "num_inference_steps": 1, "seed": seed}) for seed in (1, 2)]
+        for job in jobs:
+            wait_final(client, job)
+        refused = client.post(JOBS, json=BODY)
+        time.sleep(1.2)  # the oldest's grace has passed: it makes room
+        admitted = client.post(JOBS, json=BODY)
+        statuses = [client.get(f"{JOBS}/{job}").status_code for job in jobs]
+    assert assert_envelope(refused, 503)["code"] == "too_many_jobs" and refused.headers["retry-after"] == "1"
+    assert admitted.status_code == 202 and statuses == [404, 200]
 
 
 def wait_for_len(store: Any, n: int, timeout: float) -> bool:
@@ -314,3 +348,48 @@ def test_an_idle_event_stream_outlasts_the_connection_timeouts(make_server: Call
                     time.sleep(2.5)  # nothing happens to a queued job: the stream stays open regardless
                     client.delete(f"{JOBS}/{blocker}")
     assert events[0] == ("queued", {"position": 1}) and events[-1][1]["status"] == "succeeded"
+
+
+def test_head_on_a_running_jobs_events_answers_headers_and_ends(make_server: Callable[..., Any]) -> None:
+    live = make_server(max_steps=1000)
+    with httpx.Client(base_url=live.url, timeout=60) as client:
+        job = submit(client, BLOCKER)  # runs for minutes unless cancelled
+        wait_for(client, job, lambda state: state["step"] >= 1)
+        port = int(live.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            # A HEAD, and a request pipelined behind it on the same connection: both are answered now.
+            started = time.monotonic()
+            sock.sendall(
+                f"HEAD {JOBS}/{job}/events HTTP/1.1\r\nHost: a\r\n\r\n".encode()
+                + b"GET /health HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+            )
+            raw = b""
+            while chunk := sock.recv(65536):  # until the server closes, after /health (10 s at most)
+                raw += chunk
+            elapsed = time.monotonic() - started
+        assert client.get(f"{JOBS}/{job}").json()["status"] == "running"  # the HEAD did not wait for the end
+        client.delete(f"{JOBS}/{job}")
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"content-type: text/event-stream" in head.lower(), raw[:500]
+    assert rest.startswith(b"HTTP/1.1 200") and rest.endswith(b'{"status":"ok"}'), rest[:500]
+    assert elapsed < 5, elapsed
+    assert not live.app.state.jobs.get(job).subscribers  # the HEAD's subscription ended with it
+
+
+def test_cancelled_jobs_are_counted_as_cancelled_not_disconnected(make_server: Callable[..., Any]) -> None:
+    live = make_server(max_concurrency=1, max_steps=1000)
+    with httpx.Client(base_url=live.url, timeout=60) as client:
+        running = submit(client, BLOCKER)
+        wait_for(client, running, lambda state: state["step"] >= 1)
+        queued = submit(client, BODY)
+        for job in (queued, running):  # one cancelled while queued, one while running
+            assert client.delete(f"{JOBS}/{job}").json()["status"] == "cancelled"
+        # A client that really leaves: its request is counted as disconnected, as before.
+        with pytest.raises(httpx.ReadTimeout):
+            client.post(NATIVE, json=BLOCKER, timeout=1)
+        wait_idle(live.engine)
+        deadline = time.monotonic() + 30
+        while (counts := client.get("/api/status").json()["requests"])["disconnected"] < 1:
+            assert time.monotonic() < deadline, counts
+            time.sleep(0.05)
+    assert (counts["cancelled"], counts["disconnected"], counts["total"]) == (2, 1, 3), counts

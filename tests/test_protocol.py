@@ -4,6 +4,7 @@ in header size, time and number, answered in the envelope, and never stall anyon
 from __future__ import annotations
 
 import json
+import re
 import resource
 import socket
 import threading
@@ -85,6 +86,34 @@ def test_a_huge_header_is_431_and_health_stays_fast_beside_2000_idle_connections
         sock.close()
 
 
+def head_of(size: int, path: str = "/health") -> bytes:
+    """A complete GET head of exactly ``size`` bytes (its blank line included)."""
+    start = f"GET {path} HTTP/1.1\r\nHost: a\r\nX-Pad: ".encode()
+    return start + b"a" * (size - len(start) - 4) + b"\r\n\r\n"
+
+
+def test_the_header_limit_holds_for_a_head_that_arrives_whole_in_one_read(spawn_server: Callable[..., Any]) -> None:
+    # h11 measures only heads still arriving: these arrive whole, in one send each (far below one read's size).
+    server = spawn_server("--max-header-bytes", "1024").wait_ready()
+    for size, status in ((1024, 200), (1025, 431), (4096, 431), (60_000, 431)):
+        sock = connect(server)
+        sock.sendall(head_of(size))
+        raw = read_all(sock, limit_s=10) if status == 431 else sock.recv(65536)
+        assert raw.startswith(f"HTTP/1.1 {status} ".encode()), (size, raw[:200])
+        if status == 431:
+            error = envelope_of(raw, 431)
+            assert error["code"] == "too_large" and "1024 bytes" in error["message"]
+        sock.close()
+    # Pipelined behind a request that is served: the oversized head is refused when its turn comes.
+    sock = connect(server)
+    sock.sendall(head_of(200) + head_of(2000))
+    raw = read_all(sock, limit_s=10)
+    first, _, second = raw.partition(b"HTTP/1.1 431 ")
+    assert first.startswith(b"HTTP/1.1 200 ") and second, raw[:500]
+    sock.close()
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
 def test_idle_and_trickling_clients_are_timed_out_with_408(spawn_server: Callable[..., Any]) -> None:
     server = spawn_server("--keep-alive-timeout", "1", "--receive-timeout", "2").wait_ready()
     silent = connect(server)
@@ -106,6 +135,26 @@ def test_idle_and_trickling_clients_are_timed_out_with_408(spawn_server: Callabl
     log = server.log()
     assert "--keep-alive-timeout: closed" in log and "--receive-timeout: answered 408" in log
     assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def reported(log: str, what: str) -> int:
+    """The sum of the counts the guard's lines for ``what`` reported."""
+    return sum(int(n) for n in re.findall(re.escape(what) + r"[^\n(]*\((\d+) since the last report\)", log))
+
+
+def test_a_burst_of_refusals_is_logged_whole(spawn_server: Callable[..., Any]) -> None:
+    server = spawn_server("--keep-alive-timeout", "1", "--max-connections", "40").wait_ready()
+    idle, over_cap = "sent nothing within --keep-alive-timeout: closed", "too many open connections"
+    burst = [connect(server) for _ in range(50)]  # 40 served (then idle), 10 beyond the cap (silent, closed)
+    for sock in burst:
+        assert read_all(sock, limit_s=10) == b""  # closed by the server
+        sock.close()
+    # One line at once, the rest of the burst when the guard's period (5 s) ends: the counts add up to the burst.
+    deadline = time.monotonic() + 15
+    while (reported(server.log(), idle), reported(server.log(), over_cap)) != (50, 10):
+        assert time.monotonic() < deadline, server.log()[-2000:]
+        time.sleep(0.2)
+    assert len(re.findall(re.escape(idle), server.log())) <= 3  # and still only a few lines
 
 
 def test_malformed_request_is_400_in_the_envelope(spawn_server: Callable[..., Any]) -> None:

@@ -100,3 +100,34 @@ def test_client_still_sending_at_the_shutdown_timeout_gets_503_envelope(spawn_se
     assert proc.proc.wait(timeout=60) == 0
     log = proc.log()
     assert "timeout graceful shutdown exceeded" not in log and "Traceback" not in log, log[-3000:]
+
+
+def test_third_ctrl_c_while_a_generation_thread_outlives_the_server_quits_with_one_line(
+    spawn_server: Callable[..., Any],
+) -> None:
+    # One denoising step of this request takes seconds: its thread stops only at the step's end, so the process
+    # is still waiting for it after the server itself has stopped (the drain gave up on it after 2 x 1 s).
+    proc = spawn_server("--shutdown-timeout", "1").wait_ready()
+    body = {
+        "prompt": "a lighthouse",
+        "num_inference_steps": 2,
+        "width": 1024,
+        "height": 1024,
+        "num_images_per_prompt": 8,
+    }
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(httpx.post, proc.url + NATIVE, json=body, timeout=120)
+        wait_until(lambda: in_flight(proc.url) == 1, "the request is running")
+        proc.proc.send_signal(signal.SIGINT)
+        wait_until(lambda: "draining" in proc.log(), "the first Ctrl-C started the drain")
+        proc.proc.send_signal(signal.SIGINT)
+        wait_until(lambda: "still running were abandoned" in proc.log(), "the server stopped without the thread")
+        time.sleep(0.5)
+        assert proc.proc.poll() is None, "the generation thread ended first: nothing left to interrupt"
+        proc.proc.send_signal(signal.SIGINT)
+        assert proc.proc.wait(timeout=5) == 130
+        with contextlib.suppress(httpx.HTTPError):
+            future.result(timeout=60)
+    log = proc.log()
+    assert log.count("third interrupt: quitting now") == 1, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
