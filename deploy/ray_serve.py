@@ -10,10 +10,12 @@ Three ways to run it (README, "Scaling out"):
   everything down on SIGINT or SIGTERM.
 
 What this adds to the app, and only from here: an ``X-Replica`` response header naming the replica that answered, a
-lifespan that holds the replica back from traffic until its model has loaded, and Ray's health check on the
-engine's readiness. Backpressure: the engine keeps its own bound (slots + queue, then the 503 envelope with
-``Retry-After``); Ray's per-replica limit is that bound plus headroom for cheap requests (image fetches, probes), so
-they do not queue behind generations and an overloaded replica answers with the engine's envelope.
+lifespan that holds the replica back from traffic until its model has loaded, Ray's health check on the engine's
+readiness, each replica's own ``/metrics`` port (``metrics_port``: ``deploy/replica_metrics.py``), and Ray's proxy
+options from the server's connection limits (``http_options``; what Ray's proxy cannot enforce is the reverse
+proxy's: ``deploy/nginx_config.py``). Backpressure: the engine keeps its own bound (slots + queue, then the 503
+envelope with ``Retry-After``); Ray's per-replica limit is that bound plus headroom for cheap requests (image fetches,
+probes), so they do not queue behind generations and an overloaded replica answers with the engine's envelope.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import os
+import math
 import signal
 import sys
 import threading
@@ -35,9 +37,11 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from ray import serve
 from ray.serve.config import BackpressureConfig
+from ray.serve.schema import ServeDeploySchema
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.settings import Settings, SettingsError, parse_settings
+from deploy.cluster import deploy_config, start_ray, stop_serving
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +52,11 @@ __all__ = [
     "build_app",
     "deployment_options",
     "hold_until_loaded",
+    "http_options",
     "main",
     "not_ready_reason",
     "serve_app",
+    "serve_config",
 ]
 
 REPO = Path(__file__).resolve().parent.parent
@@ -62,6 +68,7 @@ PROXY_CALLBACK_VARIABLE = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 PROXY_CALLBACK = "deploy.proxy:proxy_middlewares"
 # Ray's exit status when Ray itself cannot start here (the tests skip on it, saying why; any other failure fails).
 EXIT_RAY_UNAVAILABLE = 69
+APP_NAME = "sd3"
 
 
 @dataclass(frozen=True)
@@ -112,6 +119,24 @@ def deployment_options(settings: Settings, scale: Scale) -> dict[str, Any]:
     else:
         options["num_replicas"] = scale.num_replicas
     return options
+
+
+def http_options(settings: Settings) -> dict[str, Any]:
+    """Ray's proxy options: the part of the connection guard (``api.protocol``) that Ray's proxy can enforce.
+
+    Ray's proxy is uvicorn with its default parser: no header-size limit, no deadline on a request's head or body,
+    no connection cap. It does close a connection idle between requests (``keep_alive_timeout_s``, whole seconds)
+    and bounds a request's whole time in the proxy (``request_timeout_s``): here a backstop past the app's own 504
+    (``--request-timeout``, from arrival) plus the time a body and an answer may take, so the app answers first.
+    The rest is the reverse proxy's in front (README, "Scaling out": which layer enforces what).
+    """
+    backstop = settings.request_timeout + settings.receive_timeout + settings.send_timeout
+    return {
+        "host": settings.host,
+        "port": settings.port,
+        "keep_alive_timeout_s": max(1, math.ceil(settings.keep_alive_timeout)),
+        "request_timeout_s": backstop if settings.request_timeout > 0 else None,
+    }
 
 
 class ReplicaHeader:
@@ -171,8 +196,9 @@ def hold_until_loaded(app: Any) -> None:
 class SD3Server:
     """One replica: the app from ``create_app``, its own model and engine."""
 
-    def __init__(self, settings: dict[str, Any]) -> None:
+    def __init__(self, settings: dict[str, Any], metrics_port: int = 0) -> None:
         self.settings = Settings(**settings)
+        self.metrics_port = metrics_port
         self.api: Any = None  # the FastAPI app (the wrapper Ray adds owns `app`)
         # The app's own log lines (model ready, requests) in the replica's log, as the single server prints them.
         logging.basicConfig(level=self.settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
@@ -184,6 +210,9 @@ class SD3Server:
         replica = serve.get_replica_context().replica_id.unique_id
         self.api.add_middleware(ReplicaHeader, name=replica)
         hold_until_loaded(self.api)
+        if self.metrics_port:
+            rank = serve.get_replica_context().rank.local_rank
+            _serve_metrics_while_running(self.api, self.settings, self.metrics_port + rank, replica)
         logger.info("replica %s: serving %s", replica, self.settings.model)
         return self.api
 
@@ -194,31 +223,64 @@ class SD3Server:
             raise RuntimeError(f"replica not ready: {reason}")
 
 
-def serve_app(settings: Settings, scale: Scale) -> Any:
+def _serve_metrics_while_running(app: Any, settings: Settings, port: int, name: str) -> None:
+    """Wrap the app's lifespan so the replica's own metrics port is open for as long as the replica runs."""
+    from deploy.replica_metrics import serve_metrics
+
+    original = app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(target: Any) -> AsyncIterator[Any]:
+        async with original(target) as state, serve_metrics(app, settings, port, name):
+            yield state
+
+    app.router.lifespan_context = lifespan
+
+
+def serve_app(settings: Settings, scale: Scale, metrics_port: int = 0) -> Any:
     """The bound Serve application: ``SD3Server`` with options from ``settings`` and ``scale``."""
     # Every replica writes and serves images in one directory, so a URL from any replica is fetchable through any
     # other: an absolute path (a replica's working directory is Ray's, not ours), shared on a cluster (NFS, a volume).
     explicit = settings.model_dump(exclude_unset=True)
     explicit["image_dir"] = str(Path(settings.image_dir).expanduser().resolve())
-    return SD3Server.options(**deployment_options(settings, scale)).bind(explicit)
+    return SD3Server.options(**deployment_options(settings, scale)).bind(explicit, metrics_port)
 
 
 _SCALE_NAMES = {f.name for f in fields(Scale)}
 _INT_SCALE = {"num_replicas", "min_replicas", "max_replicas"}
+_DEPLOY_NAMES = {*_SCALE_NAMES, "metrics_port"}
 
 
 def build_app(args: dict[str, str]) -> Any:
     """Ray's application builder: ``serve run deploy.ray_serve:build_app model=random:tiny num_replicas=2``.
 
-    ``args``: the Scale fields, and any server option by its Settings name (``max_queue=16``); validated here,
-    before any replica loads a model.
+    ``args``: the Scale fields, ``metrics_port`` (each replica's own /metrics: ``deploy/replica_metrics.py``; 0,
+    the default: none), and any server option by its Settings name (``max_queue=16``); validated here, before any
+    replica loads a model.
     """
     scale = Scale(**{k: (int if k in _INT_SCALE else float)(v) for k, v in args.items() if k in _SCALE_NAMES})
-    settings = Settings(**{k: v for k, v in args.items() if k not in _SCALE_NAMES})
-    return serve_app(settings, scale)
+    settings = Settings(**{k: v for k, v in args.items() if k not in _DEPLOY_NAMES})
+    metrics_port = int(args.get("metrics_port", 0))
+    if not 0 <= metrics_port <= 65535:
+        raise ValueError(f"metrics_port must be a port number (0: none), not {metrics_port}")
+    return serve_app(settings, scale, metrics_port)
 
 
-def _parse(argv: list[str] | None) -> tuple[Settings, Scale, float | None]:
+def serve_config(settings: Settings, scale: Scale, metrics_port: int = 0) -> ServeDeploySchema:
+    """The script's deployment as a Serve config (the form of ``deploy/serve_config.yaml``): proxy and app at once.
+
+    One config, deployed once, is what keeps the start quiet: ``serve.start`` followed by ``serve.run`` starts
+    Serve twice, and the second start logs that "new http_options will not be applied".
+    """
+    args: dict[str, Any] = settings.model_dump(exclude_unset=True)
+    args["image_dir"] = str(Path(settings.image_dir).expanduser().resolve())  # as serve_app: the same directory
+    args.update({k: v for k, v in vars(scale).items() if v is not None})
+    args["metrics_port"] = metrics_port
+    app = {"name": APP_NAME, "route_prefix": "/", "import_path": "deploy.ray_serve:build_app", "args": args}
+    return ServeDeploySchema(proxy_location="EveryNode", http_options=http_options(settings), applications=[app])
+
+
+def _parse(argv: list[str] | None) -> tuple[Settings, Scale, int, float | None]:
     parser = argparse.ArgumentParser(
         prog="deploy/ray_serve.py",
         description="Serve N replicas on a local Ray cluster. Every server flag (python serverasync.py --help) "
@@ -230,6 +292,7 @@ def _parse(argv: list[str] | None) -> tuple[Settings, Scale, float | None]:
     parser.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica (1 on a GPU machine)")
     parser.add_argument("--max-replicas", type=int, default=0, help="autoscale up to this many (0: fixed)")
     parser.add_argument("--min-replicas", type=int, default=1, help="autoscale down to this many")
+    parser.add_argument("--metrics-port", type=int, default=0, help="replica i's own /metrics on this port + i")
     parser.add_argument("--ray-cpus", type=float, default=None, help="CPUs the local Ray may use (default: all)")
     known, rest = parser.parse_known_args(argv)
     if "-h" in rest or "--help" in rest:
@@ -242,7 +305,7 @@ def _parse(argv: list[str] | None) -> tuple[Settings, Scale, float | None]:
         min_replicas=known.min_replicas,
         max_replicas=known.max_replicas,
     )
-    return settings, scale, known.ray_cpus
+    return settings, scale, known.metrics_port, known.ray_cpus
 
 
 class _Stop(BaseException):
@@ -260,8 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     """The script form: start a local Ray, serve, and on SIGINT/SIGTERM shut Serve and Ray down (exit 0)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        settings, scale, ray_cpus = _parse(argv)
-        application = serve_app(settings, scale)  # Ray checks the deployment options here, before starting
+        settings, scale, metrics_port, ray_cpus = _parse(argv)
+        config = serve_config(settings, scale, metrics_port)
+        build_app(config.applications[0].args)  # what the controller will build, checked before Ray starts
     except SettingsError as exc:
         for line in exc.lines:
             print(f"deploy/ray_serve.py: error: {line}", file=sys.stderr)
@@ -269,30 +333,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"deploy/ray_serve.py: error: {exc}", file=sys.stderr)
         return 2
-    import ray
-
-    # Inherited by every Ray process this starts: the replicas and the proxy import the project (api, utils, deploy)
-    # by name, and the proxy loads deploy.proxy's middleware.
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-    os.environ.setdefault(PROXY_CALLBACK_VARIABLE, PROXY_CALLBACK)
-    try:
-        ray.init(
-            num_cpus=ray_cpus,
-            include_dashboard=False,
-            object_store_memory=100 * 1024 * 1024,  # requests carry JSON and images travel as URLs: no big objects
-            logging_level=logging.WARNING,
-            log_to_driver=False,  # the replicas' logs: /tmp/ray/session_latest/logs/serve/
-        )
-    except Exception as exc:  # noqa: BLE001 - any reason Ray cannot start here is reported the same way
-        print(f"deploy/ray_serve.py: ray could not start: {exc}", file=sys.stderr)
+    if not start_ray(ray_cpus, REPO, {PROXY_CALLBACK_VARIABLE: PROXY_CALLBACK}):
         return EXIT_RAY_UNAVAILABLE
     # After ray.init, which installs its own SIGTERM handler (exit at once, status 15).
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _on_signal)
     status = 0
     try:
-        serve.start(http_options={"host": settings.host, "port": settings.port})
-        serve.run(application, name="sd3", route_prefix="/", blocking=False)
+        deploy_config(config, APP_NAME)
         url = f"http://{settings.host}:{settings.port}"
         logger.info("serving %s, %d replica(s), at %s", settings.model, scale.num_replicas, url)
         threading.Event().wait()
@@ -302,9 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("%s (replica logs: /tmp/ray/session_latest/logs/serve/)", exc)
         status = 1
     finally:
-        with contextlib.suppress(Exception):
-            serve.shutdown()
-        ray.shutdown()
+        stop_serving(APP_NAME)
     return status
 
 

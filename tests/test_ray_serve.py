@@ -1,32 +1,44 @@
 """deploy/ray_serve.py on a real local Ray cluster: two replicas of random:tiny behind Ray Serve's proxy.
 
-One cluster for the whole module (``python deploy/ray_serve.py``, the script form), to keep the suite's time small;
-the last test shuts it down and checks nothing is left running. Skipped, saying why, where ray[serve] is not
-installed or Ray cannot start on this machine; any other failure to serve fails.
+One cluster for the whole module (``python deploy/ray_serve.py``, the script form), to keep the suite's time small,
+and one real nginx in front of it (``deploy/nginx_config.py``'s configuration); the last test shuts the cluster down
+and checks nothing is left running and that the log of the start and stop is quiet. Skipped, saying why, where
+ray[serve] is not installed or Ray cannot start on this machine; any other failure to serve fails.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 import pytest
-from conftest import REPO, free_port
+from conftest import REPO
 from http_helpers import NATIVE, OPENAI, assert_envelope, fetch_png, pixels
 
 pytest.importorskip("ray.serve", reason="ray[serve] is not installed: pip install -r requirements-ray.txt")
 
+from nginx_helpers import NginxProcess  # noqa: E402
+from ray_helpers import (  # noqa: E402
+    KEEP_ALIVE_S,
+    STARTUP_TIMEOUT,
+    ServeProcess,
+    alive,
+    closed_within,
+    describe,
+    native_200s,
+    raw_socket,
+)
+
 from deploy.ray_serve import (  # noqa: E402
-    EXIT_RAY_UNAVAILABLE,
     HEADROOM,
     REPLICA_HEADER,
     Scale,
@@ -34,12 +46,15 @@ from deploy.ray_serve import (  # noqa: E402
     build_app,
     deployment_options,
     hold_until_loaded,
+    http_options,
 )
 
-STARTUP_TIMEOUT = 240.0
 REQUEST_TIMEOUT = 120.0
 MAX_QUEUE = 12  # per replica: 2 slots + 12 waiting; the overload test goes past both replicas' 14
 SLOW = {"num_inference_steps": 30, "height": 128, "width": 128}  # ~1 s on this CPU: long enough to pile up
+# 4 KiB: below nginx's own default (8 KiB header lines), so the limit seen is the rendered one.
+EDGE_LIMITS = {"max_header_bytes": 4096, "keep_alive_timeout": 2.0, "receive_timeout": 3.0}
+SLACK_S = 1.5  # a deadline's margin on this busy 2-core machine
 
 
 # -- without a cluster: the options, the health check and the start-up hold ---------------------------------------
@@ -121,6 +136,15 @@ def test_startup_ends_once_the_model_has_loaded_and_fails_with_the_load(tiny_pip
         asyncio.run(start(failing))
 
 
+def test_rays_proxy_gets_the_servers_keep_alive_and_a_request_backstop_past_the_apps_504() -> None:
+    from api import Settings
+
+    options = http_options(Settings(keep_alive_timeout=2.5, request_timeout=300, receive_timeout=30, send_timeout=30))
+    assert options["keep_alive_timeout_s"] == 3  # whole seconds, rounded up: never shorter than the server's
+    assert options["request_timeout_s"] == 360  # the app's 504 comes first
+    assert http_options(Settings(request_timeout=0))["request_timeout_s"] is None
+
+
 # -- the proxy middleware, on plain ASGI apps standing in for what Ray's proxy does ----------------------------------
 
 
@@ -197,96 +221,26 @@ def test_rays_own_503_gets_the_envelope_and_a_replicas_passes_unchanged() -> Non
 # -- a real local Ray cluster ----------------------------------------------------------------------------------------
 
 
-class ServeProcess:
-    """``python deploy/ray_serve.py`` with two replicas on a free loopback port."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.url = f"http://127.0.0.1:{free_port()}"
-        self.log_path = tmp / "ray_serve.log"
-        command = [
-            sys.executable,
-            str(REPO / "deploy" / "ray_serve.py"),
-            *("--model", "random:tiny", "--num-replicas", "2", "--num-cpus", "0.5", "--ray-cpus", "2"),
-            *("--host", "127.0.0.1", "--port", self.url.rsplit(":", 1)[1], "--image-dir", str(tmp / "images")),
-            *("--max-queue", str(MAX_QUEUE), "--default-steps", "2", "--shutdown-timeout", "10"),
-        ]
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        # Its own session: a fallback kill reaches Ray's processes even if the script dies first.
-        self.proc = subprocess.Popen(
-            command, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_serving(self) -> None:
-        """Until the script says it serves (Serve's deploy returned: both replicas loaded), or skip/fail."""
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while "deploy.ray_serve: serving" not in self.log():
-            if self.proc.poll() is not None:
-                if self.proc.returncode == EXIT_RAY_UNAVAILABLE:
-                    line = next((x for x in self.log().splitlines() if "ray could not start" in x), "")
-                    pytest.skip(f"Ray cannot start on this machine: {line[-300:]}")
-                pytest.fail(f"deploy/ray_serve.py exited {self.proc.returncode}:\n{self.log()[-3000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"not serving after {STARTUP_TIMEOUT:g}s:\n{self.log()[-3000:]}")
-            time.sleep(0.5)
-        assert httpx.get(f"{self.url}/ready", timeout=30).status_code == 200
-
-    def descendants(self) -> list[psutil.Process]:
-        try:
-            return psutil.Process(self.proc.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            return []
-
-    def replica_pids(self) -> list[int]:
-        return [p.pid for p in self.descendants() if any("ServeReplica" in part for part in _cmdline(p))]
-
-    def stop(self) -> None:
-        """Fallback clean-up (the last test stops it properly): SIGTERM, then SIGKILL to all it started."""
-        children = self.descendants()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=30)
-        for child in children:
-            if _alive(child):
-                child.kill()
-        self._log.close()
-
-
-def _cmdline(process: psutil.Process) -> list[str]:
-    try:
-        return process.cmdline()
-    except psutil.Error:
-        return []
-
-
-def _describe(process: psutil.Process) -> str:
-    try:
-        return f"{process.pid} {process.name()}: {' '.join(process.cmdline())[:100]}"
-    except psutil.Error:
-        return f"{process.pid} (gone)"
-
-
-def _alive(process: psutil.Process) -> bool:
-    try:
-        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
-    server = ServeProcess(tmp_path_factory.mktemp("ray"))
+    server = ServeProcess(tmp_path_factory.mktemp("ray"), MAX_QUEUE)
     try:
         server.wait_serving()
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def edge(served: ServeProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[NginxProcess]:
+    """nginx in front of the cluster, with short limits so the tests are quick."""
+    upstream = served.url.removeprefix("http://")
+    proxy = NginxProcess(tmp_path_factory.mktemp("nginx"), upstream, **EDGE_LIMITS)
+    try:
+        proxy.wait_listening()
+        yield proxy
+    finally:
+        proxy.stop()
 
 
 def _post(url: str, path: str, body: dict[str, Any]) -> httpx.Response:
@@ -357,6 +311,74 @@ def test_same_seed_gives_the_same_image_on_either_replica(served: ServeProcess) 
     assert first == second
 
 
+def test_each_replica_is_scraped_on_its_own_port_with_its_own_counters(served: ServeProcess) -> None:
+    ports = served.metrics_ports
+    before = {port: native_200s(port) for port in ports}
+    assert len({replica for replica, _ in before.values()}) == 2, before  # two ports, two replicas
+    responses = _burst(served.url, [(NATIVE, {"prompt": f"count {i}", "seed": i}) for i in range(8)])
+    assert [r.status_code for r in responses] == [200] * 8
+    answered = Counter(r.headers[REPLICA_HEADER] for r in responses)
+    deadline = time.monotonic() + 10  # a request is counted once its last byte is sent: a moment after the client
+    while True:
+        after = {port: native_200s(port) for port in ports}
+        grown = {after[p][0]: after[p][1] - before[p][1] for p in ports}
+        if grown == dict(answered) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert all(after[p][0] == before[p][0] for p in ports), (before, after)  # each port: always the same replica
+    assert grown == dict(answered), (grown, answered)  # each counts exactly the requests it answered
+    refused = httpx.get(f"http://127.0.0.1:{ports[0]}/api/status", timeout=30)
+    assert assert_envelope(refused, 404)["code"] == "not_found"  # that port serves /metrics and nothing else
+
+
+def test_rays_proxy_closes_a_connection_idle_after_its_answer(served: ServeProcess) -> None:
+    with raw_socket(served.url) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: ray\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        waited = closed_within(sock, KEEP_ALIVE_S + 2 * SLACK_S)
+    assert waited is not None, f"still open {KEEP_ALIVE_S + 2 * SLACK_S:g}s after its answer (Ray's default: 90s)"
+
+
+def test_behind_nginx_an_oversized_head_is_431_in_the_envelope_and_never_stalls_others(edge: NginxProcess) -> None:
+    limit = EDGE_LIMITS["max_header_bytes"]
+    response = httpx.get(f"{edge.url}/health", headers={"X-Big": "a" * (limit + limit // 2)}, timeout=30)
+    error = assert_envelope(response, 431)
+    assert error["code"] == "too_large" and str(limit) in error["message"]
+    with raw_socket(edge.url) as sock:  # 16 MB: refused at the limit, never read whole nor passed on
+        started = time.monotonic()
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # answered and closed mid-send
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: edge\r\nX-Big: " + b"a" * (16 << 20) + b"\r\n\r\n")
+        probe = httpx.get(f"{edge.url}/health", timeout=30)
+        assert probe.status_code == 200 and time.monotonic() - started < 10
+    assert httpx.get(f"{edge.url}/health", headers={"X-Fits": "a" * (limit // 2)}, timeout=30).status_code == 200
+
+
+def test_behind_nginx_idle_and_slow_header_sockets_are_closed(edge: NginxProcess) -> None:
+    deadline = EDGE_LIMITS["keep_alive_timeout"]  # the stricter of the idle limit and the head's deadline
+    with raw_socket(edge.url) as idle, raw_socket(edge.url) as slow, raw_socket(edge.url) as trickle:
+        slow.sendall(b"GET /health HTTP/1.1\r\nHost: edge\r\n")
+        trickle.sendall(b"GET /health HTTP/1.1\r\n")
+        for _ in range(int(deadline / 0.25) + 4):  # a header line every 0.25 s never pushes the deadline back
+            try:
+                trickle.sendall(b"X-Slow: 1\r\n")
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            time.sleep(0.25)
+        for name, sock in (("idle", idle), ("slow header", slow), ("trickling header", trickle)):
+            assert closed_within(sock, deadline + 2 * SLACK_S) is not None, f"{name} socket still open"
+
+
+def test_a_generation_passes_through_nginx_and_its_image_url_points_at_it(edge: NginxProcess) -> None:
+    response = _post(edge.url, NATIVE, {"prompt": "a fox behind the edge", "seed": 5})
+    assert response.status_code == 200, response.text[:300]
+    assert response.headers[REPLICA_HEADER]  # answered by a replica, through Ray's proxy
+    (url,) = _urls(response)
+    assert url.startswith(edge.url + "/images/"), url  # built from the Host the client used: nginx's
+    assert fetch_png(url)
+    too_big = httpx.post(edge.url + NATIVE, content=b"x" * (70 * 1024), timeout=30)
+    assert assert_envelope(too_big, 413)["type"] == "invalid_request_error"
+
+
 def test_overload_across_replicas_is_503_with_retry_after(served: ServeProcess) -> None:
     started = time.monotonic()
     responses = _burst(served.url, [(NATIVE, {"prompt": f"busy {i}", "seed": i, **SLOW}) for i in range(60)])
@@ -400,13 +422,17 @@ def test_a_replica_killed_under_load_is_retried_elsewhere_and_comes_back(served:
 
 def test_the_script_shuts_down_cleanly_with_nothing_left_running(served: ServeProcess) -> None:
     children = served.descendants()
-    names = "\n".join(_describe(c) for c in children)
+    names = "\n".join(describe(c) for c in children)
     assert "raylet" in names and "gcs_server" in names and "ServeReplica" in names, names
     served.proc.send_signal(signal.SIGTERM)
     assert served.proc.wait(timeout=120) == 0, served.log()[-3000:]
     deadline = time.monotonic() + 30  # a process already told to stop may take a moment to go
-    while any(_alive(c) for c in children) and time.monotonic() < deadline:
+    while any(alive(c) for c in children) and time.monotonic() < deadline:
         time.sleep(0.2)
-    left = [_describe(c) for c in children if _alive(c)]
+    left = [describe(c) for c in children if alive(c)]
     assert not left, f"still running after the script exited: {left}"
-    assert "SIGTERM: stopping" in served.log()
+    log = served.log()
+    assert "SIGTERM: stopping" in log
+    # A normal start and stop says nothing alarming (deploy/cluster.py: one start, and no serve.shutdown()).
+    for alarming in ("will not be applied", "graceful_shutdown failed", "killed by `ray.kill`", "Traceback"):
+        assert alarming not in log, f"{alarming!r} in the log:\n{log[-3000:]}"

@@ -1,0 +1,45 @@
+"""deploy/nginx_config.py: the reverse proxy's configuration carries the server's limits, and nginx accepts it.
+
+The same configuration in front of a real Ray cluster is tested in tests/test_ray_serve.py.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+from nginx_helpers import nginx_binary
+
+from api import Settings
+from deploy.nginx_config import render
+
+
+def test_the_nginx_configuration_carries_the_servers_limits_and_nginx_accepts_it(tmp_path: Path) -> None:
+    settings = Settings(max_header_bytes=8192, keep_alive_timeout=4, receive_timeout=20, max_body_bytes=70000)
+    text = render(settings, "127.0.0.1:9999", ["10.0.0.1:8000", "10.0.0.2:8000"])
+    for line in (
+        "large_client_header_buffers 1 8192;",
+        "client_header_timeout 4s;",  # the idle limit and the head's deadline: the stricter
+        "client_body_timeout 20s;",
+        "keepalive_timeout 4s;",
+        "client_max_body_size 70000;",
+        "limit_conn sd3_in_flight 2048;",
+        "server 10.0.0.2:8000;",
+        'proxy_set_header X-Request-Timeout-Seconds "";',
+    ):
+        assert line in text, line
+    assert "{{" not in text
+    body = json.loads(re.search(r"return 431 '(.*)';", text).group(1))
+    assert set(body["error"]) == {"message", "type", "param", "code"} and "8192" in body["error"]["message"]
+    for folder in ("logs", "temp"):  # the prefix nginx runs in: its logs and its temp files
+        (tmp_path / folder).mkdir()
+    (tmp_path / "nginx.conf").write_text(text)
+    checked = subprocess.run(
+        [nginx_binary(), "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"), "-e", "stderr"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert checked.returncode == 0, checked.stderr
