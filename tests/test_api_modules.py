@@ -29,7 +29,13 @@ def test_the_ops_router_serves_alone_from_app_state(tmp_path) -> None:
     install_error_handlers(app)
     app.include_router(ops.router)
     engine = SimpleNamespace(
-        ready_reason=None, stats={"total": 3}, active=1, queued=2, max_concurrency=4
+        ready_reason=None,
+        stats={"total": 3},
+        active=1,
+        queued=2,
+        max_concurrency=4,
+        pixels_running=4096,
+        max_pixels=8192,
     )  # the attributes the routes read
     app.state.settings = Settings(model="random:tiny", image_dir=str(tmp_path))
     app.state.engine, app.state.loaded, app.state.load_error = None, None, None
@@ -45,6 +51,7 @@ def test_the_ops_router_serves_alone_from_app_state(tmp_path) -> None:
         assert httpx.get(f"{live.url}/ready").json() == {"status": "ready", "model": "random:tiny"}
         status = httpx.get(f"{live.url}/api/status").json()
         assert (status["active_inferences"], status["queued"], status["max_concurrency"]) == (1, 2, 4)
+        assert (status["pixels_running"], status["max_pixels_in_flight"]) == (4096, 8192)
         assert httpx.get(f"{live.url}/").json()["model"] == "random:tiny"
     finally:
         live.stop()
