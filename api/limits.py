@@ -11,7 +11,7 @@ from typing import Any
 
 from api.schemas import OPENAI_MAX_N, OPENAI_MAX_PARTIAL_IMAGES
 
-__all__ = ["limit_messages", "max_side"]
+__all__ = ["form_limits", "limit_messages", "max_side"]
 
 
 def max_side(settings: Any, geometry: Any | None) -> int:
@@ -33,4 +33,18 @@ def limit_messages(settings: Any, geometry: Any | None) -> dict[str, str]:
         "height": side,
         "width": side,
         "partial_images": f"must be between 0 and {OPENAI_MAX_PARTIAL_IMAGES}",
+    }
+
+
+def form_limits(settings: Any, geometry: Any | None) -> dict[str, Any]:
+    """What a request may ask for here, and what it gets when it names nothing (in /api/status, and public at
+    /ui/limits for the playground's form). The model's sizes are known once it has loaded (null before)."""
+    return {
+        "default_size": geometry.default_size if geometry is not None else None,
+        "size_multiple": geometry.size_multiple if geometry is not None else None,
+        "max_size": max_side(settings, geometry),
+        "default_steps": settings.default_steps,
+        "max_steps": settings.max_steps,
+        "max_images_per_request": settings.max_images_per_request,
+        "max_prompt_chars": settings.max_prompt_chars,
     }

@@ -30,14 +30,17 @@ __all__ = [
 # - /docs (and its Swagger UI assets under /docs/static/), /openapi.json: the API's shape and the configured limits,
 #   which clients need to call it; no secrets, no state.
 # - /ui (and its script and style sheet under /ui/static/): the playground page, the same files for everyone; the API
-#   calls it makes carry the key the user types in, so the page gives nothing away.
+#   calls it makes carry the key the user types in, so the page gives nothing away. /ui/limits: its form's defaults
+#   and bounds, the configured limits /openapi.json publishes already (plus the model's native size).
 # - /images/<name>: each name is 128 random bits, handed only to the client that generated the image, so the URL
 #   itself is the credential (a browser's <img> tag cannot send a bearer header).
 # - /metrics, unless --metrics-auth: counters and timings only (no prompt, id or path in any label), and the scrapers
 #   of many monitoring setups are configured without credentials. --metrics-auth guards it like /api/status.
 # Everything else needs the key: generation (it spends the accelerator), /api/status (load, memory and request
 # counters tell an outsider when and how the server is used), /v1/models, and unknown paths (no probing for routes).
-PUBLIC_PATHS = frozenset({"/", "/health", "/ready", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/ui"})
+PUBLIC_PATHS = frozenset(
+    {"/", "/health", "/ready", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/ui", "/ui/limits"}
+)
 PUBLIC_PREFIXES = ("/images/", "/docs/static/", "/ui/static/")
 METRICS_PATH = "/metrics"
 

@@ -46,8 +46,12 @@ def test_the_page_and_its_files_are_served_from_the_package_whatever_the_cwd(
 
 
 def test_status_tells_the_page_the_defaults_and_limits(make_server: Callable[..., Any]) -> None:
-    server = make_server(default_steps=12, max_steps=40, max_images_per_request=3, max_image_size=512)
-    limits = httpx.get(server.url + "/api/status", timeout=30).json()["limits"]
+    server = make_server(default_steps=12, max_steps=40, max_images_per_request=3, max_image_size=512, api_key=KEY)
+    limits = httpx.get(server.url + "/api/status", timeout=30, headers=AUTH).json()["limits"]
+    # The same without the key at /ui/limits, so the form is usable before a key is typed.
+    public = httpx.get(server.url + "/ui/limits", timeout=30)
+    assert public.status_code == 200 and public.json() == limits
+    assert httpx.get(server.url + "/api/status", timeout=30).status_code == 401  # the status itself stays guarded
     assert limits == {
         "default_size": 64,  # random:tiny's native size
         "size_multiple": 16,
@@ -169,6 +173,10 @@ def test_the_page_asks_for_the_key_and_works_with_it(make_server: Callable[..., 
     with Browser(tmp_path) as browser:
         open_page(browser, server.url)  # the page itself needs no key
         assert "needs an API key" in browser.wait_for(MESSAGE, "the key message")
+        # The form is filled all the same (its defaults and limits need no key): the model's size, the steps.
+        values = "['width', 'height', 'steps'].map((id) => document.getElementById(id).value)"
+        assert browser.evaluate(values) == ["64", "64", "28"]
+        assert browser.evaluate("document.getElementById('server-info').textContent") == "API key needed"
         fill(browser, prompt="a red fox", steps=2)
         browser.click("#generate")
         browser.wait_for(f"{STATE} === 'failed'", "the refusal")
@@ -181,11 +189,14 @@ def test_the_page_asks_for_the_key_and_works_with_it(make_server: Callable[..., 
         browser.wait_for(f"{STATE} === 'failed'", "the refusal")
         assert "needs an API key" in browser.evaluate(MESSAGE)
 
-        fill(browser, **{"api-key": KEY})
+        # Set as a password manager fills a field: no change event. The first call that goes through with it puts
+        # the server's name in the header, in place of "API key needed".
+        browser.evaluate(f"document.getElementById('api-key').value = {KEY!r}")
         browser.click("#remember")
         browser.click("#generate")
         wait_state(browser, "succeeded")
         assert not browser.evaluate(MESSAGE)
+        browser.wait_for("document.getElementById('server-info').textContent.includes('random:tiny')", "the header")
         browser.wait_for(IMAGES_LOADED, "the image to load")  # an image URL is its own credential: no key needed
 
         # Remembered on this device: a reload fills the key in, and the server's status loads with it.

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from api.errors import error_response
-from api.limits import max_side
+from api.limits import form_limits
 
 __all__ = ["router"]
 
@@ -62,7 +62,7 @@ async def status(request: Request) -> dict[str, Any]:
         "max_queue": settings.max_queue,
         "pixels_running": engine.pixels_running if engine else 0,
         "max_pixels_in_flight": engine.max_pixels if engine else settings.max_pixels_in_flight,
-        "limits": _limits(settings, getattr(state, "geometry", None)),
+        "limits": form_limits(settings, getattr(state, "geometry", None)),
         "engine": _engine_info(engine, settings, getattr(state, "prompt_cache", None)),
         "requests": dict(engine.stats) if engine else {},
         "images_stored": len(state.store),
@@ -78,20 +78,6 @@ async def status(request: Request) -> dict[str, Any]:
 async def metrics(request: Request) -> Response:
     body, content_type = request.app.state.metrics.exposition(request.headers.get("accept"))
     return Response(body, media_type=content_type)
-
-
-def _limits(settings: Any, geometry: Any) -> dict[str, Any]:
-    """What a request may ask for here, and what it gets when it names nothing (the playground fills its form
-    from this). The model's sizes are known once it has loaded (null before)."""
-    return {
-        "default_size": geometry.default_size if geometry is not None else None,
-        "size_multiple": geometry.size_multiple if geometry is not None else None,
-        "max_size": max_side(settings, geometry),
-        "default_steps": settings.default_steps,
-        "max_steps": settings.max_steps,
-        "max_images_per_request": settings.max_images_per_request,
-        "max_prompt_chars": settings.max_prompt_chars,
-    }
 
 
 def _engine_info(engine: Any, settings: Any, cache: Any) -> dict[str, Any]:

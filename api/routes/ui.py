@@ -8,12 +8,14 @@ public (like ``/docs``); the API calls it makes send the key the user types in.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from api.errors import APIError
+from api.limits import form_limits
 
 __all__ = ["STATIC_DIR", "router"]
 
@@ -49,6 +51,14 @@ def _security_headers(request: Request) -> dict[str, str]:
 async def page(request: Request) -> Response:
     body = (STATIC_DIR / "index.html").read_bytes()
     return Response(body, media_type="text/html; charset=utf-8", headers=_security_headers(request))
+
+
+@router.get("/ui/limits", summary="The playground form's defaults and limits")
+async def limits(request: Request) -> dict[str, Any]:
+    """The form's defaults and bounds, without the key (they are in /openapi.json for anyone already), so a page
+    opened on a server with --api-key shows a usable form before a key is typed; /api/status stays behind it."""
+    state = request.app.state
+    return form_limits(state.settings, getattr(state, "geometry", None))
 
 
 @router.get("/ui/static/{name}", summary="The playground's script and style sheet")

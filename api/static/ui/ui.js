@@ -14,6 +14,7 @@
     previews: $("previews"), gallery: $("gallery"), empty: $("empty"),
   };
   let current = null; // the job being followed: {id, params}
+  let keyNeeded = false; // the last status said 401: the header asks for a key until a call goes through
 
   class ApiError extends Error {
     constructor(status, error, retryAfter) {
@@ -266,6 +267,7 @@
     setJob("submitting", "Submitting…");
     try {
       const answer = await api("POST", "/api/jobs", requestBody());
+      if (keyNeeded) loadServer(); // the key works now: the header says what the server is, not "API key needed"
       current = { id: answer.id };
       setBusy(true, true);
       setJob("queued", "Queued.");
@@ -302,22 +304,25 @@
     if (input.value === "" && value !== undefined && value !== null) input.value = String(value);
   }
 
-  // Fills the form's defaults and limits from GET /api/status; says so when the server wants a key.
+  // Fills the form's defaults and limits (GET /ui/limits, which needs no key), then says what the server is and
+  // whether it is ready (GET /api/status, which needs the key when the server has one).
   async function loadServer() {
     try {
-      const status = await api("GET", "/api/status");
-      const limits = status.limits || {};
+      const limits = await api("GET", "/ui/limits");
       fill(els.width, limits.default_size, limits.max_size);
       fill(els.height, limits.default_size, limits.max_size);
       fill(els.steps, limits.default_steps, limits.max_steps);
       fill(els.count, undefined, limits.max_images_per_request);
       if (limits.max_prompt_chars) els.prompt.maxLength = limits.max_prompt_chars;
+      const status = await api("GET", "/api/status");
       const state = status.ready ? "ready" : "loading the model";
       els.info.textContent = `${status.current_model} on ${status.device} · ${state}`;
+      keyNeeded = false;
       if (!els.message.classList.contains("error")) clearMessage();
     } catch (err) {
-      els.info.textContent = err instanceof ApiError && err.status === 401 ? "API key needed" : "Server unreachable";
-      showMessage(explain(err), err.status !== 401);
+      keyNeeded = err instanceof ApiError && err.status === 401;
+      els.info.textContent = keyNeeded ? "API key needed" : "Server unreachable";
+      showMessage(explain(err), !keyNeeded);
     }
   }
 
