@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from engine import EngineError, GenerationRequest, GenerationResult, Progress
     from utils.image_store import Encoding
 
-# utils (torch) is imported inside the functions: importing the HTTP layer loads nothing heavy.
+# The engine (torch) is imported inside the functions: importing the HTTP layer loads nothing heavy.
 
 logger = logging.getLogger(__name__)
 
