@@ -8,9 +8,12 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from nginx_helpers import nginx_binary
+import httpx
+from nginx_helpers import NginxProcess, nginx_binary
 
 from api import Settings
 from deploy.nginx_config import render
@@ -43,3 +46,41 @@ def test_the_nginx_configuration_carries_the_servers_limits_and_nginx_accepts_it
         timeout=30,
     )
     assert checked.returncode == 0, checked.stderr
+
+
+class _EchoHeaders(BaseHTTPRequestHandler):
+    """An upstream standing in for Ray's proxy: answers with the request headers it received, as JSON."""
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        body = json.dumps({k.lower(): v for k, v in self.headers.items()}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:  # quiet
+        pass
+
+
+def test_nginx_drops_the_headers_rays_proxy_would_obey_and_passes_the_clients_host(tmp_path: Path) -> None:
+    """Ray's proxy lets any client switch its request timeout off (X-Request-Timeout-Seconds: 0) and keep a
+    generation running after the client left (X-Request-Disconnect-Disabled); in front of it, nginx must not pass
+    either on. The client's Host goes through (image URLs are built from it)."""
+    upstream = ThreadingHTTPServer(("127.0.0.1", 0), _EchoHeaders)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    nginx = NginxProcess(tmp_path, f"127.0.0.1:{upstream.server_address[1]}")
+    try:
+        nginx.wait_listening()
+        sent = {
+            "X-Request-Timeout-Seconds": "0",
+            "X-Request-Disconnect-Disabled": "?1",
+            "Host": "images.example.com",
+            "X-Kept": "yes",
+        }
+        seen = httpx.get(nginx.url + "/health", headers=sent, timeout=30).json()
+        assert "x-request-timeout-seconds" not in seen and "x-request-disconnect-disabled" not in seen, seen
+        assert seen["host"] == "images.example.com" and seen["x-kept"] == "yes", seen
+    finally:
+        nginx.stop()
+        upstream.shutdown()
