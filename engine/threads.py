@@ -3,11 +3,12 @@
 Which pipeline is called, and with which of the task's own arguments, is the request's task's to say
 (``engine.tasks``): text-to-image calls the loaded ``StableDiffusion3Pipeline``; a task whose pipeline is another
 class (image-to-image, inpainting) gets that class built once over the loaded pipeline's components
-(``from_pipe``: the same weight objects, nothing copied) and a request-scoped view of it per request.
+(the same weight objects, nothing copied or cast) and a request-scoped view of it per request.
 """
 
 from __future__ import annotations
 
+import inspect
 import threading
 from typing import Any
 
@@ -43,12 +44,23 @@ class TaskPipelines:
                 if isinstance(self.scoped.pipeline, cls):
                     found = self.scoped
                 else:
-                    pipeline = cls.from_pipe(self.scoped.pipeline)
-                    pipeline.set_progress_bar_config(disable=True)
+                    pipeline = _same_components(cls, self.scoped.pipeline)
                     # The same tokenizer objects as the loaded pipeline's, so the same lock must guard them.
                     found = RequestScopedPipeline(pipeline, tokenizer_lock=self.scoped.tokenizer_lock)
                 self._by_class[class_name] = found
             return found
+
+
+def _same_components(cls: type, base: Any) -> Any:
+    """A pipeline of class ``cls`` holding ``base``'s own components (the same objects).
+
+    Not ``cls.from_pipe(base)``: it ends with ``.to(dtype)``, float32 unless told otherwise, which casts the shared
+    modules in place (a bfloat16 model would be turned into float32 under every request), and even with the loaded
+    dtype it would cast the modules kept in float32 on purpose (T5's ``wo`` layers in a float16 load)."""
+    accepted = inspect.signature(cls.__init__).parameters
+    pipeline = cls(**{name: module for name, module in base.components.items() if name in accepted})
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
 
 
 def pipeline_runner(scoped: Any, device: Any = None, prompt_cache: PromptCache | None = None) -> Runner:

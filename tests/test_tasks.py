@@ -190,3 +190,18 @@ def test_the_step_runner_starts_from_the_task_and_applies_its_after_step(tiny_pi
     assert all(a is b for (_, a), (_, b) in zip(task.calls, seen, strict=True))
     # Same values handed on, so the same image as plain text-to-image.
     assert np.array_equal(_pixels(got), _pixels(plain))
+
+
+def test_a_task_pipeline_leaves_the_shared_weights_in_their_dtype() -> None:
+    """diffusers' from_pipe casts the shared modules to float32 unless told otherwise; a task's pipeline class built
+    over a bfloat16 model must leave every weight as it was (one copy, in the loaded dtype)."""
+    from models.random_build import build_random_pipeline
+
+    pipe = build_random_pipeline("random:tiny", dtype=torch.bfloat16)
+    before = {
+        name: {p.dtype for p in m.parameters()} for name, m in pipe.components.items() if hasattr(m, "parameters")
+    }
+    img2img = TaskPipelines(RequestScopedPipeline(pipe)).get("StableDiffusion3Img2ImgPipeline").pipeline
+    after = {name: {p.dtype for p in m.parameters()} for name, m in pipe.components.items() if hasattr(m, "parameters")}
+    assert after == before and before["transformer"] == {torch.bfloat16}
+    assert img2img.transformer is pipe.transformer and img2img.vae is pipe.vae
