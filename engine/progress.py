@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .tasks import get_task
 from .types import (
     GenerationCancelled,
     GenerationRequest,
@@ -83,7 +84,7 @@ class Ticket:
         """The ``on_step(step_index, latents)`` the runner calls after every denoising step (in a worker thread).
         With ``log_interval``, a generation running longer than that logs its step every ``log_interval`` seconds,
         so a slow one (a large image on a CPU) shows in the server's log that it is alive."""
-        total = self.request.num_inference_steps
+        total = get_task(self.request.task).steps(self.request)
         logged_at = time.monotonic()
 
         def on_step(step: int, latents: Any = None) -> None:
@@ -109,7 +110,7 @@ class Ticket:
         every = self.request.preview_every
         if not every or previewer is None or latents is None:
             return None
-        if done % every or done >= self.request.num_inference_steps:
+        if done % every or done >= get_task(self.request.task).steps(self.request):
             return None
         try:
             return previewer(latents)

@@ -5,13 +5,15 @@ same as with the threads strategy. What a slot thread does with it (``StepRunner
 
 1. encode: the request's texts go to the encoder thread, which encodes whatever texts are waiting in one batch
    (through the prompt cache);
-2. prepare: its own ``RequestScopedPipeline`` view (cloned scheduler, timesteps set as the pipeline sets them) and
-   its starting noise, from a CPU generator seeded with the request's seed, by the pipeline's ``prepare_latents``;
+2. prepare: its own ``RequestScopedPipeline`` view of its task's pipeline class (cloned scheduler), on which the
+   task (``engine.tasks``) sets the timesteps as that pipeline sets them and makes the starting latents, from a CPU
+   generator seeded with the request's seed, with the pipeline's own ``prepare_latents`` (an init image is encoded
+   here, in the slot thread);
 3. denoise: the request joins the loop (``DenoiseLoop``) and the slot thread waits while the loop steps it;
 4. decode: VAE decode and post-processing, in the slot thread again.
 
 So the denoising worker never waits on text encoders or the VAE; it only runs transformer passes and scheduler
-steps. The math of each step is the pipeline's own (``StableDiffusion3Pipeline.__call__``), applied to each
+steps. The math of each step is the pipeline's own (its ``__call__``), applied to each
 request's slice of the batched output.
 """
 
@@ -30,7 +32,7 @@ from utils.requestscopedpipeline import default_guidance_scale
 
 from .loop import DenoiseLoop, Track
 from .prompt_cache import PromptCache, TextEmbedding, encode_texts, is_guided, request_embeddings
-from .tasks import get_task
+from .tasks import TaskPipelines, get_task
 from .types import GenerationCancelled, GenerationRequest
 
 logger = logging.getLogger(__name__)
@@ -137,6 +139,7 @@ class StepRunner:
         cpu_threads: int | None = None,
     ) -> None:
         self.scoped = scoped
+        self.pipelines = TaskPipelines(scoped)  # each task's pipeline class, over the same weights
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.cache = prompt_cache or PromptCache(0)
         # What the pipeline itself uses when a call names no guidance scale (SD3: 7.0), so both engines agree.
@@ -177,10 +180,11 @@ class StepRunner:
         on_step: Callable[..., None],
     ) -> Track:
         """The request's view, embeddings and guidance; its task gives the starting latents and timesteps."""
-        view = self.scoped.make_view(device=self.device)
+        task = get_task(request.task)
+        view = self.pipelines.get(task.pipeline_class).make_view(device=self.device)
         embeds, pooled = request_embeddings(positive, negative, request.num_images)
         embeds, pooled = embeds.to(self.device), pooled.to(self.device)
-        start = get_task(request.task).start(view, request, embeds.dtype, self.device)
+        start = task.start(view, request, embeds.dtype, self.device)
         guidance = self._default_guidance if request.guidance_scale is None else float(request.guidance_scale)
         return Track(
             view=view,

@@ -2,65 +2,22 @@
 
 Which pipeline is called, and with which of the task's own arguments, is the request's task's to say
 (``engine.tasks``): text-to-image calls the loaded ``StableDiffusion3Pipeline``; a task whose pipeline is another
-class (image-to-image, inpainting) gets that class built once over the loaded pipeline's components
-(the same weight objects, nothing copied or cast) and a request-scoped view of it per request.
+class (image-to-image) gets that class built once over the loaded pipeline's components
+(``engine.tasks.TaskPipelines``: the same weight objects, nothing copied or cast) and a request-scoped view of it per
+request.
 """
 
 from __future__ import annotations
 
-import inspect
-import threading
 from typing import Any
 
 import torch
 
-from utils import RequestScopedPipeline
-
 from .prompt_cache import PromptCache, encode_texts, is_guided, request_embeddings
-from .tasks import get_task
+from .tasks import TaskPipelines, get_task
 from .types import GenerationRequest, Runner, StepCallback
 
-__all__ = ["TaskPipelines", "pipeline_runner"]
-
-
-class TaskPipelines:
-    """The ``RequestScopedPipeline`` each task's pipeline class runs on, all over the loaded pipeline's weights."""
-
-    def __init__(self, scoped: RequestScopedPipeline) -> None:
-        self.scoped = scoped
-        self._by_class: dict[str, RequestScopedPipeline] = {}
-        # Protects _by_class: two slot threads asking for a new class at once must build it once, not twice.
-        self._lock = threading.Lock()
-
-    def get(self, class_name: str) -> RequestScopedPipeline:
-        """The scoped pipeline of diffusers' ``class_name``: the loaded one when it is of that class (or a subclass),
-        else one built on first use from the loaded one's components."""
-        with self._lock:
-            found = self._by_class.get(class_name)
-            if found is None:
-                import diffusers
-
-                cls = getattr(diffusers, class_name)
-                if isinstance(self.scoped.pipeline, cls):
-                    found = self.scoped
-                else:
-                    pipeline = _same_components(cls, self.scoped.pipeline)
-                    # The same tokenizer objects as the loaded pipeline's, so the same lock must guard them.
-                    found = RequestScopedPipeline(pipeline, tokenizer_lock=self.scoped.tokenizer_lock)
-                self._by_class[class_name] = found
-            return found
-
-
-def _same_components(cls: type, base: Any) -> Any:
-    """A pipeline of class ``cls`` holding ``base``'s own components (the same objects).
-
-    Not ``cls.from_pipe(base)``: it ends with ``.to(dtype)``, float32 unless told otherwise, which casts the shared
-    modules in place (a bfloat16 model would be turned into float32 under every request), and even with the loaded
-    dtype it would cast the modules kept in float32 on purpose (T5's ``wo`` layers in a float16 load)."""
-    accepted = inspect.signature(cls.__init__).parameters
-    pipeline = cls(**{name: module for name, module in base.components.items() if name in accepted})
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
+__all__ = ["pipeline_runner"]
 
 
 def pipeline_runner(scoped: Any, device: Any = None, prompt_cache: PromptCache | None = None) -> Runner:

@@ -86,6 +86,8 @@ class GenerationRequest:
     request_id: str = ""
     preview_every: int = 0  # preview images every N steps (0: none); needs an engine with a previewer
     task: str = "text-to-image"  # which room of engine.tasks prepares and steps it (engine.tasks.TASKS)
+    image: Any = None  # image-to-image: the init image (PIL), resized to height x width
+    strength: float | None = None  # image-to-image: how much of the schedule runs, (0, 1] (None: the task's default)
 
     @property
     def pixels(self) -> int:

@@ -1,4 +1,4 @@
-"""One room per task: what text-to-image (and, beside it, each task to come) does differently (see ``base``).
+"""One room per task: what text-to-image, image-to-image (and each task to come) do differently (see ``base``).
 
 ``get_task(request.task)`` is how both runners find a request's task.
 """
@@ -6,11 +6,24 @@
 from __future__ import annotations
 
 from .base import AfterStep, Start, Task, set_timesteps
+from .image_to_image import ImageToImage
+from .pipelines import TaskPipelines
 from .text_to_image import TextToImage
 
-__all__ = ["DEFAULT_TASK", "TASKS", "AfterStep", "Start", "Task", "TextToImage", "get_task", "set_timesteps"]
+__all__ = [
+    "DEFAULT_TASK",
+    "TASKS",
+    "AfterStep",
+    "ImageToImage",
+    "Start",
+    "Task",
+    "TaskPipelines",
+    "TextToImage",
+    "get_task",
+    "set_timesteps",
+]
 
-TASKS: dict[str, Task] = {task.name: task for task in (TextToImage(),)}
+TASKS: dict[str, Task] = {task.name: task for task in (TextToImage(), ImageToImage())}
 DEFAULT_TASK = TextToImage.name
 
 

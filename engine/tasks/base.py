@@ -3,14 +3,15 @@
 Both runners ask the request's task, and only it, what is particular to that task:
 
 - the threads runner: which diffusers pipeline to call (``pipeline_class``) and the task's own arguments to that
-  call (``pipeline_arguments``: the size for text-to-image; an init image, a mask, a strength for the edits);
+  call (``pipeline_arguments``: the size for text-to-image; the init image and the strength for image-to-image);
 - the step runner: where the request's denoising starts (``start``: its starting latents and its timesteps) and
-  what follows each scheduler step (``Start.after_step``: nothing for text-to-image; re-noising the kept region
-  for inpainting).
+  what follows each scheduler step (``Start.after_step``: nothing for text-to-image or image-to-image; re-noising the
+  kept region for inpainting, to come).
 
 Everything else is shared by every task and stays in the runners: the prompt embeddings and their cache, guidance,
 the transformer passes and the scheduler steps, cancellation and progress, the VAE decode. Adding a task is adding
-a module beside ``text_to_image`` and registering it in ``engine.tasks``.
+a module beside ``text_to_image`` and registering it in ``engine.tasks``; its pipeline class is built over the loaded
+pipeline's weights by ``engine.tasks.pipelines.TaskPipelines``, and both runners make the request's view of it.
 """
 
 from __future__ import annotations
@@ -49,22 +50,30 @@ class Task(ABC):
     def pipeline_arguments(self, request: GenerationRequest) -> dict[str, Any]:
         """The task's own arguments to a call of ``pipeline_class`` (the runner adds the shared ones)."""
 
+    def steps(self, request: GenerationRequest) -> int:
+        """The denoising steps the request runs (what its progress counts to): all of them, unless the task cuts the
+        schedule."""
+        return request.num_inference_steps
+
     @abstractmethod
     def start(self, view: Any, request: GenerationRequest, dtype: torch.dtype, device: torch.device) -> Start:
         """Prepare ``request`` on its ``view`` (own scheduler) exactly as ``pipeline_class`` would: the starting
         latents (from a CPU generator seeded with ``request.seed``) and the timesteps."""
 
 
-def set_timesteps(view: Any, num_inference_steps: int, latents: torch.Tensor, device: torch.device) -> torch.Tensor:
+def set_timesteps(
+    view: Any, num_inference_steps: int, latent_size: tuple[int, int], device: torch.device
+) -> torch.Tensor:
     """Set the view's scheduler to ``num_inference_steps`` as SD3's pipelines do (with the resolution-dependent shift
-    ``mu`` when the scheduler shifts dynamically, as SD3.5's does) and return its timesteps."""
+    ``mu`` when the scheduler shifts dynamically, as SD3.5's does, from ``latent_size``: the latents' height and
+    width) and return its timesteps."""
     from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 
     scheduler = view.scheduler
     kwargs: dict[str, Any] = {}
     if scheduler.config.get("use_dynamic_shifting", None):
         patch = view.transformer.config.patch_size
-        seq_len = (latents.shape[2] // patch) * (latents.shape[3] // patch)
+        seq_len = (latent_size[0] // patch) * (latent_size[1] // patch)
         config = scheduler.config
         kwargs["mu"] = calculate_shift(
             seq_len,

@@ -32,4 +32,4 @@ class TextToImage(Task):
                 device,
                 torch.Generator("cpu").manual_seed(request.seed),
             )
-        return Start(latents, set_timesteps(view, request.num_inference_steps, latents, device))
+        return Start(latents, set_timesteps(view, request.num_inference_steps, tuple(latents.shape[-2:]), device))
