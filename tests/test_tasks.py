@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -124,7 +125,9 @@ NOOP = lambda step, latents=None: None  # noqa: E731 - a step callback that does
 
 def _img2img_reference(pipe: Any, request: GenerationRequest) -> list[Any]:
     """diffusers' own image-to-image pipeline over the same weights, for the same inputs and seed."""
-    reference = StableDiffusion3Img2ImgPipeline(**{k: v for k, v in pipe.components.items() if k != "image_encoder"})
+    # Its own scheduler: a pipeline call sets its scheduler's timesteps and begin index, and the session's pipeline
+    # must not be written to.
+    reference = StableDiffusion3Img2ImgPipeline(**{**pipe.components, "scheduler": copy.deepcopy(pipe.scheduler)})
     reference.set_progress_bar_config(disable=True)
     kwargs = {} if request.strength is None else {"strength": request.strength}
     return reference(
