@@ -100,17 +100,17 @@ class Ticket:
                 logger.info("request %s: step %d/%d after %.1f s", self.request.request_id, step + 1, total, elapsed)
             if self.progress is not None:
                 event = ProgressEvent("step", step=step + 1, total=total, elapsed_s=elapsed)
-                event.previews = self._previews(previewer, step + 1, latents)
+                event.previews = self._previews(previewer, step + 1, total, latents)
                 self.report(event)
 
         return on_step
 
-    def _previews(self, previewer: Previewer | None, done: int, latents: Any) -> list[Any] | None:
+    def _previews(self, previewer: Previewer | None, done: int, total: int, latents: Any) -> list[Any] | None:
         """Preview images when one is due after ``done`` steps (never after the last: the image itself follows)."""
         every = self.request.preview_every
         if not every or previewer is None or latents is None:
             return None
-        if done % every or done >= get_task(self.request.task).steps(self.request):
+        if done % every or done >= total:
             return None
         try:
             return previewer(latents)

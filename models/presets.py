@@ -184,13 +184,6 @@ VAE_COMMON: dict[str, Any] = {
     "use_post_quant_conv": False,
     "force_upcast": True,
 }
-_T5_COMMON: dict[str, Any] = {
-    "feed_forward_proj": "gated-gelu",
-    "relative_attention_num_buckets": 32,
-    "relative_attention_max_distance": 128,
-    "layer_norm_epsilon": 1e-6,
-    "tie_word_embeddings": False,
-}
 SCHEDULER_CONFIG: dict[str, Any] = {"num_train_timesteps": 1000, "shift": 3.0}
 
 
