@@ -88,6 +88,7 @@ class GenerationRequest:
     task: str = "text-to-image"  # which room of engine.tasks prepares and steps it (engine.tasks.TASKS)
     image: Any = None  # image-to-image: the init image (PIL), resized to height x width
     strength: float | None = None  # image-to-image: how much of the schedule runs, (0, 1] (None: the task's default)
+    loras: tuple[tuple[str, float], ...] = ()  # LoRA adapters (name, scale), in order (engine.adapters)
 
     @property
     def pixels(self) -> int:
