@@ -23,13 +23,14 @@ flight holds.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import logging
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -270,6 +271,31 @@ class AdapterPool:
         except BaseException:
             self._unhold(held)
             raise
+
+    @contextlib.asynccontextmanager
+    async def hold(self, adapter_set: AdapterSet, wait: Callable[[asyncio.Future[None]], Awaitable[Any]]) -> Any:
+        """``acquire`` for a coroutine: ``wait(loading)`` waits for the load (the engine races it with the client's
+        departure and the deadline); the adapters are held inside the block. Given up waiting, the load still
+        finishes in its thread, and what it holds is let go then."""
+        loading = asyncio.wrap_future(self.acquire(adapter_set))
+        try:
+            await wait(loading)
+        except BaseException:
+            loading.add_done_callback(lambda done: self._release_if_held(done, adapter_set))
+            raise
+        try:
+            yield
+        finally:
+            self.release(adapter_set)
+
+    @staticmethod
+    def refuse(adapter_set: AdapterSet) -> Any:
+        """Where the server has no pool: any named adapter is unknown."""
+        raise UnknownAdapter(adapter_set[0][0], [])
+
+    def _release_if_held(self, done: asyncio.Future[None], adapter_set: AdapterSet) -> None:
+        if not done.cancelled() and done.exception() is None:
+            self.release(adapter_set)
 
     def release(self, adapter_set: AdapterSet) -> None:
         self._unhold(list(dict.fromkeys(name for name, _ in adapter_set)))
