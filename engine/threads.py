@@ -16,7 +16,7 @@ import torch
 
 from .adapters import AdapterPool
 from .prompt_cache import PromptCache, encode_texts, is_guided, request_embeddings
-from .tasks import TaskPipelines, get_task
+from .tasks import TaskPipelines, get_task, refuse_unavailable
 from .types import GenerationRequest, Runner, StepCallback
 
 __all__ = ["pipeline_runner"]
@@ -42,6 +42,7 @@ def pipeline_runner(
             return {}
 
         task = get_task(request.task)
+        refuse_unavailable(task, scoped.pipeline)  # before any work: a ValueError naming the reason
         kwargs = task.pipeline_arguments(request)
         if request.guidance_scale is not None:
             kwargs["guidance_scale"] = request.guidance_scale
