@@ -23,7 +23,7 @@ from api.generation import to_generation
 from api.images_in import EditInputs, decode_string, read_inputs, resized
 from api.limits import max_side
 
-__all__ = ["edit_generation", "fit_size", "native_generation", "task_defaults"]
+__all__ = ["edit_generation", "fit_size", "native_generation", "task_defaults", "task_status"]
 
 IMAGE_TO_IMAGE, INPAINTING = "image-to-image", "inpainting"
 
@@ -42,6 +42,11 @@ def task_defaults() -> dict[str, float]:
     return defaults
 
 
+def _nearest(value: float, multiple: int) -> int:
+    """The multiple of ``multiple`` nearest ``value``, halves rounded up (not to even, as ``round`` does)."""
+    return int(value / multiple + 0.5) * multiple
+
+
 def fit_size(size: tuple[int, int], largest: int, multiple: int) -> tuple[int, int]:
     """``size`` (width, height) scaled down to fit ``largest`` on both sides (never up), each side rounded to the
     nearest multiple of ``multiple`` within [multiple, largest]."""
@@ -49,7 +54,7 @@ def fit_size(size: tuple[int, int], largest: int, multiple: int) -> tuple[int, i
     scale = min(1.0, largest / max(size))
 
     def side(value: int) -> int:
-        return min(top, max(multiple, round(value * scale / multiple) * multiple))
+        return min(top, max(multiple, _nearest(value * scale, multiple)))
 
     return side(size[0]), side(size[1])
 
@@ -65,7 +70,7 @@ def target_size(request: Request, size: tuple[int, int], width: int | None, heig
     top = max(multiple, largest // multiple * multiple)
 
     def follow(side: int, ratio: float) -> int:  # the other side, at the input's aspect ratio
-        return min(top, max(multiple, round(side * ratio / multiple) * multiple))
+        return min(top, max(multiple, _nearest(side * ratio, multiple)))
 
     if width is not None:
         return width, follow(width, size[1] / size[0])
@@ -73,14 +78,31 @@ def target_size(request: Request, size: tuple[int, int], width: int | None, heig
     return follow(height, size[0] / size[1]), height
 
 
-def _unavailable(request: Request, task: str) -> str | None:
-    """Why the loaded model cannot run ``task`` (None: it can)."""
+def _reasons(pipeline: Any) -> dict[str, str | None]:
+    """Every task of the engine -> why the loaded ``pipeline`` cannot run it (None: it can)."""
     from engine import tasks
 
     available = getattr(tasks, "available_tasks", None)
-    if available is None:  # an engine from before the capability check: only its registered tasks exist
-        return None if task in tasks.TASKS else f"this server's engine has no {task} task"
-    reasons = available(request.app.state.loaded.pipeline)
+    if available is None:  # an engine from before the capability check: its registered tasks all run
+        return dict.fromkeys(tasks.TASKS)
+    return available(pipeline)
+
+
+def task_status(loaded: Any) -> dict[str, Any] | None:
+    """The tasks the loaded model can run, and why it cannot run the others (for /api/status; None before the
+    model has loaded)."""
+    if loaded is None:
+        return None
+    reasons = _reasons(loaded.pipeline)
+    return {
+        "available": [task for task, reason in reasons.items() if reason is None],
+        "unavailable": {task: reason for task, reason in reasons.items() if reason is not None},
+    }
+
+
+def _unavailable(request: Request, task: str) -> str | None:
+    """Why the loaded model cannot run ``task`` (None: it can)."""
+    reasons = _reasons(request.app.state.loaded.pipeline)
     return reasons.get(task, f"this server's engine has no {task} task")
 
 
