@@ -48,6 +48,7 @@ class Track:
     on_step: Callable[..., None]  # (step, latents)
     group: Hashable
     after_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None  # the task's (engine.tasks.base.Start)
+    condition: torch.Tensor | None = None  # the task's channels beside the latents, every pass (Start.condition)
     index: int = 0
     last_pass: int = -1
     arrival: int = 0  # the order the loop took it in (set by the loop)
@@ -258,7 +259,8 @@ class DenoiseLoop:
         hidden, timesteps = [], []
         for track in batch:
             copies = 2 if track.guidance is not None else 1
-            hidden.extend([track.latents] * copies)
+            latents = track.latents if track.condition is None else torch.cat([track.latents, track.condition], 1)
+            hidden.extend([latents] * copies)
             timesteps.append(track.timesteps[track.index].expand(track.images))
         out = self.transformer(
             hidden_states=torch.cat(hidden),

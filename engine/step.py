@@ -32,7 +32,7 @@ from utils.requestscopedpipeline import default_guidance_scale
 
 from .loop import DenoiseLoop, Track
 from .prompt_cache import PromptCache, TextEmbedding, encode_texts, is_guided, request_embeddings
-from .tasks import TaskPipelines, get_task
+from .tasks import Task, TaskPipelines, get_task, refuse_unavailable
 from .types import GenerationCancelled, GenerationRequest
 
 logger = logging.getLogger(__name__)
@@ -163,24 +163,26 @@ class StepRunner:
         self._encoder.close()
 
     def __call__(self, request: GenerationRequest, on_step: Callable[..., None]) -> list[Any]:
+        task = get_task(request.task)
+        refuse_unavailable(task, self.scoped.pipeline)  # before any work: a ValueError naming the reason
         positive = self.cache.get([request.prompt], self._encode_prompts, MAX_SEQUENCE_LENGTH)[0]
         negative = None
         if is_guided(request):
             negative = self.cache.get([request.negative_prompt or ""], self._encode_negatives, MAX_SEQUENCE_LENGTH)[0]
-        track = self._prepare(request, positive, negative, on_step)
+        track = self._prepare(task, request, positive, negative, on_step)
         latents = self.loop.run(track)
         with self._decoders:
-            return self._decode(track.view, latents)
+            return self._decode(task, track.view, latents)
 
     def _prepare(
         self,
+        task: Task,
         request: GenerationRequest,
         positive: TextEmbedding,
         negative: TextEmbedding | None,
         on_step: Callable[..., None],
     ) -> Track:
         """The request's view, embeddings and guidance; its task gives the starting latents and timesteps."""
-        task = get_task(request.task)
         view = self.pipelines.get(task.pipeline_class).make_view(device=self.device)
         embeds, pooled = request_embeddings(positive, negative, request.num_images)
         embeds, pooled = embeds.to(self.device), pooled.to(self.device)
@@ -195,14 +197,15 @@ class StepRunner:
             guidance=guidance if negative is not None else None,
             on_step=on_step,
             after_step=start.after_step,
+            condition=start.condition,
             group=tuple(start.latents.shape[-2:]),  # batched with requests of the same latent size
         )
 
     @staticmethod
-    def _decode(view: Any, latents: torch.Tensor) -> list[Any]:
+    def _decode(task: Task, view: Any, latents: torch.Tensor) -> list[Any]:
         if latents is None:
             raise GenerationCancelled
         with torch.no_grad():
-            latents = latents / view.vae.config.scaling_factor + view.vae.config.shift_factor
+            latents = task.vae_input(view, latents)
             image = view.vae.decode(latents, return_dict=False)[0]
             return list(view.image_processor.postprocess(image, output_type="pil"))

@@ -86,8 +86,12 @@ class GenerationRequest:
     request_id: str = ""
     preview_every: int = 0  # preview images every N steps (0: none); needs an engine with a previewer
     task: str = "text-to-image"  # which room of engine.tasks prepares and steps it (engine.tasks.TASKS)
-    image: Any = None  # image-to-image: the init image (PIL), resized to height x width
-    strength: float | None = None  # image-to-image: how much of the schedule runs, (0, 1] (None: the task's default)
+    image: Any = None  # image-to-image, inpainting: the init image (PIL), resized to height x width
+    # inpainting: PIL, the size of image; white = repaint, black = keep (diffusers' convention)
+    mask_image: Any = None
+    # image-to-image, inpainting: how much of the schedule runs, (0, 1] (None: the task's default, 0.6 and 1.0)
+    strength: float | None = None
+    loras: tuple[tuple[str, float], ...] = ()  # LoRA adapters (name, scale), in order (engine.adapters)
 
     @property
     def pixels(self) -> int:

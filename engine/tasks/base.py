@@ -5,8 +5,12 @@ Both runners ask the request's task, and only it, what is particular to that tas
 - the threads runner: which diffusers pipeline to call (``pipeline_class``) and the task's own arguments to that
   call (``pipeline_arguments``: the size for text-to-image; the init image and the strength for image-to-image);
 - the step runner: where the request's denoising starts (``start``: its starting latents and its timesteps) and
-  what follows each scheduler step (``Start.after_step``: nothing for text-to-image or image-to-image; re-noising the
-  kept region for inpainting, to come).
+  what follows each scheduler step (``Start.after_step``: nothing for text-to-image or image-to-image; for
+  inpainting, the init image re-noised to the next timestep where the mask keeps it), what goes into the transformer
+  beside the latents (``Start.condition``: an inpainting model's mask and masked image), and how its final latents
+  go into the VAE (``vae_input``);
+- both: whether the loaded pipeline can run the task at all (``unavailable``: a reason, or None), asked before any
+  work, and answered for every task at once by ``engine.tasks.available_tasks`` (for ``/api/status``).
 
 Everything else is shared by every task and stays in the runners: the prompt embeddings and their cache, guidance,
 the transformer passes and the scheduler steps, cancellation and progress, the VAE decode. Adding a task is adding
@@ -25,7 +29,7 @@ import torch
 
 from ..types import GenerationRequest
 
-__all__ = ["AfterStep", "Start", "Task", "set_timesteps"]
+__all__ = ["AfterStep", "Start", "Task", "refuse_unavailable", "set_timesteps"]
 
 # after_step(step_index, latents) -> latents: runs after the scheduler's step, before the request's step callback.
 AfterStep = Callable[[int, torch.Tensor], torch.Tensor]
@@ -38,6 +42,9 @@ class Start:
     latents: torch.Tensor  # the starting latents, batch = the request's images, in the pipeline's latent space
     timesteps: torch.Tensor  # the timesteps to step through, in order (the view's scheduler is set to them)
     after_step: AfterStep | None = None
+    # Concatenated to the latents (channels) in every transformer pass, as an inpainting model's pipeline does: one
+    # row per image; the runner repeats it for the guidance halves as it repeats the latents.
+    condition: torch.Tensor | None = None
 
 
 class Task(ABC):
@@ -45,6 +52,26 @@ class Task(ABC):
 
     name: ClassVar[str]  # what GenerationRequest.task names
     pipeline_class: ClassVar[str]  # the diffusers pipeline class the threads runner calls, by name
+
+    def unavailable(self, pipeline: Any) -> str | None:
+        """None when ``pipeline`` (the loaded one) can run this task; otherwise why not, in one sentence.
+
+        By default a task denoises latents of the VAE's own channels with a transformer that takes them as they are
+        (text-to-image and image-to-image: the pipelines make latents of the transformer's input channels and decode
+        them with the VAE)."""
+        latent = pipeline.vae.config.latent_channels
+        channels = pipeline.transformer.config.in_channels
+        if channels != latent:
+            return (
+                f"{self.name} needs a transformer that takes the VAE's {latent}-channel latents as they are; "
+                f"this model's transformer takes {channels} input channels"
+            )
+        return None
+
+    def vae_input(self, view: Any, latents: torch.Tensor) -> torch.Tensor:
+        """What the final latents become before the VAE decodes them, as the task's pipeline does it (SD3's: undo
+        the scaling and the shift its encoder applied)."""
+        return latents / view.vae.config.scaling_factor + view.vae.config.shift_factor
 
     @abstractmethod
     def pipeline_arguments(self, request: GenerationRequest) -> dict[str, Any]:
@@ -84,3 +111,11 @@ def set_timesteps(
         )
     scheduler.set_timesteps(num_inference_steps, device=device, **kwargs)
     return scheduler.timesteps
+
+
+def refuse_unavailable(task: Task, pipeline: Any) -> None:
+    """Raise ValueError with the reason when ``pipeline`` cannot run ``task``: what both runners do before any work
+    (the API answers it as a bad request)."""
+    reason = task.unavailable(pipeline)
+    if reason is not None:
+        raise ValueError(reason)

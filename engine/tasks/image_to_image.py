@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -24,10 +24,10 @@ class ImageToImage(Task):
 
     name = "image-to-image"
     pipeline_class = "StableDiffusion3Img2ImgPipeline"
+    default_strength: ClassVar[float] = DEFAULT_STRENGTH  # what a request naming no strength gets
 
-    @staticmethod
-    def strength(request: GenerationRequest) -> float:
-        return DEFAULT_STRENGTH if request.strength is None else float(request.strength)
+    def strength(self, request: GenerationRequest) -> float:
+        return self.default_strength if request.strength is None else float(request.strength)
 
     def pipeline_arguments(self, request: GenerationRequest) -> dict[str, Any]:
         return {
@@ -46,16 +46,22 @@ class ImageToImage(Task):
         """As the pipeline does it: the schedule, cut to ``strength`` (on the view's own scheduler: the cut sets its
         begin index), then the init image encoded (its latent sample drawn first) and noised with the same generator."""
         if request.image is None:
-            raise ValueError("image-to-image needs an init image")
+            raise ValueError(f"{self.name} needs an init image")
         image = view.image_processor.preprocess(request.image, height=request.height, width=request.width)
-        scale = view.vae_scale_factor
-        set_timesteps(view, request.num_inference_steps, (request.height // scale, request.width // scale), device)
-        timesteps, steps = view.get_timesteps(request.num_inference_steps, self.strength(request), device)
-        if steps < 1:
-            raise ValueError(f"strength {self.strength(request)} leaves no step of {request.num_inference_steps}")
+        timesteps = self.schedule(view, request, device)
         generator = torch.Generator("cpu").manual_seed(request.seed)
         with torch.no_grad():
             latents = view.prepare_latents(
                 image, timesteps[:1].repeat(request.num_images), 1, request.num_images, dtype, device, generator
             )
         return Start(latents, timesteps)
+
+    def schedule(self, view: Any, request: GenerationRequest, device: torch.device) -> torch.Tensor:
+        """The view's scheduler set as the pipeline sets it, then cut to ``strength`` (``get_timesteps``, which sets
+        its begin index): the timesteps that run. ValueError when the strength leaves none."""
+        scale = view.vae_scale_factor
+        set_timesteps(view, request.num_inference_steps, (request.height // scale, request.width // scale), device)
+        timesteps, steps = view.get_timesteps(request.num_inference_steps, self.strength(request), device)
+        if steps < 1:
+            raise ValueError(f"strength {self.strength(request)} leaves no step of {request.num_inference_steps}")
+        return timesteps
