@@ -23,23 +23,9 @@ from api.generation import to_generation
 from api.images_in import EditInputs, decode_string, read_inputs, resized
 from api.limits import max_side
 
-__all__ = ["edit_generation", "fit_size", "native_generation", "task_defaults", "task_status"]
+__all__ = ["edit_generation", "fit_size", "native_generation", "task_status"]
 
 IMAGE_TO_IMAGE, INPAINTING = "image-to-image", "inpainting"
-
-
-def task_defaults() -> dict[str, float]:
-    """Each edit task's default strength, from the engine's rooms."""
-    from engine.tasks import image_to_image
-
-    defaults = {IMAGE_TO_IMAGE: image_to_image.DEFAULT_STRENGTH}
-    try:
-        from engine.tasks import inpainting  # type: ignore[attr-defined]
-
-        defaults[INPAINTING] = inpainting.DEFAULT_STRENGTH
-    except ImportError:  # an engine without the inpainting room: its requests are refused as unavailable
-        pass
-    return defaults
 
 
 def _nearest(value: float, multiple: int) -> int:
@@ -80,12 +66,9 @@ def target_size(request: Request, size: tuple[int, int], width: int | None, heig
 
 def _reasons(pipeline: Any) -> dict[str, str | None]:
     """Every task of the engine -> why the loaded ``pipeline`` cannot run it (None: it can)."""
-    from engine import tasks
+    from engine.tasks import available_tasks
 
-    available = getattr(tasks, "available_tasks", None)
-    if available is None:  # an engine from before the capability check: its registered tasks all run
-        return dict.fromkeys(tasks.TASKS)
-    return available(pipeline)
+    return available_tasks(pipeline)
 
 
 def task_status(loaded: Any) -> dict[str, Any] | None:
@@ -130,7 +113,7 @@ async def edit_generation(
     if reason is not None:
         raise APIError(400, f"{task} is not available here: {reason}", param=param, code="task_unavailable")
     generation.task = task
-    generation.strength = task_defaults()[task] if strength is None else strength
+    generation.strength = get_task(task).default_strength if strength is None else strength
     if get_task(task).steps(generation) < 1:
         raise APIError(
             400,

@@ -1,4 +1,5 @@
-"""Edits over HTTP: the official ``openai`` client's images.edit and create_variation, OpenAI's JSON image_url form,
+"""Edits over HTTP: the official ``openai`` client's images.edit (with and without a mask) and create_variation,
+OpenAI's JSON image_url form,
 the native ``image`` / ``mask_image`` / ``strength`` fields (sync and jobs), /api/status and the OpenAPI document,
 and the pixels: an edit through the API is diffusers' own image-to-image (and inpainting) for the same inputs and
 seed, on the threads engine exactly and on the step engine within its tolerance."""
@@ -19,7 +20,7 @@ import numpy as np
 import openai
 import pytest
 import torch
-from edits_helpers import EDITS, data_url, encoded, noise
+from edits_helpers import EDITS, data_url, encoded, noise, openai_mask, white_repaints
 from http_helpers import NATIVE, fetch_png, open_png
 from PIL import Image
 
@@ -277,3 +278,75 @@ def test_a_variation_is_diffusers_image_to_image_with_an_empty_prompt(engines: A
         seed=6,
     )
     _assert_same([decoded(answer.data[0].b64_json)], expected, engines.kind)
+
+
+BOX = (8, 8, 24, 32)  # the part to repaint, on the latent grid (8 px); the rest is kept
+
+
+def test_an_edit_with_a_mask_is_diffusers_inpainting(engines: Any, tiny_pipeline: Any) -> None:
+    """OpenAI's mask (transparent = edit) through the client, diffusers' (white = repaint) through the native API
+    and the JSON form: the same inpainting, and diffusers' own StableDiffusion3InpaintPipeline's pixels."""
+    image = noise(48, 32, seed=12)
+    seed_steps = {"seed": 17, "num_inference_steps": 5}
+    answer = client_for(engines).images.edit(
+        image=encoded(image),
+        mask=encoded(openai_mask(image.size, BOX)),
+        prompt="a red boat",
+        response_format="b64_json",
+        extra_body=seed_steps,
+    )
+    got = [decoded(item.b64_json) for item in answer.data]
+    expected = _reference(
+        engines,
+        tiny_pipeline,
+        "StableDiffusion3InpaintPipeline",
+        prompt="a red boat",
+        image=image,
+        mask_image=white_repaints(image.size, BOX),
+        strength=1.0,  # inpainting's default, as the engine always passes it
+        height=32,
+        width=48,
+        num_inference_steps=5,
+        seed=17,
+    )
+    _assert_same(got, expected, engines.kind)
+    native = {"prompt": "a red boat", "image": data_url(encoded(image)), **seed_steps}
+    native["mask_image"] = data_url(encoded(white_repaints(image.size, BOX)))
+    answer = httpx.post(engines.url + NATIVE, json=native, timeout=60).json()
+    assert (answer["parameters"]["task"], answer["parameters"]["strength"]) == ("inpainting", 1.0)
+    _assert_same([open_png(fetch_png(answer["response"][0]))], expected, engines.kind)
+    by_reference = {
+        "prompt": "a red boat",
+        "images": [{"image_url": data_url(encoded(image))}],
+        "mask": {"image_url": data_url(encoded(openai_mask(image.size, BOX)))},
+        "response_format": "b64_json",
+        **seed_steps,
+    }
+    answer = httpx.post(engines.url + EDITS, json=by_reference, timeout=60).json()
+    _assert_same([decoded(answer["data"][0]["b64_json"])], expected, engines.kind)
+
+
+def test_a_model_that_cannot_inpaint_says_why(make_server: Any, tiny_pipeline: Any) -> None:
+    """A 4-channel latent space: /api/status names the reason, and an edit with a mask is refused 400 with it."""
+    from conftest import tiny_loader
+    from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    with torch.random.fork_rng():
+        torch.manual_seed(7)
+        transformer = SD3Transformer2DModel.from_config(
+            {**tiny_pipeline.transformer.config, "in_channels": 4, "out_channels": 4}
+        )
+        vae = AutoencoderKL.from_config({**tiny_pipeline.vae.config, "latent_channels": 4})
+    model = StableDiffusion3Pipeline(**{**tiny_pipeline.components, "transformer": transformer, "vae": vae})
+    live = make_server(loader=tiny_loader(model))
+    tasks = httpx.get(live.url + "/api/status", timeout=30).json()["tasks"]
+    reason = tasks["unavailable"]["inpainting"]
+    assert "inpainting needs a transformer of 16 input channels" in reason and "inpainting" not in tasks["available"]
+    image = encoded(noise(32, 32))
+    with pytest.raises(openai.BadRequestError) as caught:
+        client_for(live).images.edit(image=image, mask=encoded(openai_mask((32, 32), BOX)), prompt="a boat")
+    assert caught.value.code == "task_unavailable" and reason in caught.value.message
+    native = {"prompt": "a boat", "image": data_url(image), "mask_image": data_url(image)}
+    refused = httpx.post(live.url + NATIVE, json=native, timeout=60)
+    assert refused.status_code == 400 and reason in refused.json()["error"]["message"]
+    assert live.engine.stats["total"] == 0
