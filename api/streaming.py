@@ -2,7 +2,9 @@
 
 The answer is Server-Sent Events in the shape the ``openai`` package parses (its ``ImageGenStreamEvent``): up to
 ``partial_images`` ``image_generation.partial_image`` events per image while the request denoises, then one
-``image_generation.completed`` event per image. Each event's ``event:`` name is its ``type``.
+``image_generation.completed`` event per image. Each event's ``event:`` name is its ``type``. An edit
+(``POST /v1/images/edits``) streams the same events under OpenAI's names for edits, ``image_edit.partial_image`` and
+``image_edit.completed`` (``EDIT_EVENTS``).
 
 - **Partial images** are the engine's previews of the current latents (``engine/previews.py``: a linear projection
   fitted to the VAE, at 1/8 of the side), spread evenly over the steps (``preview_interval``) and never after the
