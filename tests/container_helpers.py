@@ -122,7 +122,10 @@ def build_image() -> str:
     command = replace_option(command, "-t", TEST_IMAGE)
     assert command[-1] == "."
     machine = ["--isolation", "chroot", "--build-arg", f"BASE={local_base()}"]
+    before = podman("image", "inspect", "--format", "{{.Id}}", TEST_IMAGE, check=False).stdout.strip()
     result = podman(*command[1:-1], *machine, str(REPO), timeout=900)
+    if before and before != podman("image", "inspect", "--format", "{{.Id}}", TEST_IMAGE).stdout.strip():
+        podman("rmi", before, check=False)  # the previous run's image, untagged now: 1.5 GB each
     return result.stdout + result.stderr
 
 
