@@ -22,6 +22,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from api.errors import envelope
+from api.routes import UPLOAD_PATHS
 from api.settings import Settings, SettingsError, parse_settings
 
 __all__ = ["TEMPLATE", "main", "nginx_values", "render"]
@@ -65,6 +66,8 @@ def nginx_values(settings: Settings, listen: str, upstreams: Sequence[str]) -> d
         "keep_alive_timeout": str(_seconds(settings.keep_alive_timeout)),
         "send_timeout": str(_seconds(settings.send_timeout)),
         "max_body_bytes": str(settings.max_body_bytes),
+        "max_upload_bytes": str(settings.max_upload_bytes),
+        "upload_paths": "|".join(re.escape(path) for path in sorted(UPLOAD_PATHS)),
         "upstream_timeout": str(_seconds(upstream_s)),
         "body_431": _body(
             f"The request line and headers are larger than {limit} bytes.", "invalid_request_error", "too_large"
@@ -72,7 +75,10 @@ def nginx_values(settings: Settings, listen: str, upstreams: Sequence[str]) -> d
         "body_400": _body("Malformed HTTP request.", "invalid_request_error", "bad_request"),
         "body_408": _body(f"The request was not received within {wait}s.", "timeout_error", "timeout"),
         "body_413": _body(
-            f"The request body is larger than {settings.max_body_bytes} bytes.", "invalid_request_error", "too_large"
+            f"The request body is too large (limits: {settings.max_body_bytes} bytes; routes that take images: "
+            f"{settings.max_upload_bytes} bytes).",
+            "invalid_request_error",
+            "too_large",
         ),
         "body_503": _body("Too many open connections; retry later.", "overloaded_error", "too_many_connections"),
         "body_502": _body("The server behind this proxy is not answering; retry.", "unavailable", "unavailable"),

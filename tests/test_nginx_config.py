@@ -84,3 +84,38 @@ def test_nginx_drops_the_headers_rays_proxy_would_obey_and_passes_the_clients_ho
     finally:
         nginx.stop()
         upstream.shutdown()
+
+
+class _EchoBodyLength(_EchoHeaders):
+    """An upstream answering POSTs with the length of the body it received."""
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        received = len(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+        body = json.dumps({"received": received}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def test_routes_that_take_images_get_the_upload_limit_and_the_others_the_body_limit(tmp_path: Path) -> None:
+    """An image upload is megabytes: behind nginx it must reach the server on the upload routes (the server checks
+    the image), while every other route keeps the small JSON limit at the edge."""
+    upstream = ThreadingHTTPServer(("127.0.0.1", 0), _EchoBodyLength)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    limits = {"max_body_bytes": 65536, "max_upload_bytes": 1_000_000}
+    nginx = NginxProcess(tmp_path, f"127.0.0.1:{upstream.server_address[1]}", **limits)
+    image_sized = b"x" * 300_000
+    try:
+        nginx.wait_listening()
+        for path in ("/api/diffusers/inference", "/api/jobs", "/v1/images/edits", "/v1/images/variations"):
+            answer = httpx.post(nginx.url + path, content=image_sized, timeout=30)
+            assert answer.status_code == 200 and answer.json() == {"received": len(image_sized)}, (path, answer.text)
+        for path, size in (("/v1/images/generations", 300_000), ("/v1/images/edits", 1_200_000)):
+            refused = httpx.post(nginx.url + path, content=b"x" * size, timeout=30)
+            assert refused.status_code == 413, (path, refused.status_code)
+            assert refused.json()["error"]["code"] == "too_large"
+    finally:
+        nginx.stop()
+        upstream.shutdown()
