@@ -12,12 +12,11 @@ pixels are free, the head holding the ones behind it (a large request is never s
 than the whole budget is refused at once (``TooLarge``).
 
 A request that times out or whose client went away is stopped at its next denoising step (the step callback raises
-``GenerationCancelled`` in the worker thread); a queued one never runs. Its slot is released when the worker thread
-has really stopped, so ``active`` always counts threads that are computing.
+``GenerationCancelled``); a queued one never runs. Its slot is released when the worker thread has really stopped.
 
-Execution sits behind one seam, the runner a slot thread calls: ``engine.threads.pipeline_runner`` (a whole
-pipeline call per slot) or ``engine.step.StepRunner`` (the slot thread encodes, joins the one shared denoising loop,
-then decodes). Admission does not know which one it runs, nor they which task: they ask ``engine.tasks``.
+Execution sits behind one seam, the runner a slot thread calls: ``engine.threads.pipeline_runner`` or
+``engine.step.StepRunner``. Admission does not know which one it runs, nor they which task (``engine.tasks``).
+A request's LoRA adapters are loaded (``engine.adapters``) before it takes a slot.
 
 Progress: ``submit(..., progress=callback)`` reports what happens to one request as events (``ProgressEvent``),
 always called on the event loop thread: ``queued`` (with the 1-based queue position, again whenever it moves),
@@ -25,12 +24,10 @@ always called on the event loop thread: ``queued`` (with the 1-based queue posit
 preview images of the current latents every ``request.preview_every`` steps when the engine has a ``previewer``.
 Jobs, streamed answers and progress bars are built on these events; the engine itself knows no HTTP.
 
-All bookkeeping (``_active``, ``_waiters``, counters) is touched only from the event loop thread, so it needs no
-lock; worker threads report back through ``loop.call_soon_threadsafe`` (via ``asyncio.wrap_future``).
+All bookkeeping (``_active``, ``_waiters``, counters) is touched only from the event loop thread: it needs no lock.
 
-Observers (metrics) sit on one seam too: every ``submit`` ends by calling each of ``Engine.listeners`` with the request
-and its outcome (the ``GenerationResult``, or the exception it raised), on the event loop thread. Every generation
-passes there, whichever API or path (synchronous, streamed, jobs) it came from.
+Observers (metrics): every ``submit`` ends by calling each of ``Engine.listeners`` with the request and its outcome
+(the ``GenerationResult`` or the exception), on the event loop thread, whichever API or path it came from.
 """
 
 from __future__ import annotations
@@ -49,6 +46,7 @@ from typing import Any
 
 import torch
 
+from .adapters import AdapterPool
 from .memory import is_oom, release_memory
 from .progress import Ticket, notify, tell_listeners
 from .types import (
@@ -104,6 +102,7 @@ class Engine:
         previewer: Previewer | None = None,
         log_interval: float = 0,
         max_pixels: int = 0,
+        adapters: AdapterPool | None = None,
     ) -> None:
         if max_concurrency < 1 or max_queue < 0 or max_pixels < 0:
             raise ValueError("max_concurrency must be >= 1, max_queue and max_pixels >= 0")
@@ -123,6 +122,7 @@ class Engine:
             max_workers=max_concurrency, thread_name_prefix="generate", initializer=self._init_worker
         )
         self.max_pixels = max_pixels  # pixels running at once (0: no budget, slots alone)
+        self.adapters = adapters  # an AdapterPool: a request's LoRA adapters are loaded before it takes a slot
         self._active = 0
         self._pixels = 0  # what the running requests hold of max_pixels
         self._waiters: deque[asyncio.Future[None]] = deque()
@@ -310,18 +310,33 @@ class Engine:
         gone = gone if gone is not None else asyncio.Event()
         deadline = ticket.arrived + self.request_timeout if self.request_timeout > 0 else None
         try:
-            await self._acquire(ticket, gone, deadline)
-            admitted = time.monotonic()
-            future = asyncio.wrap_future(self._executor.submit(self._run, ticket))
-            # The slot is released when the thread is done, not when we stop waiting for it.
-            future.add_done_callback(functools.partial(self._thread_done, request.pixels))
-            try:
-                images = await self._race(future, gone, deadline)
-            except BaseException:
-                ticket.cancel.set()  # whatever stopped us waiting, nobody wants this result any more
-                raise
+            async with self._adapters_held(request, gone, deadline):
+                return await self._admit_and_run(ticket, gone, deadline)
         except Exception as exc:
             self.stats[_counter_of(exc, gone)] += 1
+            raise
+
+    def _adapters_held(self, request: GenerationRequest, gone: asyncio.Event, deadline: float | None) -> Any:
+        """The request's LoRA adapters, loaded before it takes a slot (no slot waits on a file) and held until it
+        ends (``AdapterPool.hold``, which refuses names it lacks); a full queue still refuses at once."""
+        if not request.loras:
+            return contextlib.nullcontext()
+        if len(self._waiters) >= self.max_queue and not self._fits(request.pixels):
+            raise Overloaded
+        pool = self.adapters or AdapterPool.refuse(request.loras)
+        return pool.hold(request.loras, lambda loading: self._race(loading, gone, deadline))
+
+    async def _admit_and_run(self, ticket: Ticket, gone: asyncio.Event, deadline: float | None) -> GenerationResult:
+        request = ticket.request
+        await self._acquire(ticket, gone, deadline)
+        admitted = time.monotonic()
+        future = asyncio.wrap_future(self._executor.submit(self._run, ticket))
+        # The slot is released when the thread is done, not when we stop waiting for it.
+        future.add_done_callback(functools.partial(self._thread_done, request.pixels))
+        try:
+            images = await self._race(future, gone, deadline)
+        except BaseException:
+            ticket.cancel.set()  # whatever stopped us waiting, nobody wants this result any more
             raise
         self.stats["completed"] += 1
         done = time.monotonic()
@@ -378,6 +393,8 @@ class Engine:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+        if self.adapters is not None:
+            self.adapters.close()
         close_runner = getattr(self.runner, "close", None)
         if callable(close_runner):
             close_runner()  # the step strategy's loop and encoder threads

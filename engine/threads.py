@@ -9,10 +9,12 @@ request.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
 
+from .adapters import AdapterPool
 from .prompt_cache import PromptCache, encode_texts, is_guided, request_embeddings
 from .tasks import TaskPipelines, get_task, refuse_unavailable
 from .types import GenerationRequest, Runner, StepCallback
@@ -20,11 +22,15 @@ from .types import GenerationRequest, Runner, StepCallback
 __all__ = ["pipeline_runner"]
 
 
-def pipeline_runner(scoped: Any, device: Any = None, prompt_cache: PromptCache | None = None) -> Runner:
+def pipeline_runner(
+    scoped: Any, device: Any = None, prompt_cache: PromptCache | None = None, adapters: AdapterPool | None = None
+) -> Runner:
     """A runner that generates with ``scoped`` (a RequestScopedPipeline), one view per request: the threads strategy.
 
     The generator lives on the CPU: the same seed then gives the same starting noise on every device. With a
-    ``prompt_cache`` (capacity > 0) the embeddings come from it and the pipeline skips its text encoders.
+    ``prompt_cache`` (capacity > 0) the embeddings come from it and the pipeline skips its text encoders. With
+    ``adapters``, the slot thread binds its request's LoRA set around the call: every transformer pass of the call
+    then passes the pool's gate with it (``engine.adapters``).
     """
     pipelines = TaskPipelines(scoped)
     # Encodes cache misses in the calling slot thread; its tokenizers are locked, so slots may share it.
@@ -47,17 +53,30 @@ def pipeline_runner(scoped: Any, device: Any = None, prompt_cache: PromptCache |
             kwargs.update(
                 prompt=request.prompt, negative_prompt=request.negative_prompt, num_images_per_prompt=request.num_images
             )
-        output = pipelines.get(task.pipeline_class).generate(
-            num_inference_steps=request.num_inference_steps,
-            generator=torch.Generator("cpu").manual_seed(request.seed),
-            callback_on_step_end=callback,
-            output_type="pil",
-            device=device,
-            **kwargs,
-        )
+        with _adapters_bound(adapters, request):
+            output = _call(pipelines.get(task.pipeline_class), request, callback, device, kwargs)
         return list(output.images)
 
     return run
+
+
+def _call(pipeline: Any, request: GenerationRequest, callback: Any, device: Any, kwargs: dict[str, Any]) -> Any:
+    return pipeline.generate(
+        num_inference_steps=request.num_inference_steps,
+        generator=torch.Generator("cpu").manual_seed(request.seed),
+        callback_on_step_end=callback,
+        output_type="pil",
+        device=device,
+        **kwargs,
+    )
+
+
+def _adapters_bound(adapters: AdapterPool | None, request: GenerationRequest) -> Any:
+    if adapters is not None:
+        return adapters.bound(request.loras)
+    if request.loras:
+        raise ValueError("this server has no LoRA adapters (--lora, --lora-dir)")
+    return contextlib.nullcontext()
 
 
 def _cached_embeddings(cache: Any, view: Any, request: GenerationRequest, device: Any) -> dict[str, Any]:

@@ -91,6 +91,7 @@ class GenerationRequest:
     mask_image: Any = None
     # image-to-image, inpainting: how much of the schedule runs, (0, 1] (None: the task's default, 0.6 and 1.0)
     strength: float | None = None
+    loras: tuple[tuple[str, float], ...] = ()  # LoRA adapters (name, scale), in order (engine.adapters)
 
     @property
     def pixels(self) -> int:

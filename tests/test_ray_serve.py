@@ -271,14 +271,17 @@ def _urls(response: httpx.Response) -> list[str]:
 
 
 def test_concurrent_requests_on_both_apis_are_spread_over_replicas(served: ServeProcess) -> None:
-    bodies = [(NATIVE, {"prompt": f"a fox {i}", "seed": i}) for i in range(10)]
-    bodies += [(OPENAI, {"prompt": f"a cat {i}", "n": 2 if i % 2 else 1, "seed": i}) for i in range(10)]
+    # 14 requests: what one replica holds (2 slots + MAX_QUEUE waiting). Ray's router balances on load reports that
+    # can be a moment old, so a larger burst may put more on one replica than its engine admits (a 503 there), and
+    # the claim here is the spread and the images, not the cluster's overload point (test_overload_* has that).
+    bodies = [(NATIVE, {"prompt": f"a fox {i}", "seed": i}) for i in range(7)]
+    bodies += [(OPENAI, {"prompt": f"a cat {i}", "n": 2 if i % 2 else 1, "seed": i}) for i in range(7)]
     responses = _burst(served.url, bodies)
-    assert [r.status_code for r in responses] == [200] * 20, [r.text[:200] for r in responses if r.status_code != 200]
+    assert [r.status_code for r in responses] == [200] * 14, [r.text[:200] for r in responses if r.status_code != 200]
     assert len({r.headers[REPLICA_HEADER] for r in responses}) == 2, "one replica served everything"
     assert all(len(r.headers.get_list("x-request-id")) == 1 for r in responses)  # the app's and Ray's: one
     urls = [(url, r.headers[REPLICA_HEADER]) for r in responses for url in _urls(r)]
-    assert len(urls) == 25
+    assert len(urls) == 17
     crossed = 0
     with httpx.Client() as client:
         for url, made_by in urls:
