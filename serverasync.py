@@ -119,12 +119,25 @@ def main(argv: list[str] | None = None, loader: Callable[[Settings], Any] | None
     quiet_library_logs()
     try:
         device, dtype = preflight(settings.model, settings.device, settings.dtype)
-    except ModelLoadError as exc:
+        check_adapters(settings)
+    except (ModelLoadError, ValueError) as exc:
         sock.close()
         print(f"serverasync.py: error: {exc}", file=sys.stderr)  # noqa: T201
         return EXIT_BAD_OPTION
     _log_start(settings, sock, device, dtype)
     return _serve(settings, sock, create_app(settings, loader))
+
+
+def check_adapters(settings: Settings) -> None:
+    """Every --lora file is a readable safetensors file holding LoRA weights (ValueError naming the file, and why):
+    a bad one ends the start with exit 2 before the model loads, not after."""
+    from api.adapters import check_adapter_file, parse_lora_options
+
+    for name, path in parse_lora_options(settings.lora).items():
+        try:
+            check_adapter_file(path)
+        except ValueError as exc:
+            raise ValueError(f"--lora {name}: {exc}") from None
 
 
 def _serve(settings: Settings, sock: socket.socket, app: FastAPI) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -63,6 +64,7 @@ def create_app(settings: Settings | None = None, loader: Callable[[Settings], An
     )
     # The collaborators every route reads (api.deps); engine and loaded are set once the model has loaded.
     app.state.settings = settings
+    app.state.started_at = time.time()  # unix seconds: GET /v1/models' created
     app.state.store = store
     app.state.jobs = JobStore(settings.max_jobs, settings.job_ttl, settings.job_grace)
     app.state.engine = None

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 
+from api.adapters import adapter_error, loras_of
 from api.deps import ready_engine, request_id, watch_disconnect
 from api.errors import APIError
 from api.limits import limit_messages, max_side
@@ -100,6 +101,7 @@ def to_generation(
         height=height,
         width=width,
         request_id=request_id(request),
+        loras=loras_of(request, body),
     )
 
 
@@ -132,6 +134,7 @@ async def run_generation(
     ``progress``: the engine's progress callback. ``gone``: an event the caller may set to stop the generation as a
     client disconnect does (a streamed answer whose body was abandoned)."""
     from engine import ClientGone, GenerationTimeout, NotReady, OutOfMemory, Overloaded
+    from engine.adapters import ERRORS as ADAPTER_ERRORS
 
     engine = ready_engine(request)
     gone, watcher = watch_disconnect(request, gone)
@@ -142,7 +145,7 @@ async def run_generation(
             # The client left as its generation finished: saving the images would leave files nobody can name.
             raise ClientGone
         return result
-    except (Overloaded, NotReady, GenerationTimeout, OutOfMemory, ClientGone) as exc:
+    except (Overloaded, NotReady, GenerationTimeout, OutOfMemory, ClientGone, *ADAPTER_ERRORS) as exc:
         if isinstance(exc, ClientGone):
             logger.info("request %s: client disconnected, generation stopped", generation.request_id)
         raise as_api_error(exc, engine, request.app.state.settings.request_timeout) from None
@@ -168,6 +171,9 @@ def log_generation(generation: GenerationRequest, job_id: str | None = None) -> 
 def as_api_error(exc: EngineError, engine: Any, request_timeout: float) -> APIError:
     from engine import GenerationTimeout, NotReady, OutOfMemory, Overloaded, TooLarge
 
+    adapters = adapter_error(exc)
+    if adapters is not None:
+        return adapters
     if isinstance(exc, TooLarge):  # the API checks this first (to_generation); here for any other caller
         return APIError(400, f"Too large: {exc}.", "invalid_request_error", code="invalid_value")
     if isinstance(exc, Overloaded):

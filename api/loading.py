@@ -157,6 +157,7 @@ def build_engine(settings: Settings, pipeline: Any, device: Any) -> tuple[Any, A
     from utils import RequestScopedPipeline
 
     kind = engine_kind(settings, device.type)
+    adapters = adapter_pool(settings, pipeline)
     scoped = RequestScopedPipeline(pipeline)
     dtype = getattr(getattr(pipeline, "text_encoder", None), "dtype", None)
     cache = PromptCache(settings.prompt_cache_size, identity=(settings.model, str(dtype), str(device)))
@@ -164,9 +165,9 @@ def build_engine(settings: Settings, pipeline: Any, device: Any) -> tuple[Any, A
     if kind == "step":
         if settings.compile:
             compile_blocks(pipeline.transformer)
-        runner: Any = StepRunner(scoped, device, settings.max_batch_size, cache, cpu_threads=cores)
+        runner: Any = StepRunner(scoped, device, settings.max_batch_size, cache, cpu_threads=cores, adapters=adapters)
     else:
-        runner = pipeline_runner(scoped, device, cache)
+        runner = pipeline_runner(scoped, device, cache, adapters)
     previewer = LatentPreviewer(pipeline.vae, pipeline.vae_scale_factor)
     previewer.fit()  # at load, so that no request waits for it (bench/RESULTS.md: its cost)
     engine = Engine(
@@ -179,8 +180,23 @@ def build_engine(settings: Settings, pipeline: Any, device: Any) -> tuple[Any, A
         previewer=previewer,
         log_interval=settings.progress_log_interval,
         max_pixels=pixel_budget(settings, ModelGeometry.of(pipeline)),
+        adapters=adapters,
     )
     return engine, scoped, cache
+
+
+def adapter_pool(settings: Settings, pipeline: Any) -> Any:
+    """The LoRA pool the settings ask for (None: no adapters); the --lora ones are loaded now."""
+    from pathlib import Path
+
+    from api.adapters import parse_lora_options
+
+    if not settings.lora and not settings.lora_dir:
+        return None
+    from engine.adapters import AdapterPool
+
+    directory = Path(settings.lora_dir).expanduser() if settings.lora_dir else None
+    return AdapterPool(pipeline, parse_lora_options(settings.lora), directory, settings.max_loras)
 
 
 async def _in_passing_thread(fn: Callable[[], Any]) -> Any:

@@ -9,7 +9,8 @@ Where each figure comes from, so that every way into the server is counted witho
 - ``_StateCollector``, read at scrape time: the engine's running and waiting requests, the step engine's pass sizes
   and the prompt cache's counters (kept by those objects; nothing here keeps a second copy).
 
-Labels are bounded: ``api`` is one of ``API_LABELS``, ``status`` an HTTP status code. Never a prompt, path or id.
+Labels are bounded: ``api`` is one of ``API_LABELS``, ``status`` an HTTP status code, ``adapter`` a configured LoRA
+adapter's name. Never a prompt, path or id.
 """
 
 from __future__ import annotations
@@ -78,6 +79,13 @@ class Metrics:
         self.steps = Counter(
             "sd_steps", "Denoising steps of finished generations (one per step of a request)", registry=registry
         )
+        # By adapter name: the names the operator configured (--lora, --lora-dir's file names), never a path.
+        self.adapter_requests = Counter(
+            "sd_lora_requests",
+            "Finished generations that used a LoRA adapter, by adapter",
+            ["adapter"],
+            registry=registry,
+        )
         registry.register(_StateCollector(state))
 
     def observe_generation(self, request: Any, outcome: Any) -> None:
@@ -90,6 +98,8 @@ class Metrics:
         self.generation.observe(outcome.generate_s)
         self.images.inc(len(outcome.images))
         self.steps.inc(request.num_inference_steps)
+        for name, _ in request.loras:
+            self.adapter_requests.labels(name).inc()
 
     def observe_request(self, api: str, status: str, seconds: float) -> None:
         self.requests.labels(api, status).inc()

@@ -18,6 +18,23 @@ Guidance = Annotated[float, Field(ge=0.0, le=50.0)]
 OPENAI_MAX_N = 10  # the OpenAI Images API's own bound on n
 OutputFormat = Literal["png", "jpeg", "webp"]
 OPENAI_MAX_PARTIAL_IMAGES = 3  # and on partial_images
+MAX_LORAS_PER_REQUEST = 8
+MAX_LORA_SCALE = 4.0  # |scale|: four times its trained strength is already far outside what an adapter was made for
+
+
+class LoraChoice(BaseModel):
+    """One LoRA adapter for one request (``GET /v1/models`` lists them)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Annotated[str, Field(min_length=1, max_length=64, description="an adapter's name (GET /v1/models)")]
+    scale: Annotated[float, Field(ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE)] = Field(
+        1.0, description="how strongly it applies (diffusers' set_adapters weight; 1: as trained, 0: not at all)"
+    )
+
+
+Loras = Annotated[list[LoraChoice], Field(max_length=MAX_LORAS_PER_REQUEST)] | None
+LORAS_DESCRIPTION = "LoRA adapters for this request, applied together in this order (default: none, the base model)"
 
 
 class OutputOptions(BaseModel):
@@ -45,6 +62,7 @@ class InferenceRequest(OutputOptions):
     guidance_scale: Guidance | None = Field(None, description="default: the pipeline's (7.0 for SD3)")
     height: Side | None = Field(None, description="default: the model's native size")
     width: Side | None = Field(None, description="default: the model's native size")
+    loras: Loras = Field(None, description=LORAS_DESCRIPTION)
 
 
 class ResolvedParameters(BaseModel):
@@ -57,6 +75,7 @@ class ResolvedParameters(BaseModel):
     width: int
     output_format: OutputFormat
     output_compression: int
+    loras: list[LoraChoice] = Field(default_factory=list, description="the LoRA adapters used, in order")
 
 
 class InferenceResponse(BaseModel):
@@ -89,6 +108,7 @@ class OpenAIImageRequest(OutputOptions):
     negative_prompt: Annotated[str, Field(max_length=100_000)] | None = None
     num_inference_steps: Steps | None = None
     guidance_scale: Guidance | None = None
+    loras: Loras = Field(None, description=LORAS_DESCRIPTION + "; `model` may also name one (at scale 1)")
 
 
 class OpenAIImage(BaseModel):
@@ -101,6 +121,7 @@ class OpenAIImagesResponse(BaseModel):
     data: list[OpenAIImage]
     output_format: OutputFormat | None = None
     size: str | None = Field(None, description="'WIDTHxHEIGHT' of the images")
+    loras: list[LoraChoice] | None = Field(None, description="the LoRA adapters used, in order (absent: none)")
 
 
 class JobRequest(InferenceRequest):

@@ -7,10 +7,10 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import AliasChoices, Field, ValidationError, ValidationInfo, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from models.dtypes import DTYPE_ALIASES
 
@@ -67,6 +67,17 @@ class Settings(BaseSettings):
     )
     compile: bool = Field(
         False, description="step engine: compile the transformer's repeated blocks with torch.compile (regional)"
+    )
+    lora: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="a LoRA adapter requests may name: NAME=PATH, PATH a .safetensors file in diffusers' format (or a "
+        "folder holding one); repeat the flag for more (environment: comma-separated) (default: none)",
+    )
+    lora_dir: str | None = Field(
+        None, description="a folder of LoRA adapters (*.safetensors), each named by its file name, loaded on first use"
+    )
+    max_loras: int = Field(
+        8, ge=1, le=1000, description="LoRA adapters loaded at once; beyond, the least recently used idle one goes"
     )
     max_queue: int = Field(64, ge=0, le=100_000, description="requests that may wait for a slot; beyond: 503")
     max_pixels_in_flight: int = Field(
@@ -176,6 +187,28 @@ class Settings(BaseSettings):
             raise ValueError("log_level must be debug, info, warning or error")
         return value.lower()
 
+    @field_validator("lora", mode="before")
+    @classmethod
+    def _split_loras(cls, value: Any) -> Any:
+        if isinstance(value, str):  # the environment's form: NAME=PATH,NAME=PATH
+            return [part for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("lora")
+    @classmethod
+    def _check_loras(cls, value: list[str]) -> list[str]:
+        from api.adapters import parse_lora_options
+
+        parse_lora_options(value)  # the files themselves are checked before loading (serverasync.check_adapters)
+        return value
+
+    @field_validator("lora_dir")
+    @classmethod
+    def _check_lora_dir(cls, value: str | None) -> str | None:
+        if value and not Path(value).expanduser().is_dir():
+            raise ValueError(f"{value}: no such directory")
+        return value
+
     @field_validator("engine")
     @classmethod
     def _check_engine(cls, value: str | None) -> str | None:
@@ -190,6 +223,11 @@ class Settings(BaseSettings):
         if self.compile and self.engine == "threads":
             # Several threads calling one compiled module is unsafe; only the step engine has a single caller.
             raise ValueError("compile needs --engine step: the threads engine calls the transformer from many threads")
+        if self.compile and (self.lora or self.lora_dir):
+            # A compiled graph bakes in the adapters it was traced with; switching them per pass would recompile.
+            raise ValueError("compile cannot serve LoRA adapters (--lora, --lora-dir): use one or the other")
+        if len(self.lora) > self.max_loras:
+            raise ValueError(f"max_loras ({self.max_loras}) is below the {len(self.lora)} adapters named with --lora")
         return self
 
     @model_validator(mode="after")
@@ -264,6 +302,9 @@ def parse_settings(argv: list[str] | None = None, environ: Mapping[str, str] | N
             help_text += f" (default: {'none' if info.default is None else info.default})"
         if info.annotation is bool:  # a switch: --compile (SERVER_COMPILE=1 in the environment)
             parser.add_argument(_flag(name), dest=name, action="store_true", default=None, help=help_text)
+            continue
+        if name == "lora":  # repeatable: --lora a=x.safetensors --lora b=y
+            parser.add_argument(_flag(name), dest=name, action="append", default=None, help=help_text)
             continue
         parser.add_argument(_flag(name), dest=name, default=None, help=help_text)
     args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}

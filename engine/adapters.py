@@ -40,10 +40,12 @@ from .types import EngineError
 
 __all__ = [
     "ADAPTER_SUFFIX",
+    "ERRORS",
     "AdapterGate",
     "AdapterPool",
     "AdapterPoolFull",
     "AdapterSet",
+    "AdapterUnloadable",
     "UnknownAdapter",
     "adapter_file",
     "read_adapter",
@@ -65,8 +67,19 @@ class UnknownAdapter(EngineError):
         self.name = name
 
 
+class AdapterUnloadable(EngineError):
+    """An adapter of the directory could not be read or loaded (the reason names the file: for the log)."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(reason)
+        self.name = name
+
+
 class AdapterPoolFull(EngineError):
     """Every loaded adapter is held by a request in flight: none can be evicted for a new one now."""
+
+
+ERRORS = (UnknownAdapter, AdapterUnloadable, AdapterPoolFull)  # what a request with adapters may fail with
 
 
 def adapter_file(path: Path) -> Path:
@@ -260,7 +273,7 @@ class AdapterPool:
                     entry = self._loaded.get(name)
                 if entry is None:
                     self.misses += 1
-                    entry = self._load(name, self._path_of(name))
+                    entry = self._load_named(name)
                 else:
                     self.hits += 1
                 with self._lock:
@@ -305,12 +318,25 @@ class AdapterPool:
             for name in names:
                 self._loaded[name].holders -= 1
 
+    def _load_named(self, name: str) -> _Loaded:
+        path = self._path_of(name)
+        try:
+            return self._load(name, path)
+        except ValueError as exc:
+            logger.error("LoRA adapter %s: %s", name, exc)
+            raise AdapterUnloadable(name, str(exc)) from None
+
     def _load(self, name: str, path: Path, permanent: bool = False) -> _Loaded:
         """Loader thread (or start-up): read, make room, inject while no pass runs."""
         state = read_adapter(type(self.pipeline), path)
         self._make_room()
         with self.gate.exclusive():
-            self.pipeline.load_lora_weights(state, adapter_name=name)
+            try:
+                self.pipeline.load_lora_weights(state, adapter_name=name)
+            except Exception as exc:  # noqa: BLE001 - a mismatched file: say so, leave the modules as they were
+                with contextlib.suppress(Exception):
+                    self.pipeline.delete_adapters(name)
+                raise ValueError(f"{path}: does not fit this model ({type(exc).__name__}: {exc})") from None
         entry = _Loaded(permanent=permanent)
         with self._lock:
             self._loaded[name] = entry

@@ -15,6 +15,7 @@ answered with the error (the Engine turns it into OutOfMemory, 503) and the loop
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import queue
@@ -49,6 +50,7 @@ class Track:
     group: Hashable
     after_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None  # the task's (engine.tasks.base.Start)
     condition: torch.Tensor | None = None  # the task's channels beside the latents, every pass (Start.condition)
+    adapters: tuple[tuple[str, float], ...] = ()  # the request's LoRA set: part of its group, bound for its passes
     index: int = 0
     last_pass: int = -1
     arrival: int = 0  # the order the loop took it in (set by the loop)
@@ -68,6 +70,7 @@ class DenoiseLoop:
             raise ValueError("max_batch_size must be >= 1")
         self.transformer = transformer
         self.max_batch_size = max_batch_size
+        self.bind_adapters: Callable[..., Any] | None = None  # AdapterPool.bound, where the server has adapters
         self.cpu_threads = cpu_threads
         self._inbox: queue.SimpleQueue[Track | None] = queue.SimpleQueue()
         # Tracks by resolution group, groups in serving order. Only the worker thread touches it.
@@ -262,12 +265,14 @@ class DenoiseLoop:
             latents = track.latents if track.condition is None else torch.cat([track.latents, track.condition], 1)
             hidden.extend([latents] * copies)
             timesteps.append(track.timesteps[track.index].expand(track.images))
-        out = self.transformer(
-            hidden_states=torch.cat(hidden),
-            timestep=torch.cat(timesteps),
-            encoder_hidden_states=torch.cat([t.embeds for t in batch]),
-            pooled_projections=torch.cat([t.pooled for t in batch]),
-            joint_attention_kwargs=None,
-            return_dict=False,
-        )[0]
+        # One group, one adapter set (it is part of the group key): the pool's gate switches only between passes.
+        with self.bind_adapters(batch[0].adapters) if self.bind_adapters else contextlib.nullcontext():
+            out = self.transformer(
+                hidden_states=torch.cat(hidden),
+                timestep=torch.cat(timesteps),
+                encoder_hidden_states=torch.cat([t.embeds for t in batch]),
+                pooled_projections=torch.cat([t.pooled for t in batch]),
+                joint_attention_kwargs=None,
+                return_dict=False,
+            )[0]
         return list(out.split([t.images for t in batch]))

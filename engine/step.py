@@ -30,6 +30,7 @@ import torch
 
 from utils.requestscopedpipeline import default_guidance_scale
 
+from .adapters import AdapterPool
 from .loop import DenoiseLoop, Track
 from .prompt_cache import PromptCache, TextEmbedding, encode_texts, is_guided, request_embeddings
 from .tasks import Task, TaskPipelines, get_task, refuse_unavailable
@@ -137,8 +138,10 @@ class StepRunner:
         max_batch_size: int = 32,
         prompt_cache: PromptCache | None = None,
         cpu_threads: int | None = None,
+        adapters: AdapterPool | None = None,
     ) -> None:
         self.scoped = scoped
+        self.adapters = adapters
         self.pipelines = TaskPipelines(scoped)  # each task's pipeline class, over the same weights
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.cache = prompt_cache or PromptCache(0)
@@ -150,6 +153,7 @@ class StepRunner:
         self._encode_prompts = self._encoder.encoder("prompt")
         self._encode_negatives = self._encoder.encoder("negative")
         self.loop = DenoiseLoop(scoped.pipeline.transformer, max_batch_size, cpu_threads)
+        self.loop.bind_adapters = adapters.bound if adapters is not None else None
         # Bounds the decodes running at once: a burst finishes together, and 16 concurrent VAE decodes would hold 16
         # sets of activations and fight the loop for the cores. Whoever waits here has already left the loop.
         self._decoders = threading.Semaphore(max(1, cpu_threads or 2))
@@ -165,6 +169,8 @@ class StepRunner:
     def __call__(self, request: GenerationRequest, on_step: Callable[..., None]) -> list[Any]:
         task = get_task(request.task)
         refuse_unavailable(task, self.scoped.pipeline)  # before any work: a ValueError naming the reason
+        if request.loras and self.adapters is None:
+            raise ValueError("this server has no LoRA adapters (--lora, --lora-dir)")
         positive = self.cache.get([request.prompt], self._encode_prompts, MAX_SEQUENCE_LENGTH)[0]
         negative = None
         if is_guided(request):
@@ -198,7 +204,9 @@ class StepRunner:
             on_step=on_step,
             after_step=start.after_step,
             condition=start.condition,
-            group=tuple(start.latents.shape[-2:]),  # batched with requests of the same latent size
+            # Batched with requests of the same latent size and the same LoRA adapters (and scales), only.
+            group=(tuple(start.latents.shape[-2:]), request.loras),
+            adapters=request.loras,
         )
 
     @staticmethod

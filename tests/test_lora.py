@@ -18,7 +18,14 @@ import torch
 from lora_helpers import fresh_tiny, make_adapter, reference_images
 
 from engine import GenerationRequest
-from engine.adapters import AdapterGate, AdapterPool, AdapterPoolFull, UnknownAdapter, read_adapter
+from engine.adapters import (
+    AdapterGate,
+    AdapterPool,
+    AdapterPoolFull,
+    AdapterUnloadable,
+    UnknownAdapter,
+    read_adapter,
+)
 from engine.threads import pipeline_runner
 from utils import RequestScopedPipeline
 
@@ -160,7 +167,7 @@ def test_unknown_and_unreadable_adapters_say_which_and_why(adapter_files, tmp_pa
         pool.acquire((("../ink", 1.0),))  # never a path out of the directory
     bad = tmp_path / "broken.safetensors"
     bad.write_bytes(b"not a safetensors file")
-    with pytest.raises(ValueError, match="broken.safetensors: not a LoRA adapter diffusers can read"):
+    with pytest.raises(AdapterUnloadable, match="broken.safetensors: not a LoRA adapter diffusers can read"):
         pool.acquire((("broken", 1.0),)).result()
     from diffusers import StableDiffusion3Pipeline
 

@@ -57,6 +57,7 @@ async def native_answer(
         "num_images_per_prompt": generation.num_images,
         "output_format": encoding.format,
         "output_compression": encoding.compression,
+        "loras": [{"name": name, "scale": scale} for name, scale in generation.loras],
     }
     payload = InferenceResponse(
         response=[build_image_url(base, name) for name in names],

@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from api.adapters import model_entries
 from api.deps import base_url, ready_engine
 from api.errors import APIError
 from api.generation import encode_all, encoding_of, run_generation, save_all, timing_headers, to_generation
@@ -63,10 +64,11 @@ async def openai_generations(body: OpenAIImageRequest, request: Request) -> Resp
         "output_format": encoding.format,
         "size": f"{generation.width}x{generation.height}",
     }
+    if generation.loras:
+        answer["loras"] = [{"name": name, "scale": scale} for name, scale in generation.loras]
     return JSONResponse(answer, headers=timing_headers(result))
 
 
-@router.get("/v1/models", summary="OpenAI-style model list (the one loaded model)")
+@router.get("/v1/models", summary="OpenAI-style model list: the loaded model, then its LoRA adapters")
 async def models(request: Request) -> dict[str, Any]:
-    model = request.app.state.settings.model_name
-    return {"object": "list", "data": [{"id": model, "object": "model", "owned_by": "local"}]}
+    return {"object": "list", "data": model_entries(request, int(request.app.state.started_at))}

@@ -66,6 +66,7 @@ async def status(request: Request) -> dict[str, Any]:
         "engine": _engine_info(engine, settings, getattr(state, "prompt_cache", None)),
         "requests": dict(engine.stats) if engine else {},
         "images_stored": len(state.store),
+        "adapters": engine.adapters.stats() if engine is not None and engine.adapters is not None else None,
     }
 
 
