@@ -98,6 +98,7 @@ def test_native_generation_answers_absolute_urls_of_pngs(make_server: Callable[.
         "width": 96,
         "output_format": "png",
         "output_compression": 10,
+        "loras": [],
     }
     [url] = answer["response"]
     assert url.startswith(server.url + "/images/") and url.endswith(".png")

@@ -66,7 +66,7 @@ async def status(request: Request) -> dict[str, Any]:
         "engine": _engine_info(engine, settings, getattr(state, "prompt_cache", None)),
         "requests": dict(engine.stats) if engine else {},
         "images_stored": len(state.store),
-        "adapters": engine.adapters.stats() if engine is not None and engine.adapters is not None else None,
+        "adapters": _adapter_info(engine),
     }
 
 
@@ -89,6 +89,12 @@ def _engine_info(engine: Any, settings: Any, cache: Any) -> dict[str, Any]:
         info.update(max_batch_size=settings.max_batch_size, batching=runner_stats)
     info["prompt_cache"] = cache.stats() if cache is not None else None
     return info
+
+
+def _adapter_info(engine: Any) -> dict[str, Any] | None:
+    """The LoRA pool: available, loaded, capacity, hits, misses, switches (None: the server has no adapters)."""
+    pool = getattr(engine, "adapters", None)
+    return pool.stats() if pool is not None else None
 
 
 def memory_info(device: Any) -> dict[str, Any]:
