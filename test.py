@@ -3,6 +3,8 @@
     python test.py --prompt "a red fox in the snow" --steps 28 --images 2 --seed 42
     python test.py --url http://gpu-box:8500 --concurrency 8 --steps 10
     python test.py --stream --steps 28        # as a job: a progress bar (steps, ETA, queue place) while it runs
+    python test.py --image photo.png --prompt "in watercolour" --strength 0.5        # image-to-image
+    python test.py --image photo.png --mask mask.png --prompt "a red boat"           # inpainting (white repaints)
 
 Exit status: 0 when every request succeeded and every image was downloaded, 1 otherwise, 2 for bad arguments (or
 when httpx, from requirements.txt, is missing: run it in the server's virtual environment), 130 when interrupted
@@ -14,6 +16,7 @@ This is a script for people; pytest does not collect it (see ``testpaths`` in py
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import json
 import math
@@ -60,7 +63,7 @@ class Outcome:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line."""
-    parser = argparse.ArgumentParser(description="Send text-to-image requests to the inference server.")
+    parser = argparse.ArgumentParser(description="Send text-to-image (or image edit) requests to the inference server.")
     parser.add_argument("--url", default="http://localhost:8500", help="server base URL [default: %(default)s]")
     parser.add_argument("--prompt", default="A futuristic cityscape, vibrant colors", help="text prompt")
     parser.add_argument("--negative-prompt", default=None, help="what the image should not show")
@@ -83,6 +86,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=os.environ.get("SERVER_API_KEY") or None,
         help="sent as 'Authorization: Bearer KEY' [default: $SERVER_API_KEY, the server's own variable]",
     )
+    parser.add_argument("--image", type=_image_file, default=None, help="an image to edit (PNG, JPEG or WebP)")
+    parser.add_argument(
+        "--mask", type=_image_file, default=None, help="with --image: inpaint; white repaints, black keeps"
+    )
+    parser.add_argument("--strength", type=float, default=None, help="with --image: (0, 1] [default: the server's]")
     parser.add_argument(
         "--stream",
         action="store_true",
@@ -93,7 +101,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--url must look like http://host:port, not {args.url!r}")
     if args.timeout <= 0:
         parser.error("--timeout must be positive")
+    if args.image is None and (args.mask is not None or args.strength is not None):
+        parser.error("--mask and --strength edit an image: give --image too")
     return args
+
+
+def _image_file(text: str) -> str:
+    """An argparse type: a readable file, sent as a data: URL (the native API's image fields take them)."""
+    path = Path(text)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {text}: {exc.strerror}") from None
+    kind = {".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}.get(path.suffix.lower(), "png")
+    return f"data:image/{kind};base64,{base64.b64encode(data).decode()}"
 
 
 def _whole_number(minimum: int) -> Any:
@@ -124,6 +145,9 @@ def build_payload(args: argparse.Namespace, index: int = 0) -> dict[str, Any]:
         "width": args.width,
         "height": args.height,
         "seed": None if args.seed is None else (args.seed + index) % 2**32,
+        "image": args.image,
+        "mask_image": args.mask,
+        "strength": args.strength,
     }
     payload.update({key: value for key, value in optional.items() if value is not None})
     return payload

@@ -26,7 +26,7 @@ from api.middleware import (
     StopOnShutdownMiddleware,
 )
 from api.openapi import publish_limits
-from api.routes import ROUTERS
+from api.routes import ROUTERS, UPLOAD_PATHS
 from api.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -131,7 +131,12 @@ def _add_middleware(app: FastAPI, settings: Settings) -> None:
             expose_headers=["X-Request-ID", "X-Seed", "Server-Timing", "Retry-After", "Location"],
         )
     app.add_middleware(DocsHeadersMiddleware)  # /docs gets /ui's framing, sniffing and script rules
-    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        limit=settings.max_body_bytes,
+        upload_limit=settings.max_upload_bytes,
+        upload_paths=UPLOAD_PATHS,
+    )
     app.add_middleware(HeadAsGetMiddleware)
     app.add_middleware(StopOnShutdownMiddleware, stopped=app.state.requests_stopped)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)  # outside the others: it counts their refusals

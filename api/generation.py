@@ -35,6 +35,7 @@ __all__ = [
     "log_generation",
     "run_generation",
     "save_all",
+    "steps_run",
     "timing_headers",
     "to_generation",
 ]
@@ -51,12 +52,20 @@ def is_blank(text: str) -> bool:
 
 
 def to_generation(
-    request: Request, body: Any, names: dict[str, str], *, n: int, height: int | None, width: int | None
+    request: Request,
+    body: Any,
+    names: dict[str, str],
+    *,
+    n: int,
+    height: int | None,
+    width: int | None,
+    blank_prompt: bool = False,
 ) -> GenerationRequest:
     """Check the configured limits and resolve defaults; ``names`` maps our names to the API's params.
 
     ``body`` is either API's schema: the fields both share (prompt, negative_prompt, num_inference_steps, seed,
     guidance_scale) are read from it; the image count and size, named differently by each API, come as arguments.
+    ``blank_prompt``: an empty prompt is what the request means (a variation, from its image alone).
     """
     from engine import GenerationRequest
 
@@ -74,7 +83,7 @@ def to_generation(
         raise bad("prompt", limits["prompt"])
     if negative_prompt is not None and len(negative_prompt) > settings.max_prompt_chars:
         raise bad("negative_prompt", limits["negative_prompt"])
-    if is_blank(prompt):
+    if is_blank(prompt) and not blank_prompt:
         raise bad("prompt", "must not be blank")
     steps = settings.default_steps if steps is None else steps
     if steps > settings.max_steps:
@@ -103,6 +112,13 @@ def to_generation(
         request_id=request_id(request),
         loras=loras_of(request, body),
     )
+
+
+def steps_run(generation: GenerationRequest) -> int:
+    """The denoising steps ``generation`` runs: all of them, or the part an edit's strength leaves."""
+    from engine.tasks import get_task
+
+    return get_task(generation.task).steps(generation)
 
 
 def _size_problem(value: int, max_size: int, multiple: int, limit: str) -> str | None:

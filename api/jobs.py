@@ -81,8 +81,11 @@ class Job:
     """One job's state, its progress callback (from the engine) and its subscribers."""
 
     def __init__(self, generation: Any) -> None:
+        from api.generation import steps_run
+
         self.id = secrets.token_urlsafe(16)  # 128 random bits: the id is unguessable
         self.generation = generation
+        self.total_steps = steps_run(generation)  # what the engine's step events count to
         self.created_at = time.time()
         self.status = "queued"
         self.position: int | None = None
@@ -107,7 +110,7 @@ class Job:
         """Seconds left, from the step rate so far (elapsed / steps x remaining); None before the first step."""
         if self.status != "running" or not self.step or self.elapsed_s is None or self.last_step_at is None:
             return None
-        left = self.elapsed_s / self.step * (self.generation.num_inference_steps - self.step)
+        left = self.elapsed_s / self.step * (self.total_steps - self.step)
         return round(max(0.0, left - (time.monotonic() - self.last_step_at)), 3)
 
     def to_dict(self) -> dict[str, Any]:
@@ -121,7 +124,7 @@ class Job:
             "created_at": round(self.created_at, 3),
             "position": self.position if self.status == "queued" else None,
             "step": self.step,
-            "total_steps": self.generation.num_inference_steps,
+            "total_steps": self.total_steps,
             "eta_s": self.eta_s(),
             "seed": self.generation.seed,
             "result": self.result,
@@ -154,7 +157,7 @@ class Job:
 
     def _step_data(self) -> dict[str, Any]:
         elapsed = None if self.elapsed_s is None else round(self.elapsed_s, 3)
-        return {"step": self.step, "total": self.generation.num_inference_steps, "elapsed_s": elapsed}
+        return {"step": self.step, "total": self.total_steps, "elapsed_s": elapsed}
 
     def on_progress(self, event: Any) -> None:
         """The engine's progress callback (on the event loop): update the state, tell the subscribers."""
@@ -187,7 +190,7 @@ class Job:
         finally:
             self._encoding = None
         if not self.finished:
-            self.last_preview = {"step": step, "total": self.generation.num_inference_steps, "images": encoded}
+            self.last_preview = {"step": step, "total": self.total_steps, "images": encoded}
             self._publish("preview", self.last_preview)
 
     async def settle_previews(self) -> None:

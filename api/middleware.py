@@ -150,19 +150,27 @@ class RequestIdMiddleware:
 
 
 class BodyLimitMiddleware:
-    """Answers 413 for bodies over ``limit`` bytes, declared or streamed, before they are buffered."""
+    """Answers 413 for bodies over ``limit`` bytes, declared or streamed, before they are buffered.
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    ``upload_paths`` (the routes that take images) are held to ``upload_limit`` instead: an image is megabytes, a
+    JSON body of text fields a few kilobytes, and one limit for both would be too small or too large."""
+
+    def __init__(
+        self, app: ASGIApp, limit: int, upload_limit: int | None = None, upload_paths: frozenset[str] = frozenset()
+    ) -> None:
         self.app = app
         self.limit = limit
+        self.upload_limit = limit if upload_limit is None else upload_limit
+        self.upload_paths = upload_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.upload_limit if scope.get("path", "") in self.upload_paths else self.limit
         declared = dict(scope.get("headers", [])).get(b"content-length")
-        too_big = error_response(413, f"The request body is larger than {self.limit} bytes.", "invalid_request_error")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+        too_big = error_response(413, f"The request body is larger than {limit} bytes.", "invalid_request_error")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
             await too_big(scope, receive, send)
             return
         seen = 0
@@ -173,8 +181,8 @@ class BodyLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise _BodyTooLarge(self.limit)
+                if seen > limit:
+                    raise _BodyTooLarge(limit)
             return message
 
         async def tracking_send(message: Message) -> None:

@@ -35,6 +35,9 @@ class LoraChoice(BaseModel):
 
 Loras = Annotated[list[LoraChoice], Field(max_length=MAX_LORAS_PER_REQUEST)] | None
 LORAS_DESCRIPTION = "LoRA adapters for this request, applied together in this order (default: none, the base model)"
+# An input image as a string (base64 or a data: URL); the body as a whole is bounded by --max-upload-bytes.
+ImageString = Annotated[str, Field(min_length=1, max_length=200_000_000)]
+Strength = Annotated[float, Field(gt=0.0, le=1.0)]
 
 
 class OutputOptions(BaseModel):
@@ -60,9 +63,22 @@ class InferenceRequest(OutputOptions):
     num_images_per_prompt: Annotated[int, Field(ge=1, le=64)] = 1
     seed: Seed | None = None
     guidance_scale: Guidance | None = Field(None, description="default: the pipeline's (7.0 for SD3)")
-    height: Side | None = Field(None, description="default: the model's native size")
-    width: Side | None = Field(None, description="default: the model's native size")
     loras: Loras = Field(None, description=LORAS_DESCRIPTION)
+    height: Side | None = Field(None, description="default: the model's native size, or an image's own (see image)")
+    width: Side | None = Field(None, description="default: the model's native size, or an image's own (see image)")
+    # Edits (api/edits.py): an image makes the request image-to-image; an image and a mask, inpainting.
+    image: ImageString | None = Field(
+        None,
+        description="an image to edit, base64 or a data: URL (PNG, JPEG or WebP); the size defaults to its own, "
+        "scaled down to fit the largest side and rounded to the model's multiple",
+    )
+    mask_image: ImageString | None = Field(
+        None, description="with image: inpainting; the image's size, white repaints and black keeps (diffusers')"
+    )
+    strength: Strength | None = Field(
+        None,
+        description="with image: how much of the schedule runs, (0, 1] (default: image-to-image 0.6, inpainting 1)",
+    )
 
 
 class ResolvedParameters(BaseModel):
@@ -76,6 +92,8 @@ class ResolvedParameters(BaseModel):
     output_format: OutputFormat
     output_compression: int
     loras: list[LoraChoice] = Field(default_factory=list, description="the LoRA adapters used, in order")
+    task: str = Field("text-to-image", description="text-to-image, image-to-image or inpainting")
+    strength: float | None = Field(None, description="the strength used (edits only)")
 
 
 class InferenceResponse(BaseModel):

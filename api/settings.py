@@ -124,6 +124,19 @@ class Settings(BaseSettings):
     max_images_per_request: int = Field(10, ge=1, le=64, description="largest num_images_per_prompt / n accepted")
     max_prompt_chars: int = Field(2000, ge=1, le=100_000, description="longest prompt accepted (characters)")
     max_body_bytes: int = Field(65_536, ge=1024, description="largest request body accepted (bytes); beyond: 413")
+    max_upload_bytes: int = Field(
+        20_971_520,
+        ge=1024,
+        description="largest body of the routes that take images (the edits, the variations, and the native and job "
+        "routes, whose JSON may carry base64 images), bytes; beyond: 413",
+    )
+    max_input_side: int = Field(
+        4096,
+        ge=16,
+        le=16_384,
+        description="largest width or height of an input image (pixels), read from its header before it is decoded; "
+        "beyond: 400. An input larger than --max-image-size is scaled down to fit",
+    )
     max_header_bytes: int = Field(
         32_768, ge=1024, le=1_048_576, description="largest request line + headers (bytes); beyond: 431"
     )

@@ -2,7 +2,9 @@
 
 The answer is Server-Sent Events in the shape the ``openai`` package parses (its ``ImageGenStreamEvent``): up to
 ``partial_images`` ``image_generation.partial_image`` events per image while the request denoises, then one
-``image_generation.completed`` event per image. Each event's ``event:`` name is its ``type``.
+``image_generation.completed`` event per image. Each event's ``event:`` name is its ``type``. An edit
+(``POST /v1/images/edits``) streams the same events under OpenAI's names for edits, ``image_edit.partial_image`` and
+``image_edit.completed`` (``EDIT_EVENTS``).
 
 - **Partial images** are the engine's previews of the current latents (``engine/previews.py``: a linear projection
   fitted to the VAE, at 1/8 of the side), spread evenly over the steps (``preview_interval``) and never after the
@@ -36,7 +38,7 @@ from fastapi.responses import StreamingResponse
 
 from api.deps import request_id
 from api.errors import APIError, envelope, internal_error
-from api.generation import run_generation
+from api.generation import run_generation, steps_run
 from api.sse import SSE_HEADERS, SSE_MEDIA_TYPE, sse_event
 
 if TYPE_CHECKING:
@@ -45,10 +47,12 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["encode_for_stream", "preview_interval", "stream_generation", "upscale"]
+__all__ = ["EDIT_EVENTS", "encode_for_stream", "preview_interval", "stream_generation", "upscale"]
 
 PARTIAL = "image_generation.partial_image"
 COMPLETED = "image_generation.completed"
+# The same events of an edit (POST /v1/images/edits), as OpenAI names them (ImageEditStreamEvent).
+EDIT_EVENTS = ("image_edit.partial_image", "image_edit.completed")
 # Required by ImageGenCompletedEvent; a diffusion model has no tokens to bill (see the module docstring).
 NO_USAGE = {
     "input_tokens": 0,
@@ -102,15 +106,20 @@ def encode_for_stream(image: Any, size: tuple[int, int], encoding: Encoding | No
 
 
 async def stream_generation(
-    request: Request, generation: GenerationRequest, partial_images: int, encoding: Encoding | None = None
+    request: Request,
+    generation: GenerationRequest,
+    partial_images: int,
+    encoding: Encoding | None = None,
+    names: tuple[str, str] = (PARTIAL, COMPLETED),
 ) -> StreamingResponse:
     """Start ``generation`` and answer its events; raise (an envelope) if it fails before it is queued or running.
 
-    Partial and completed images are encoded as ``encoding`` says (the request's output_format; default PNG)."""
+    Partial and completed images are encoded as ``encoding`` says (the request's output_format; default PNG);
+    ``names``: the partial and completed events' type (a generation's, or ``EDIT_EVENTS``)."""
     from utils.image_store import Encoding
 
     encoding = encoding or Encoding()
-    generation.preview_every = preview_interval(generation.num_inference_steps, partial_images)
+    generation.preview_every = preview_interval(steps_run(generation), partial_images)
     previews: asyncio.Queue[list[Any]] = asyncio.Queue()
     began = asyncio.Event()  # the first progress event: the request was admitted (queued or running)
 
@@ -133,7 +142,7 @@ async def stream_generation(
     if task.done() and not began.is_set():
         task.result()  # refused before it started (overloaded, not ready, ...): an ordinary envelope
     size = (generation.width, generation.height)
-    body = _events(task, previews, stop, partial_images, size, encoding, request_id(request))
+    body = _events(task, previews, stop, partial_images, size, encoding, request_id(request), names)
     headers = {**SSE_HEADERS, "X-Seed": str(generation.seed)}
     return StreamingResponse(body, media_type=SSE_MEDIA_TYPE, headers=headers)
 
@@ -146,6 +155,7 @@ async def _events(
     size: tuple[int, int],
     encoding: Encoding,
     rid: str,
+    names: tuple[str, str] = (PARTIAL, COMPLETED),
 ) -> AsyncIterator[bytes]:
     """The stream's body: partial images as they come, then the images, or one error event."""
     fields = EventFields(size=f"{size[0]}x{size[1]}", output_format=encoding.format)
@@ -155,7 +165,7 @@ async def _events(
             if sent >= partial_images:
                 continue  # never more than asked for, whatever the engine sends
             for b64 in await _encode(images, size, encoding):
-                yield image_event(PARTIAL, fields, b64, partial_image_index=sent)
+                yield image_event(names[0], fields, b64, partial_image_index=sent)
             sent += 1
         try:
             result = task.result()
@@ -168,7 +178,7 @@ async def _events(
             yield error_event(internal_error(rid))
             return
         for b64 in await _encode(result.images, size, encoding):
-            yield image_event(COMPLETED, fields, b64, usage=NO_USAGE)
+            yield image_event(names[1], fields, b64, usage=NO_USAGE)
     finally:
         # Reached early only when the body is abandoned (the client left, the send timed out, shutdown).
         stop.set()

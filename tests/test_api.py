@@ -98,6 +98,8 @@ def test_native_generation_answers_absolute_urls_of_pngs(make_server: Callable[.
         "width": 96,
         "output_format": "png",
         "output_compression": 10,
+        "task": "text-to-image",
+        "strength": None,
         "loras": [],
     }
     [url] = answer["response"]
@@ -424,8 +426,10 @@ def test_malformed_bodies_are_400_envelopes(quiet_server: Any, path: str) -> Non
 
 
 def test_oversized_body_is_a_413_envelope(quiet_server: Any) -> None:
-    response = post(quiet_server.url, NATIVE, {"prompt": "a" * 70_000})  # over the 64 KiB --max-body-bytes
-    assert "larger than" in assert_envelope(response, 413)["message"]
+    # Over the 64 KiB --max-body-bytes of a route that takes no image (the native one takes images: its limit is
+    # --max-upload-bytes, tests/test_edits_input.py).
+    response = post(quiet_server.url, OPENAI, {"prompt": "a" * 70_000})
+    assert "larger than 65536 bytes" in assert_envelope(response, 413)["message"]
 
 
 def test_wrong_method_is_an_envelope_not_a_500(quiet_server: Any) -> None:

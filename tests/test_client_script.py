@@ -137,3 +137,31 @@ def test_stream_with_concurrency_and_a_queue(make_server: Callable[..., Any], tm
 
     no_key = run_client(*common)
     assert no_key.returncode == 1 and "HTTP 401" in no_key.stderr
+
+
+def test_image_and_mask_edit_through_the_native_api(make_server: Callable[..., Any], tmp_path: Path) -> None:
+    """--image: image-to-image at the image's size; --mask (white repaints): inpainting; the answer names the task."""
+    from edits_helpers import encoded, noise, white_repaints
+
+    server = make_server()
+    image, mask = tmp_path / "photo.png", tmp_path / "mask.png"
+    image.write_bytes(encoded(noise(48, 32)))
+    mask.write_bytes(encoded(white_repaints((48, 32), (8, 8, 24, 32))))
+    common = ["--url", server.url, "--steps", "2", "--seed", "4", "--prompt", "a boat"]
+    edited = run_client(*common, "--image", str(image), "--strength", "0.5", "--out", str(tmp_path / "edited"))
+    assert edited.returncode == 0, edited.stderr
+    [path] = printed_paths(edited.stdout)
+    assert open_png(path.read_bytes()).size == (48, 32)
+    inpainted = run_client(*common, "--image", str(image), "--mask", str(mask), "--out", str(tmp_path / "inpainted"))
+    assert inpainted.returncode == 0, inpainted.stderr
+    [other] = printed_paths(inpainted.stdout)
+    assert open_png(other.read_bytes()).tobytes() != open_png(path.read_bytes()).tobytes()
+    assert server.engine.stats["completed"] == 2
+
+    wrong = tmp_path / "small.png"
+    wrong.write_bytes(encoded(noise(16, 16)))
+    refused = run_client(*common, "--image", str(image), "--mask", str(wrong), "--out", str(tmp_path / "no"))
+    assert refused.returncode == 1 and "HTTP 400: mask_image: is 16x16 and the image 48x32" in refused.stderr
+    for args in (["--mask", str(mask)], ["--strength", "0.5"], ["--image", str(tmp_path / "missing.png")]):
+        result = run_client("--url", server.url, *args, "--out", str(tmp_path / "no"))
+        assert result.returncode == 2 and "error:" in result.stderr and "Traceback" not in result.stderr, args

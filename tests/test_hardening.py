@@ -675,7 +675,9 @@ def test_huge_bodies_get_413_declared_or_streamed(make_server: Callable[..., Any
     live = make_server()
     ten_mb = 10 * 1024 * 1024
     piece = b"x" * 65536
-    head = f"POST {NATIVE} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {ten_mb}\r\n\r\n"
+    # The native route takes images, so its limit is --max-upload-bytes (20 MiB): twice that is refused at once.
+    declared = 2 * live.app.state.settings.max_upload_bytes
+    head = f"POST {NATIVE} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {declared}\r\n\r\n"
     sock = raw_send(live.url, head.encode())
     code, _, content = _read_answer_while_sending(sock, iter([piece] * (ten_mb // len(piece))))
     assert code == 413 and json.loads(content)["error"]["type"] == "invalid_request_error"

@@ -14,8 +14,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from api.deps import base_url, ready_engine
+from api.edits import native_generation
 from api.errors import APIError, ErrorResponse
-from api.generation import encoding_of, to_generation
+from api.generation import encoding_of
 from api.jobs import Job, JobStore, Subscriber
 from api.routes.native import NATIVE_NAMES, native_answer
 from api.schemas import JobCreated, JobRequest, JobState
@@ -48,9 +49,7 @@ def _job(request: Request, job_id: str) -> Job:
 )
 async def create_job(body: JobRequest, request: Request) -> JSONResponse:
     engine = ready_engine(request)  # 503 while loading, before the limits (which depend on the model) are checked
-    generation = to_generation(
-        request, body, NATIVE_NAMES, n=body.num_images_per_prompt, height=body.height, width=body.width
-    )
+    generation = await native_generation(request, body, NATIVE_NAMES, body.num_images_per_prompt)
     generation.preview_every = body.preview_every
     settings = request.app.state.settings
     # The result's image URLs are built for the client that created the job, as the synchronous API builds them.

@@ -11,8 +11,9 @@ from fastapi.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from api.deps import base_url, ready_engine
+from api.edits import native_generation
 from api.errors import APIError, ErrorResponse
-from api.generation import encoding_of, run_generation, save_all, timing_headers, to_generation
+from api.generation import encoding_of, run_generation, save_all, timing_headers
 from api.schemas import InferenceRequest, InferenceResponse, ResolvedParameters
 
 if TYPE_CHECKING:
@@ -35,9 +36,7 @@ IMAGE_MEDIA_TYPES = ("image/png", "image/jpeg", "image/webp")
 )
 async def inference(body: InferenceRequest, request: Request) -> JSONResponse:
     ready_engine(request)  # 503 while loading, before the limits (which depend on the model) are checked
-    generation = to_generation(
-        request, body, NATIVE_NAMES, n=body.num_images_per_prompt, height=body.height, width=body.width
-    )
+    generation = await native_generation(request, body, NATIVE_NAMES, body.num_images_per_prompt)
     encoding = encoding_of(body)
     result = await run_generation(request, generation)
     payload = await native_answer(request.app.state.store, base_url(request), generation, result, encoding)
@@ -52,8 +51,10 @@ async def native_answer(
     from utils.image_store import build_image_url
 
     names = await save_all(store, result.images, encoding)
+    # Field by field, not dataclasses.asdict: that would deep-copy an edit's input images to drop them.
+    fields = {f.name: getattr(generation, f.name) for f in dataclasses.fields(generation)}
     resolved = {
-        **dataclasses.asdict(generation),
+        **{name: value for name, value in fields.items() if name not in ("image", "mask_image")},
         "num_images_per_prompt": generation.num_images,
         "output_format": encoding.format,
         "output_compression": encoding.compression,

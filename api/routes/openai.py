@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import re
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -18,7 +18,10 @@ from api.schemas import OpenAIImageRequest, OpenAIImagesResponse
 from api.sse import SSE_EVENT_SCHEMA, SSE_MEDIA_TYPE
 from api.streaming import stream_generation
 
-__all__ = ["router"]
+if TYPE_CHECKING:
+    from engine import GenerationRequest
+
+__all__ = ["OPENAI_NAMES", "openai_answer", "parse_size", "router"]
 
 router = APIRouter()
 
@@ -43,21 +46,30 @@ def parse_size(size: str | None) -> tuple[int | None, int | None]:
     responses={200: {"content": {SSE_MEDIA_TYPE: {"schema": SSE_EVENT_SCHEMA}}, "description": "with stream"}},
 )
 async def openai_generations(body: OpenAIImageRequest, request: Request) -> Response:
-    from utils.image_store import build_image_url
-
     ready_engine(request)  # 503 while loading, before the limits (which depend on the model) are checked
     width, height = parse_size(body.size)
     generation = to_generation(request, body, OPENAI_NAMES, n=body.n, height=height, width=width)
+    return await openai_answer(request, generation, body)
+
+
+async def openai_answer(
+    request: Request, generation: GenerationRequest, body: Any, events: tuple[str, str] | None = None
+) -> Response:
+    """Run ``generation`` and answer as OpenAI's Images API does (generations, edits, variations): the images as
+    URLs or base64 per ``body.response_format``, or streamed (``body.stream``, with ``events``' names)."""
+    from utils.image_store import build_image_url
+
     encoding = encoding_of(body)
-    if body.stream:
-        return await stream_generation(request, generation, body.partial_images or 0, encoding)
+    if getattr(body, "stream", False):
+        names = {} if events is None else {"names": events}
+        return await stream_generation(request, generation, body.partial_images or 0, encoding, **names)
     result = await run_generation(request, generation)
     if body.response_format == "b64_json":
         data = [{"b64_json": base64.b64encode(e).decode()} for e in await encode_all(result.images, encoding)]
     else:
         base = base_url(request)
-        names = await save_all(request.app.state.store, result.images, encoding)
-        data = [{"url": build_image_url(base, name)} for name in names]
+        names_saved = await save_all(request.app.state.store, result.images, encoding)
+        data = [{"url": build_image_url(base, name)} for name in names_saved]
     answer = {
         "created": int(time.time()),
         "data": data,

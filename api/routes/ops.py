@@ -8,6 +8,7 @@ import psutil
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from api.edits import task_status
 from api.errors import error_response
 from api.limits import form_limits
 
@@ -63,6 +64,7 @@ async def status(request: Request) -> dict[str, Any]:
         "pixels_running": engine.pixels_running if engine else 0,
         "max_pixels_in_flight": engine.max_pixels if engine else settings.max_pixels_in_flight,
         "limits": form_limits(settings, getattr(state, "geometry", None)),
+        "tasks": task_status(loaded),
         "engine": _engine_info(engine, settings, getattr(state, "prompt_cache", None)),
         "requests": dict(engine.stats) if engine else {},
         "images_stored": len(state.store),

@@ -1,0 +1,215 @@
+"""The bodies of OpenAI's ``POST /v1/images/edits`` and ``/v1/images/variations``: their fields, and how a
+multipart form or a JSON body becomes them.
+
+- **Multipart**, as the ``openai`` client sends it: the image as ``image`` (one file) or ``image[]`` (the client's
+  name for a list), the mask as ``mask``, every other field a text part (``extra_body`` too: the client sends its
+  keys as ordinary form fields). A text part where a file is expected is read as base64 or a ``data:`` URL.
+- **JSON** (edits only), OpenAI's form for images by reference: ``{"images": [{"image_url": ...}], "mask":
+  {"image_url": ...}, ...}``. Only ``data:`` URLs (or plain base64) are read; a remote URL is refused and never
+  fetched (``api.images_in.decode_string``); a ``file_id`` is refused (there is no Files API here).
+
+One image per edit: a second one is refused 400 (``too_many_images``), not silently dropped. Fields that cannot
+apply to this model are refused with a 400 naming them; fields that change nothing here are accepted and ignored
+(README, "Edits and variations", has the list).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.datastructures import UploadFile
+
+from api.errors import APIError
+from api.images_in import decode_string
+from api.schemas import (
+    OPENAI_MAX_N,
+    OPENAI_MAX_PARTIAL_IMAGES,
+    Guidance,
+    OutputOptions,
+    Prompt,
+    Seed,
+    Steps,
+    Strength,
+)
+
+__all__ = ["EditForm", "OpenAIEditRequest", "OpenAIVariationRequest", "read_edit", "read_variation"]
+
+Short = Annotated[str, Field(max_length=256)]
+IMAGE_FIELDS = ("image", "image[]")
+# Fields of OpenAI's edit that this model cannot do (an overlay, SVG or GIF output): refused, whatever their value.
+REFUSED = {
+    "markup": "guiding overlays are not supported here",
+    "svg": "SVG output is not supported here",
+    "frame_count": "GIF output is not supported here",
+    "frame_duration_ms": "GIF output is not supported here",
+}
+
+
+class _ImageFields(OutputOptions):
+    """What edits and variations share."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: Short | None = Field(None, description="accepted and ignored: the loaded model answers")
+    n: Annotated[int, Field(ge=1, le=OPENAI_MAX_N)] = 1
+    size: Annotated[str, Field(max_length=16)] | None = Field(
+        None, description="'WIDTHxHEIGHT' or 'auto' (default): the image's size, fitted to the limits"
+    )
+    response_format: Literal["url", "b64_json"] | None = "url"
+    user: Short | None = Field(None, description="accepted and ignored")
+    # Extensions, as on generations.
+    seed: Seed | None = None
+    negative_prompt: Annotated[str, Field(max_length=100_000)] | None = None
+    num_inference_steps: Steps | None = None
+    guidance_scale: Guidance | None = None
+
+
+class OpenAIVariationRequest(_ImageFields):
+    """The fields of POST /v1/images/variations (multipart), beside the ``image`` file."""
+
+    strength: Strength | None = Field(None, description="how far from the image a variation goes (default 0.6)")
+
+    @property
+    def prompt(self) -> str:
+        """A variation is made from the image alone: an empty prompt."""
+        return ""
+
+
+class OpenAIEditRequest(_ImageFields):
+    """The fields of POST /v1/images/edits, beside the image and the mask."""
+
+    prompt: Prompt
+    strength: Strength | None = Field(
+        None, description="how much of the schedule runs, (0, 1] (default: 0.6 without a mask, 1 with one)"
+    )
+    quality: Annotated[str, Field(max_length=32)] | None = Field(None, description="accepted and ignored")
+    background: Literal["auto", "opaque", "transparent"] | None = Field(
+        None, description="auto or opaque; transparent is refused (SD3 images have no alpha channel)"
+    )
+    input_fidelity: Literal["low", "high"] | None = Field(
+        None, description="low (accepted); high is refused: a lower strength keeps more of the image"
+    )
+    complexity: Annotated[str, Field(max_length=32)] | None = Field(None, description="accepted and ignored")
+    safety_identifier: Short | None = Field(None, description="accepted and ignored")
+    stream: bool | None = Field(False, description="answer Server-Sent Events (image_edit.* events)")
+    partial_images: Annotated[int, Field(ge=0, le=OPENAI_MAX_PARTIAL_IMAGES)] | None = None
+
+
+@dataclass
+class EditForm:
+    """A parsed edit or variation: its fields, the image's bytes and the mask's (None: no mask)."""
+
+    fields: Any
+    image: bytes
+    mask: bytes | None = None
+
+
+def _bad(param: str, message: str, code: str = "invalid_value") -> APIError:
+    return APIError(400, f"{param}: {message}", param=param, code=code)
+
+
+def _validated(model: type[BaseModel], data: dict[str, Any], strict: bool) -> Any:
+    for name, why in REFUSED.items():
+        if any(key == name or key.startswith(f"{name}[") for key in data):
+            raise _bad(name, why, "unsupported_field")
+    try:
+        fields = model.model_validate(data, strict=strict)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from None
+    if getattr(fields, "background", None) == "transparent":
+        raise _bad("background", "'transparent' is not supported: SD3 images have no alpha channel; use 'opaque'")
+    if getattr(fields, "input_fidelity", None) == "high":
+        raise _bad("input_fidelity", "'high' is not supported; a lower strength keeps more of the image")
+    return fields
+
+
+async def _part_bytes(value: UploadFile | str, param: str) -> bytes:
+    if isinstance(value, str):
+        return decode_string(value, param)
+    return await value.read()
+
+
+async def _from_form(request: Request, model: type[BaseModel], mask_allowed: bool) -> EditForm:
+    async with request.form(max_files=8, max_fields=200) as form:
+        items = form.multi_items()
+        images = [value for key, value in items if key in IMAGE_FIELDS]
+        masks = [value for key, value in items if key == "mask"]
+        if not images:
+            raise _bad("image", "this field is required (a file upload)", "missing")
+        if len(images) > 1:
+            raise _bad("image", f"one image per request is supported here, not {len(images)}", "too_many_images")
+        if masks and not mask_allowed:
+            raise _bad("mask", "a variation takes no mask; use /v1/images/edits")
+        if len(masks) > 1:
+            raise _bad("mask", "send one mask")
+        files = (*IMAGE_FIELDS, "mask")
+        data = {key: value for key, value in items if key not in files and isinstance(value, str)}
+        uploads = [key for key, value in items if key not in files and not isinstance(value, str)]
+        if uploads:
+            raise _bad(uploads[0][:64], "a file is not expected here")
+        fields = _validated(model, data, strict=False)
+        image = await _part_bytes(images[0], "image")
+        mask = await _part_bytes(masks[0], "mask") if masks else None
+    return EditForm(fields=fields, image=image, mask=mask)
+
+
+def _reference(value: Any, param: str) -> bytes:
+    """The bytes of an image reference, ``{"image_url": ...}``."""
+    if not isinstance(value, dict):
+        raise _bad(param, 'must be an object, {"image_url": "data:image/png;base64,..."}')
+    if "file_id" in value:
+        raise _bad(param, "file_id is not supported here (no Files API); send image_url with a data: URL")
+    url = value.get("image_url")
+    if not isinstance(url, str) or not url:
+        raise _bad(param, 'needs "image_url": a data: URL (data:image/png;base64,...)', "missing")
+    return decode_string(url, param)
+
+
+async def _from_json(request: Request) -> EditForm:
+    try:
+        body = json.loads(await request.body())
+    except (ValueError, UnicodeDecodeError):
+        raise APIError(400, "The request body is not valid JSON.", code="invalid_value") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "The body must be a JSON object.", code="invalid_value")
+    images = body.pop("images", None)
+    if "image" in body:
+        raise _bad("image", 'in JSON, send "images": [{"image_url": "data:..."}]; "image" is for multipart')
+    if not isinstance(images, list) or not images:
+        raise _bad("images", 'this field is required: [{"image_url": "data:image/png;base64,..."}]', "missing")
+    if len(images) > 1:
+        raise _bad("images", f"one image per request is supported here, not {len(images)}", "too_many_images")
+    mask = body.pop("mask", None)
+    fields = _validated(OpenAIEditRequest, body, strict=True)
+    image = _reference(images[0], "images")
+    return EditForm(fields=fields, image=image, mask=None if mask is None else _reference(mask, "mask"))
+
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+async def read_edit(request: Request) -> EditForm:
+    """An edit's body: multipart, or OpenAI's JSON form with image URLs."""
+    media = _media_type(request)
+    if media == "multipart/form-data":
+        return await _from_form(request, OpenAIEditRequest, mask_allowed=True)
+    if media == "application/json":
+        return await _from_json(request)
+    raise APIError(
+        415,
+        "Send the edit as multipart/form-data (image files) or application/json (images as data: URLs).",
+        code="unsupported_media_type",
+    )
+
+
+async def read_variation(request: Request) -> EditForm:
+    """A variation's body: multipart only, as OpenAI's."""
+    if _media_type(request) != "multipart/form-data":
+        raise APIError(415, "Send the variation as multipart/form-data.", code="unsupported_media_type")
+    return await _from_form(request, OpenAIVariationRequest, mask_allowed=False)
