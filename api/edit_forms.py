@@ -16,6 +16,7 @@ apply to this model are refused with a 400 naming them; fields that change nothi
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -27,9 +28,11 @@ from starlette.datastructures import UploadFile
 from api.errors import APIError
 from api.images_in import decode_string
 from api.schemas import (
+    LORAS_DESCRIPTION,
     OPENAI_MAX_N,
     OPENAI_MAX_PARTIAL_IMAGES,
     Guidance,
+    Loras,
     OutputOptions,
     Prompt,
     Seed,
@@ -67,6 +70,7 @@ class _ImageFields(OutputOptions):
     negative_prompt: Annotated[str, Field(max_length=100_000)] | None = None
     num_inference_steps: Steps | None = None
     guidance_scale: Guidance | None = None
+    loras: Loras = Field(None, description=LORAS_DESCRIPTION + "; multipart: loras[][name], loras[][scale] fields")
 
 
 class OpenAIVariationRequest(_ImageFields):
@@ -149,6 +153,7 @@ async def _from_form(request: Request, model: type[BaseModel], mask_allowed: boo
             raise _bad("mask", "send one mask")
         files = (*IMAGE_FIELDS, "mask")
         data = {key: value for key, value in items if key not in files and isinstance(value, str)}
+        data = _with_loras(data, items)
         uploads = [key for key, value in items if key not in files and not isinstance(value, str)]
         if uploads:
             raise _bad(uploads[0][:64], "a file is not expected here")
@@ -156,6 +161,31 @@ async def _from_form(request: Request, model: type[BaseModel], mask_allowed: boo
         image = await _part_bytes(images[0], "image")
         mask = await _part_bytes(masks[0], "mask") if masks else None
     return EditForm(fields=fields, image=image, mask=mask)
+
+
+_LORA_FIELD = re.compile(r"loras\[\d*\]\[(name|scale)\]")
+
+
+def _with_loras(data: dict[str, Any], items: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``loras`` from a form: the ``openai`` client sends ``extra_body={"loras": [{"name": ..., "scale": ...}]}``
+    as ``loras[][name]`` / ``loras[][scale]`` fields, in order (a ``loras`` field holding JSON works too)."""
+    entries: list[dict[str, Any]] = []
+    for key, value in items:
+        match = _LORA_FIELD.fullmatch(key)
+        if match is None or not isinstance(value, str):
+            continue
+        if not entries or match.group(1) in entries[-1]:  # a field the current entry has: the next entry starts
+            entries.append({})
+        entries[-1][match.group(1)] = value
+    data = {key: value for key, value in data.items() if not _LORA_FIELD.fullmatch(key)}
+    if entries:
+        data["loras"] = entries
+    elif isinstance(data.get("loras"), str):
+        try:
+            data["loras"] = json.loads(data["loras"])
+        except ValueError:
+            raise _bad("loras", 'send loras[][name] and loras[][scale] fields, or JSON: [{"name": ...}]') from None
+    return data
 
 
 def _reference(value: Any, param: str) -> bytes:

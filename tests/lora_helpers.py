@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -38,13 +39,31 @@ def make_adapter(folder: Path, seed: int, rank: int = 4, scale: float = 1.0) -> 
     return folder / "pytorch_lora_weights.safetensors"
 
 
-def reference_images(adapters: dict[str, Path], chosen: tuple[tuple[str, float], ...], **call: Any) -> list[Any]:
-    """What diffusers gives for ``chosen`` ((name, scale), ...): a fresh pipeline, ``load_lora_weights`` for each
-    adapter, ``set_adapters(names, scales)``, a CPU generator seeded with ``call['seed']``."""
-    pipe = fresh_tiny()
+def reference_images(
+    adapters: dict[str, Path],
+    chosen: tuple[tuple[str, float], ...],
+    pipeline_class: str = "StableDiffusion3Pipeline",
+    threads: int | None = None,
+    **call: Any,
+) -> list[Any]:
+    """What diffusers gives for ``chosen`` ((name, scale), ...): a fresh ``pipeline_class`` over a fresh tiny
+    pipeline's components, ``load_lora_weights`` for each adapter, ``set_adapters(names, scales)``, a CPU generator
+    seeded with ``call['seed']``; in a thread of its own with ``threads`` OpenMP threads when given (a server's
+    slot's share of the cores: the thread count changes the order of float sums)."""
+    import diffusers
+
+    pipe = getattr(diffusers, pipeline_class)(**fresh_tiny().components)
+    pipe.set_progress_bar_config(disable=True)
     for name, _ in chosen:
         pipe.load_lora_weights(str(adapters[name]), adapter_name=name)
     if chosen:
         pipe.set_adapters([n for n, _ in chosen], [s for _, s in chosen])
     seed = call.pop("seed")
-    return list(pipe(generator=torch.Generator("cpu").manual_seed(seed), output_type="pil", **call).images)
+
+    def run() -> list[Any]:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        return list(pipe(generator=torch.Generator("cpu").manual_seed(seed), output_type="pil", **call).images)
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(run).result()

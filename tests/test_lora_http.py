@@ -68,10 +68,16 @@ def _png_pixels(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
-def _reference(adapters: dict[str, Path], loras: tuple[tuple[str, float], ...], seed: int, prompt: str) -> np.ndarray:
-    images = reference_images(
-        adapters, loras, prompt=prompt, num_inference_steps=STEPS, height=SIZE, width=SIZE, seed=seed
-    )
+def _threads(server: LiveServer) -> int | None:
+    engine = server.engine
+    return max(1, engine.cpu_threads // engine.max_concurrency) if engine.cpu_threads else None
+
+
+def _reference(
+    adapters: dict[str, Path], loras: tuple[tuple[str, float], ...], seed: int, prompt: str, **call: Any
+) -> np.ndarray:
+    call = {"height": SIZE, "width": SIZE, **call}
+    images = reference_images(adapters, loras, prompt=prompt, num_inference_steps=STEPS, seed=seed, **call)
     return np.asarray(images[0].convert("RGB"))
 
 
@@ -143,6 +149,38 @@ def test_a_concurrent_mix_of_adapter_sets_gets_each_its_own_image(server: LiveSe
         got = _png_pixels(fetch_png(response.json()["response"][0]))
         loras = tuple((c["name"], c["scale"]) for c in chosen)
         _assert_matches(server, got, _reference(adapters, loras, seed, prompt), f"{loras} seed {seed}")
+
+
+def test_an_edit_takes_adapters_from_the_openai_clients_multipart_extra_body(server: LiveServer, adapters) -> None:
+    """images.edit sends extra_body's loras as loras[][name] / loras[][scale] form fields."""
+    import base64
+
+    from openai import OpenAI
+
+    image = Image.fromarray(np.random.default_rng(4).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8))
+    upload = io.BytesIO()
+    image.save(upload, format="PNG")
+    client = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    answer = client.images.edit(
+        image=("in.png", upload.getvalue(), "image/png"),
+        prompt="a boat",
+        response_format="b64_json",
+        extra_body={"seed": 6, "num_inference_steps": STEPS, "strength": 0.8, "loras": [{"name": "ink", "scale": 0.6}]},
+    )
+    assert answer.model_extra["loras"] == [{"name": "ink", "scale": 0.6}]
+    got = _png_pixels(base64.b64decode(answer.data[0].b64_json))
+    threads = _threads(server) if server.engine.kind == "threads" else None
+    want = _reference(
+        adapters,
+        (("ink", 0.6),),
+        6,
+        "a boat",
+        pipeline_class="StableDiffusion3Img2ImgPipeline",
+        image=image,
+        strength=0.8,
+        threads=threads,
+    )
+    _assert_matches(server, got, want, "edit with an adapter")
 
 
 def test_unknown_adapters_and_bad_scales_are_400_naming_them(server: LiveServer) -> None:

@@ -36,8 +36,27 @@ def test_the_quick_starts_torch_install_is_cis() -> None:
     to its configured wheels at once in both."""
     ci_line = next(line for line in CI.splitlines() if "pip install torch==" in line)
     command = ci_line.removeprefix("python -m ").replace(" -q", "")
-    quick_start = README.split("## Quick start", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
-    assert command in quick_start.splitlines(), (command, quick_start)
+    by_hand = next(block for block in _quick_start_blocks() if "python3 -m venv" in block)
+    assert command in by_hand.splitlines(), (command, by_hand)
+
+
+def _quick_start_blocks() -> list[str]:
+    section = README.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+
+
+def test_the_quick_start_is_one_command_and_documents_its_options() -> None:
+    """The first command is ./serve; its table lists every option and variable the script reads, and no other."""
+    assert _quick_start_blocks()[0] == "./serve --model random:tiny\n"
+    script = (Path(__file__).resolve().parent.parent / "serve").read_text()
+    header = script.split("set -euo pipefail", 1)[0]
+    options = set(re.findall(r"^#\s+(--[a-z-]+)", header, flags=re.M))
+    assert options == {"--venv", "--torch", "--python", "--dry-run"}, options
+    assert options <= set(re.findall(r"--[a-z-]+", script.split("while [", 1)[1].split("done", 1)[0]))
+    section = README.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\|\s*(?:`(--[a-z-]+)[^`]*`[^|]*)?\|\s*(?:`(SERVE_[A-Z_]+)`)?\s*\|", section, flags=re.M)
+    assert {flag for flag, _ in rows if flag} == options, rows
+    assert {env for _, env in rows if env} == set(re.findall(r"\$\{(SERVE_[A-Z_]+):-", script)), rows
 
 
 def test_the_client_examples_run_in_the_servers_virtual_environment() -> None:
