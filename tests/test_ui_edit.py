@@ -1,22 +1,25 @@
 """The playground's edit mode (``api/static/ui/edit.js``), in a real headless Chromium against a real server: an
 image picked (the file chooser) or dropped, a mask painted over it with real pointer input (and erased), the
-strength; and what a job then carries (``image``, ``mask_image``: white = repaint, ``strength``)."""
+strength; what a job then carries (``image``, ``mask_image``: white = repaint, ``strength``); and an inpainting job
+(then an image-to-image one) followed live to its image."""
 
 from __future__ import annotations
 
 import base64
 import io
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 from browser import Browser, needs_chromium
 from conftest import LiveServer, tiny_loader, wait_ready
 from PIL import Image
-from test_ui import open_page, screenshot
+from test_ui import IMAGES_LOADED, MESSAGE, RECORD, fill, job_id, open_page, screenshot, wait_state
 
 from serverasync import Settings, create_app
 
@@ -134,3 +137,35 @@ def test_a_dropped_image_is_edited_at_a_size_the_model_takes(server: Any, tmp_pa
         assert _decode(browser.evaluate(FIELDS)["image"]).shape == (128, 208, 3)
         assert "red.png: 200×120, edited at 208×128." in browser.evaluate("document.body.innerText")
         assert browser.errors == []
+
+
+def test_an_inpainting_job_is_followed_live_to_its_image(server: Any, tmp_path: Path) -> None:
+    """Painted, then Generate: an inpainting job (the server says so) at the picture's size, its steps shown as they
+    run, its image in the gallery; then, the paint cleared, an image-to-image job of the same picture."""
+    path = tmp_path / "picture.png"
+    _picture().save(path)
+    with Browser(tmp_path) as browser:
+        open_page(browser, server.url)
+        browser.evaluate(RECORD)
+        _pick(browser, path)
+        _drag(browser, _line(0.5, 0.2, 0.8))
+        fill(browser, prompt="a red boat", steps=6, seed=5, strength=0.7)
+        browser.click("#generate")
+        assert wait_state(browser, "succeeded") == "Done: 1 image, seed 5."
+        # Live progress, counted in the steps strength 0.7 of 6 really runs (5: the pipeline's own cut).
+        steps = {m.group(1) for t in browser.evaluate("window.seen.texts") if (m := re.match(r"Step (\d+) of 5", t))}
+        assert len(steps) >= 2, browser.evaluate("window.seen.texts")
+        [(src, width, height)] = browser.wait_for(IMAGES_LOADED, "the image to load")
+        job = httpx.get(f"{server.url}/api/jobs/{job_id(browser)}", timeout=30).json()
+        assert src == job["result"]["response"][0] and (width, height) == SIZE
+        parameters = job["result"]["parameters"]
+        assert (parameters["task"], parameters["strength"]) == ("inpainting", 0.7)
+        assert (parameters["width"], parameters["height"]) == SIZE
+
+        browser.click("#clear-mask")
+        browser.click("#generate")
+        wait_state(browser, "succeeded")
+        job = httpx.get(f"{server.url}/api/jobs/{job_id(browser)}", timeout=30).json()
+        assert job["result"]["parameters"]["task"] == "image-to-image"
+        assert not browser.evaluate(MESSAGE) and browser.errors == []
+        screenshot(browser, tmp_path, "ui-edit-done.png")
