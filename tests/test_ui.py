@@ -28,9 +28,10 @@ def test_the_page_and_its_files_are_served_from_the_package_whatever_the_cwd(
         policy = page.headers["content-security-policy"]
         assert "script-src 'self'" in policy and "connect-src 'self'" in policy
         assets = re.findall(r'(?:src|href)="(/ui/static/[^"]+)"', page.text)
-        assert sorted(assets) == ["/ui/static/ui.css", "/ui/static/ui.js"]
+        assert sorted(assets) == ["/ui/static/edit.js", "/ui/static/ui.css", "/ui/static/ui.js"]
         types = {path: client.get(path) for path in assets}
         assert types["/ui/static/ui.js"].headers["content-type"].startswith("text/javascript")
+        assert types["/ui/static/edit.js"].headers["content-type"].startswith("text/javascript")
         assert types["/ui/static/ui.css"].headers["content-type"].startswith("text/css")
         for text in [page.text, *(answer.text for answer in types.values())]:
             # Nothing from another host: no CDN, no web font; the page works offline.
@@ -97,7 +98,7 @@ def open_page(browser: Browser, url: str) -> None:
 def fill(browser: Browser, **fields: Any) -> None:
     """Type into the form's fields, by their element ids."""
     if "preview-every" in fields:
-        browser.evaluate("document.querySelector('details').open = true")
+        browser.evaluate("document.getElementById('more').open = true")
     for name, value in fields.items():
         browser.type(f"#{name}", str(value))
 

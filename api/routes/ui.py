@@ -22,7 +22,11 @@ __all__ = ["STATIC_DIR", "router"]
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static" / "ui"
 
 # The only files served, by name: nothing a request names can reach another path.
-_ASSETS = {"ui.js": "text/javascript; charset=utf-8", "ui.css": "text/css; charset=utf-8"}
+_ASSETS = {
+    "ui.js": "text/javascript; charset=utf-8",
+    "edit.js": "text/javascript; charset=utf-8",
+    "ui.css": "text/css; charset=utf-8",
+}
 
 router = APIRouter(include_in_schema=False)
 

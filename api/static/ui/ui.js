@@ -249,6 +249,7 @@
       seed: numberOf(els.seed),
       guidance_scale: numberOf(els.guidance),
       preview_every: previewEvery,
+      ...window.PlaygroundEdit.fields(), // edit mode (edit.js): image, mask_image, strength; none without an image
     };
     return JSON.parse(JSON.stringify(body)); // drops the undefined fields: the server's defaults apply
   }
