@@ -79,10 +79,9 @@ def to_generation(
             400, f"{names.get(field, field)}: {message}", param=names.get(field, field), code="invalid_value"
         )
 
-    if len(prompt) > settings.max_prompt_chars:
-        raise bad("prompt", limits["prompt"])
-    if negative_prompt is not None and len(negative_prompt) > settings.max_prompt_chars:
-        raise bad("negative_prompt", limits["negative_prompt"])
+    for field, text in (("prompt", prompt), ("negative_prompt", negative_prompt or "")):
+        if len(text) > settings.max_prompt_chars:
+            raise bad(field, limits[field])
     if is_blank(prompt) and not blank_prompt:
         raise bad("prompt", "must not be blank")
     steps = settings.default_steps if steps is None else steps
