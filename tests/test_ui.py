@@ -28,7 +28,12 @@ def test_the_page_and_its_files_are_served_from_the_package_whatever_the_cwd(
         policy = page.headers["content-security-policy"]
         assert "script-src 'self'" in policy and "connect-src 'self'" in policy
         assets = re.findall(r'(?:src|href)="(/ui/static/[^"]+)"', page.text)
-        assert sorted(assets) == ["/ui/static/edit.js", "/ui/static/ui.css", "/ui/static/ui.js"]
+        assert sorted(assets) == [
+            "/ui/static/adapters.js",
+            "/ui/static/edit.js",
+            "/ui/static/ui.css",
+            "/ui/static/ui.js",
+        ]
         types = {path: client.get(path) for path in assets}
         assert types["/ui/static/ui.js"].headers["content-type"].startswith("text/javascript")
         assert types["/ui/static/edit.js"].headers["content-type"].startswith("text/javascript")

@@ -25,6 +25,7 @@ STATIC_DIR = Path(__file__).resolve().parent.parent / "static" / "ui"
 _ASSETS = {
     "ui.js": "text/javascript; charset=utf-8",
     "edit.js": "text/javascript; charset=utf-8",
+    "adapters.js": "text/javascript; charset=utf-8",
     "ui.css": "text/css; charset=utf-8",
 }
 

@@ -250,6 +250,7 @@
       guidance_scale: numberOf(els.guidance),
       preview_every: previewEvery,
       ...window.PlaygroundEdit.fields(), // edit mode (edit.js): image, mask_image, strength; none without an image
+      ...window.PlaygroundAdapters.fields(), // adapters.js: loras, the ticked adapters; none when none is ticked
     };
     return JSON.parse(JSON.stringify(body)); // drops the undefined fields: the server's defaults apply
   }
@@ -318,6 +319,7 @@
       const status = await api("GET", "/api/status");
       const state = status.ready ? "ready" : "loading the model";
       els.info.textContent = `${status.current_model} on ${status.device} · ${state}`;
+      if (status.adapters) window.PlaygroundAdapters.show((await api("GET", "/v1/models")).data);
       keyNeeded = false;
       if (!els.message.classList.contains("error")) clearMessage();
     } catch (err) {
