@@ -210,8 +210,10 @@ class DurableJobs:
                 job.refused = error
                 return
         finally:
-            writer.cancel()
-            await asyncio.gather(writer, return_exceptions=True)
+            # The writer ends after the events before this one (a cancel could be lost in Subscriber.get's wait_for).
+            job.mirror.put("end", {})
+            if (await asyncio.wait({writer}, timeout=15))[1]:
+                writer.cancel()
         if not job.lost and error is not None and error.code == "draining":
             await self._retry(lambda: self._release(job))
             logger.info("job %s: handed back to the store (this server is stopping)", job.id)
@@ -242,6 +244,8 @@ class DurableJobs:
             event = await job.mirror.get(KEEP_ALIVE_S)
             if event is None:
                 continue
+            if event[0] == "end":
+                return
             # A store away: the state reaches it with the next event, or the end.
             with contextlib.suppress(StoreUnavailable):
                 await self.backend.progress(job.id, self.server_id, job.attempt, job.progress_fields(), event)
