@@ -224,10 +224,14 @@ class RedisBackend:
     async def _do(self, call: Callable[[], Any]) -> Any:
         from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError  # noqa: A004 - redis' own
 
-        try:
-            return await call()
-        except (ConnectionError, TimeoutError, BusyLoadingError, OSError) as exc:
-            raise StoreUnavailable(f"redis: {exc}") from None
+        for attempt in (1, 2):
+            try:
+                return await call()
+            except (ConnectionError, TimeoutError, BusyLoadingError, OSError) as exc:
+                # Once more: after a Redis restart, a pooled connection fails once (closed by the old server).
+                if attempt == 2 or isinstance(exc, BusyLoadingError):
+                    raise StoreUnavailable(f"redis: {exc}") from None
+        raise AssertionError("unreachable")
 
     async def _script(self, name: str, *args: Any) -> Any:
         return await self._do(lambda: self._scripts[name](args=[PREFIX, *args]))
