@@ -192,7 +192,8 @@ def test_a_follower_on_another_server_gets_the_replay_then_every_end(store_url: 
     assert names[0] == "started" and names[1] == "step" and names[-1] == "done", names
     assert events[-1][1]["status"] == "succeeded" and events[-1][1]["result"] == {"images": ["image of 0"]}
     steps = [data["step"] for name, data in events if name == "step"]
-    assert steps == sorted(steps) and steps[-1] >= 50  # live steps, in order (a slow store may skip some)
+    # The replayed step, then live ones, in order (SQLite's poll, or a slow reader, may skip some).
+    assert steps == sorted(set(steps)) and len(steps) >= 2, steps
 
 
 def test_a_server_that_stops_hands_its_jobs_back_to_another(store_url: str) -> None:
