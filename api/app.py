@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -15,7 +16,7 @@ from fastapi_offline import FastAPIOffline
 
 from api.docs_headers import DocsHeadersMiddleware
 from api.errors import ERROR_RESPONSES, install_error_handlers
-from api.jobs import JobStore
+from api.jobstores import make_job_store
 from api.loading import load_model
 from api.metrics import Metrics, MetricsMiddleware
 from api.middleware import (
@@ -66,7 +67,7 @@ def create_app(settings: Settings | None = None, loader: Callable[[Settings], An
     app.state.settings = settings
     app.state.started_at = time.time()  # unix seconds: GET /v1/models' created
     app.state.store = store
-    app.state.jobs = JobStore(settings.max_jobs, settings.job_ttl, settings.job_grace)
+    app.state.jobs = make_job_store(settings, _finisher_for(store), lambda: app.state.engine)
     app.state.engine = None
     app.state.loaded = None
     app.state.prompt_cache = None
@@ -111,6 +112,19 @@ def _lifespan(
                 task.cancel()
 
     return lifespan
+
+
+def _finisher_for(store: Any) -> Callable[[dict[str, Any]], Any]:
+    """What builds a job's answer from its record's context (a durable store runs jobs made by any server)."""
+
+    def finisher(context: dict[str, Any]) -> Any:
+        from api.routes.native import native_answer
+        from utils.image_store import Encoding
+
+        encoding = Encoding(context["format"], context["compression"])
+        return functools.partial(native_answer, store, context["base_url"], encoding=encoding)
+
+    return finisher
 
 
 def _add_middleware(app: FastAPI, settings: Settings) -> None:

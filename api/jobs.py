@@ -26,19 +26,20 @@ import math
 import secrets
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from api.errors import APIError, envelope, internal_error
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FINAL", "Job", "JobStore", "Subscriber"]
+__all__ = ["FINAL", "KEEP_ALIVE_S", "Job", "JobStore", "Subscriber", "run_outcome", "too_many_jobs"]
 
 FINAL = frozenset({"succeeded", "failed", "cancelled"})
 # Events a slow subscriber may lose: each is superseded by a later one of its kind (or by "done").
 _DROPPABLE = frozenset({"queued", "step", "preview"})
 
+KEEP_ALIVE_S = 15.0  # a comment line on an idle event stream, so proxies and clients do not time it out
 # What a finished job's result is made of: (generation, engine result) -> the synchronous API's JSON answer.
 Finisher = Callable[[Any, Any], Awaitable[dict[str, Any]]]
 
@@ -258,27 +259,14 @@ class JobStore:
             waits = {job_id: self._kept_for(job, now) for job_id, job in self._jobs.items()}
             oldest = next((job_id for job_id, wait in waits.items() if wait == 0.0), None)
             if oldest is None:
-                raise self._full(sorted(wait for wait in waits.values() if wait is not None))
+                raise too_many_jobs("server", len(self._jobs), sorted(w for w in waits.values() if w is not None))
             del self._jobs[oldest]
 
-    def _full(self, waits: list[float]) -> APIError:
-        """The 503 for a store that holds only jobs that may not go; ``waits``: the finished ones' grace left."""
-        unfinished = len(self._jobs) - len(waits)
-        message = f"The server holds {len(self._jobs)} jobs, its limit: {unfinished} unfinished"
-        if waits:
-            message += f", {len(waits)} finished within their --job-grace"
-        return APIError(
-            503,
-            message + ". Retry later.",
-            "overloaded_error",
-            code="too_many_jobs",
-            headers={"Retry-After": str(math.ceil(waits[0])) if waits else "1"},
-        )
-
-    async def start(self, generation: Any, engine: Any, finisher: Finisher, timeout: float) -> Job:
+    async def start(self, generation: Any, engine: Any, finisher: Finisher, timeout: float, context: Any = None) -> Job:
         """Create a job and submit it to ``engine``; raise an ``APIError`` (503) if it cannot be admitted.
 
-        Admission without a race: the job's task calls ``engine.submit`` as its first step, and ``submit`` decides
+        ``context`` (what a durable store keeps to build the finisher again) is not needed here. Admission without
+        a race: the job's task calls ``engine.submit`` as its first step, and ``submit`` decides
         (a slot, a place in the queue, or Overloaded/NotReady) before it first suspends. Tasks start in the order
         they were scheduled, so after one ``sleep(0)`` here the job's task has already been admitted or refused:
         a refusal is answered now, as a 503, and no job exists; an admitted job holds its place.
@@ -300,33 +288,37 @@ class JobStore:
         return job
 
     async def _run(self, job: Job, engine: Any, finisher: Finisher, timeout: float) -> None:
-        from api.generation import as_api_error
-        from engine import ClientGone, EngineError
-
-        generation = job.generation
-        try:
-            try:
-                result = await engine.submit(generation, job.gone, job.on_progress)
-                if job.gone.is_set():
-                    raise ClientGone  # cancelled as it finished: the result is not wanted any more
-                answer = await finisher(generation, result)
-            finally:
-                await job.settle_previews()
-        except ClientGone:
-            logger.info("job %s: cancelled at step %d", job.id, job.step)
-            job.finish("cancelled")
-        except EngineError as exc:
-            job.finish("failed", error=as_api_error(exc, engine, timeout))
-        except Exception:
-            logger.exception("job %s (request %s) failed", job.id, generation.request_id)
-            job.finish("failed", error=internal_error(generation.request_id))
-        else:
-            job.finish("succeeded", result=answer)
+        job.finish(*await run_outcome(job, engine, finisher, timeout))
 
     def cancel(self, job: Job) -> None:
         """Ask the job to stop: a queued job never runs, a running one stops at its next step."""
         if not job.finished:
             job.gone.set()
+
+    # -- what the routes ask (the same for every store: api/jobstores/durable.py) ------------------------
+
+    async def describe(self, job_id: str) -> dict[str, Any] | None:
+        """The job as ``GET`` answers it, or None when there is no such job (or it expired)."""
+        job = self.get(job_id)
+        return None if job is None else job.to_dict()
+
+    async def stop(self, job_id: str) -> dict[str, Any] | None:
+        """Cancel the job and answer its state once it has ended (10 s at most); None when there is no such job."""
+        job = self.get(job_id)
+        if job is None:
+            return None
+        self.cancel(job)
+        if job.task is not None and not job.task.done():
+            # The engine gives up on a cancelled request at once (its thread stops at the next step, in the
+            # background), so the job's own task ends within moments; then the answer shows the final status.
+            await asyncio.wait({job.task}, timeout=10)
+        return job.to_dict()
+
+    async def follow(self, job_id: str) -> AsyncIterator[tuple[str, dict[str, Any]] | None] | None:
+        """The job's events (replay, then live, ending after ``done``; None: ``keep_alive`` seconds passed without
+        one), or None when there is no such job."""
+        job = self.get(job_id)
+        return None if job is None else _events(job, job.subscribe())
 
     # -- life cycle -------------------------------------------------------------------------------------
 
@@ -353,3 +345,56 @@ class JobStore:
         for task in pending:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _events(job: Job, subscriber: Subscriber) -> AsyncIterator[tuple[str, dict[str, Any]] | None]:
+    try:
+        while True:
+            event = await subscriber.get(KEEP_ALIVE_S)
+            yield event
+            if event is not None and event[0] == "done":
+                return
+    finally:
+        job.subscribers.discard(subscriber)
+
+
+async def run_outcome(
+    job: Job, engine: Any, finisher: Finisher, timeout: float
+) -> tuple[str, dict[str, Any] | None, APIError | None]:
+    """Run ``job`` on ``engine`` and build its result: its final (status, result, error), for ``Job.finish``."""
+    from api.generation import as_api_error
+    from engine import ClientGone, EngineError
+
+    generation = job.generation
+    try:
+        try:
+            result = await engine.submit(generation, job.gone, job.on_progress)
+            if job.gone.is_set():
+                raise ClientGone  # cancelled as it finished: the result is not wanted any more
+            answer = await finisher(generation, result)
+        finally:
+            await job.settle_previews()
+    except ClientGone:
+        logger.info("job %s: cancelled at step %d", job.id, job.step)
+        return "cancelled", None, None
+    except EngineError as exc:
+        return "failed", None, as_api_error(exc, engine, timeout)
+    except Exception:
+        logger.exception("job %s (request %s) failed", job.id, generation.request_id)
+        return "failed", None, internal_error(generation.request_id)
+    return "succeeded", answer, None
+
+
+def too_many_jobs(where: str, held: int, waits: list[float]) -> APIError:
+    """The 503 for a store of ``held`` jobs none of which may go; ``waits``: the finished ones' grace left."""
+    unfinished = held - len(waits)
+    message = f"The {where} holds {held} jobs, its limit: {unfinished} unfinished"
+    if waits:
+        message += f", {len(waits)} finished within their --job-grace"
+    return APIError(
+        503,
+        message + ". Retry later.",
+        "overloaded_error",
+        code="too_many_jobs",
+        headers={"Retry-After": str(math.ceil(waits[0])) if waits else "1"},
+    )

@@ -112,6 +112,21 @@ class Settings(BaseSettings):
         description="seconds a succeeded or failed job is kept however full the store, so its client can fetch it; "
         "a full store of such jobs (and unfinished ones) refuses new jobs 503 (0: none)",
     )
+    job_store: str = Field(
+        "memory",
+        description="where jobs are kept: memory (this process), sqlite:///relative.db or sqlite:////absolute.db "
+        "(survives a restart), redis://host:port/db (shared by every server on it)",
+    )
+    job_lease: float = Field(
+        30.0,
+        ge=1,
+        le=3600,
+        description="sqlite/redis stores: seconds a server's claim on a job lasts unless renewed (every third of "
+        "it); a job whose server stopped renewing is run again after this",
+    )
+    job_max_attempts: int = Field(
+        3, ge=1, le=100, description="sqlite/redis stores: runs a job gets before a server loss fails it"
+    )
     served_model_name: str | None = Field(
         None, description="model name shown to clients (default: the hub id or preset; a local path's last part)"
     )
@@ -170,6 +185,20 @@ class Settings(BaseSettings):
         if value and not info.data.get("api_key"):
             raise ValueError("needs --api-key (SERVER_API_KEY): there is no key to guard /metrics with")
         return value
+
+    @field_validator("job_store")
+    @classmethod
+    def _check_job_store(cls, value: str) -> str:
+        if value == "memory" or re.match(r"^rediss?://", value):
+            return value
+        if value.startswith("sqlite:///") and len(value) > len("sqlite:///"):
+            parent = Path(value.removeprefix("sqlite:///")).expanduser().resolve().parent
+            if not parent.is_dir():
+                raise ValueError(f"the SQLite file's directory {parent} does not exist")
+            return value
+        raise ValueError(
+            "job_store must be memory, sqlite:///path.db (sqlite:////absolute/path.db) or redis://host:port/db"
+        )
 
     @field_validator("type_models")
     @classmethod

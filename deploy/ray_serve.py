@@ -243,7 +243,16 @@ def serve_app(settings: Settings, scale: Scale, metrics_port: int = 0) -> Any:
     # other: an absolute path (a replica's working directory is Ray's, not ours), shared on a cluster (NFS, a volume).
     explicit = settings.model_dump(exclude_unset=True)
     explicit["image_dir"] = str(Path(settings.image_dir).expanduser().resolve())
+    explicit.update(_absolute_store(settings))
     return SD3Server.options(**deployment_options(settings, scale)).bind(explicit, metrics_port)
+
+
+def _absolute_store(settings: Settings) -> dict[str, str]:
+    """A relative SQLite job store made absolute, as the image directory (a replica's working directory is Ray's).
+    Every replica gets the same ``--job-store``: Redis (``redis://host:port/db``) is the one for several machines."""
+    if not settings.job_store.startswith("sqlite:///") or settings.job_store.startswith("sqlite:////"):
+        return {}
+    return {"job_store": "sqlite:///" + str(Path(settings.job_store.removeprefix("sqlite:///")).expanduser().resolve())}
 
 
 _SCALE_NAMES = {f.name for f in fields(Scale)}
@@ -274,6 +283,7 @@ def serve_config(settings: Settings, scale: Scale, metrics_port: int = 0) -> Ser
     """
     args: dict[str, Any] = settings.model_dump(exclude_unset=True)
     args["image_dir"] = str(Path(settings.image_dir).expanduser().resolve())  # as serve_app: the same directory
+    args.update(_absolute_store(settings))
     args.update({k: v for k, v in vars(scale).items() if v is not None})
     args["metrics_port"] = metrics_port
     app = {"name": APP_NAME, "route_prefix": "/", "import_path": "deploy.ray_serve:build_app", "args": args}

@@ -39,7 +39,7 @@ def free_ports_in_a_row(count: int) -> list[int]:
 class ServeProcess:
     """``python deploy/ray_serve.py`` with two replicas on a free loopback port."""
 
-    def __init__(self, tmp: Path, max_queue: int) -> None:
+    def __init__(self, tmp: Path, max_queue: int, job_store: str | None = None) -> None:
         self.url = f"http://127.0.0.1:{free_port()}"
         self.metrics_ports = free_ports_in_a_row(2)  # replica i's own /metrics: the first + i
         self.log_path = tmp / "ray_serve.log"
@@ -51,6 +51,7 @@ class ServeProcess:
             *("--max-queue", str(max_queue), "--default-steps", "2", "--shutdown-timeout", "10"),
             # Ray's proxy closes connections idle this long between requests (its keep_alive_timeout_s).
             *("--keep-alive-timeout", str(KEEP_ALIVE_S), "--metrics-port", str(self.metrics_ports[0])),
+            *(("--job-store", job_store) if job_store else ()),  # every replica gets it
         ]
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         # Its own session: a fallback kill reaches Ray's processes even if the script dies first.

@@ -37,6 +37,7 @@ from ray_helpers import (  # noqa: E402
     native_200s,
     raw_socket,
 )
+from redis_helpers import REDIS_SERVER, RedisProcess  # noqa: E402
 
 from deploy.ray_serve import (  # noqa: E402
     HEADROOM,
@@ -222,8 +223,21 @@ def test_rays_own_503_gets_the_envelope_and_a_replicas_passes_unchanged() -> Non
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
-    server = ServeProcess(tmp_path_factory.mktemp("ray"), MAX_QUEUE)
+def job_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess | None]:
+    """The replicas' job store (a real redis-server), or None where redis-server is not installed (only the jobs
+    test skips then)."""
+    if REDIS_SERVER is None:
+        yield None
+        return
+    server = RedisProcess(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory, job_redis: RedisProcess | None) -> Iterator[ServeProcess]:
+    store = job_redis.url if job_redis is not None else None
+    server = ServeProcess(tmp_path_factory.mktemp("ray"), MAX_QUEUE, job_store=store)
     try:
         server.wait_serving()
         yield server
@@ -312,6 +326,31 @@ def test_same_seed_gives_the_same_image_on_either_replica(served: ServeProcess) 
     assert len(by_replica) == 2, "only one replica answered"
     first, second = by_replica.values()
     assert first == second
+
+
+def test_jobs_on_a_redis_store_are_answered_by_every_replica(served: ServeProcess, job_redis: Any) -> None:
+    if job_redis is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server; .ci/run installs it)")
+    with httpx.Client(base_url=served.url, timeout=REQUEST_TIMEOUT) as client:
+        created = [
+            client.post("/api/jobs", json={"prompt": f"job {i}", "seed": i, "num_inference_steps": 8}) for i in range(6)
+        ]
+        assert [r.status_code for r in created] == [202] * 6, [r.text[:200] for r in created]
+        jobs = {r.json()["id"]: r.headers[REPLICA_HEADER] for r in created}
+        answered: dict[str, set[str]] = {job: set() for job in jobs}
+        final: dict[str, str] = {}
+        for _ in range(600):  # bounded: every job polled until it ends, and through both replicas
+            for job in jobs:
+                state = client.get(f"/api/jobs/{job}")
+                assert state.status_code == 200, state.text  # never a 404 from the replica that does not run it
+                answered[job].add(state.headers[REPLICA_HEADER])
+                if state.json()["status"] in ("succeeded", "failed", "cancelled"):
+                    final[job] = state.json()["status"]
+            if len(final) == len(jobs) and all(len(seen) == 2 for seen in answered.values()):
+                break
+            time.sleep(0.05)
+    assert final == dict.fromkeys(jobs, "succeeded"), final
+    assert all(len(seen) == 2 for seen in answered.values()), answered  # each job, answered by both replicas
 
 
 def test_each_replica_is_scraped_on_its_own_port_with_its_own_counters(served: ServeProcess) -> None:

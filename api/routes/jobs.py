@@ -1,11 +1,11 @@
 """Jobs on the native API: POST /api/jobs, GET /api/jobs/{id}, GET /api/jobs/{id}/events (SSE), DELETE /api/jobs/{id}.
 
-The job store and runner are ``api.jobs``; a job's result is the synchronous API's answer (``native_answer``).
+The job store and runner are ``api.jobs`` (memory, the default) or ``api.jobstores`` (SQLite, Redis:
+``--job-store``); a job's result is the synchronous API's answer (``native_answer``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import functools
 from collections.abc import AsyncIterator
 from typing import Any
@@ -17,7 +17,7 @@ from api.deps import base_url, ready_engine
 from api.edits import native_generation
 from api.errors import APIError, ErrorResponse
 from api.generation import encoding_of
-from api.jobs import Job, JobStore, Subscriber
+from api.jobs import KEEP_ALIVE_S
 from api.routes.native import NATIVE_NAMES, native_answer
 from api.schemas import JobCreated, JobRequest, JobState
 from api.sse import SSE_EVENT_SCHEMA, SSE_HEADERS, SSE_MEDIA_TYPE, comment, sse_event
@@ -26,19 +26,16 @@ __all__ = ["KEEP_ALIVE_S", "router"]
 
 router = APIRouter()
 
-KEEP_ALIVE_S = 15.0  # a comment line on an idle event stream, so proxies and clients do not time it out
 _NOT_FOUND = {404: {"model": ErrorResponse, "description": "No such job, or it expired"}}
 
 
-def _jobs(request: Request) -> JobStore:
+def _jobs(request: Request) -> Any:
+    """The job store: ``api.jobs.JobStore`` (memory) or ``api.jobstores.durable.DurableJobs`` (SQLite, Redis)."""
     return request.app.state.jobs
 
 
-def _job(request: Request, job_id: str) -> Job:
-    job = _jobs(request).get(job_id)
-    if job is None:
-        raise APIError(404, "No such job (or it expired).", "not_found_error", param="id", code="job_not_found")
-    return job
+def _not_found() -> APIError:
+    return APIError(404, "No such job (or it expired).", "not_found_error", param="id", code="job_not_found")
 
 
 @router.post(
@@ -52,9 +49,12 @@ async def create_job(body: JobRequest, request: Request) -> JSONResponse:
     generation = await native_generation(request, body, NATIVE_NAMES, body.num_images_per_prompt)
     generation.preview_every = body.preview_every
     settings = request.app.state.settings
-    # The result's image URLs are built for the client that created the job, as the synchronous API builds them.
-    finisher = functools.partial(native_answer, request.app.state.store, base_url(request), encoding=encoding_of(body))
-    job = await _jobs(request).start(generation, engine, finisher, settings.request_timeout)
+    # The result's image URLs are built for the client that created the job, as the synchronous API builds them;
+    # a durable store keeps that context, so the job can be run again elsewhere with the same answer.
+    encoding = encoding_of(body)
+    finisher = functools.partial(native_answer, request.app.state.store, base_url(request), encoding=encoding)
+    context = {"base_url": base_url(request), "format": encoding.format, "compression": encoding.compression}
+    job = await _jobs(request).start(generation, engine, finisher, settings.request_timeout, context=context)
     status_url = f"{base_url(request)}/api/jobs/{job.id}"
     created = {"id": job.id, "status": "queued", "status_url": status_url, "events_url": f"{status_url}/events"}
     return JSONResponse(created, status_code=202, headers={"Location": status_url})
@@ -62,7 +62,10 @@ async def create_job(body: JobRequest, request: Request) -> JSONResponse:
 
 @router.get("/api/jobs/{job_id}", response_model=JobState, responses=_NOT_FOUND, summary="A job's state and result")
 async def get_job(job_id: str, request: Request) -> dict[str, Any]:
-    return _job(request, job_id).to_dict()
+    state = await _jobs(request).describe(job_id)
+    if state is None:
+        raise _not_found()
+    return state
 
 
 @router.delete(
@@ -72,13 +75,10 @@ async def get_job(job_id: str, request: Request) -> dict[str, Any]:
     summary="Cancel a job: a queued one never runs, a running one stops at its next step",
 )
 async def cancel_job(job_id: str, request: Request) -> dict[str, Any]:
-    job = _job(request, job_id)
-    _jobs(request).cancel(job)
-    if job.task is not None and not job.task.done():
-        # The engine gives up on a cancelled request at once (its thread stops at the next step, in the background),
-        # so the job's own task ends within moments; then the answer shows the final status.
-        await asyncio.wait({job.task}, timeout=10)
-    return job.to_dict()
+    state = await _jobs(request).stop(job_id)
+    if state is None:
+        raise _not_found()
+    return state
 
 
 @router.get(
@@ -91,20 +91,19 @@ async def cancel_job(job_id: str, request: Request) -> dict[str, Any]:
     summary="A job's events (Server-Sent Events): its current state, then live events until done",
 )
 async def job_events(job_id: str, request: Request) -> StreamingResponse:
-    job = _job(request, job_id)
-    return StreamingResponse(_stream(job, job.subscribe()), media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
+    events = await _jobs(request).follow(job_id)
+    if events is None:
+        raise _not_found()
+    return StreamingResponse(_stream(events), media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
 
 
-async def _stream(job: Job, subscriber: Subscriber) -> AsyncIterator[bytes]:
+async def _stream(events: AsyncIterator[tuple[str, dict[str, Any]] | None]) -> AsyncIterator[bytes]:
     try:
-        while True:
-            event = await subscriber.get(KEEP_ALIVE_S)
+        async for event in events:
             if event is None:
                 yield comment("keep-alive")
                 continue
             name, data = event
             yield sse_event(data, event=name)
-            if name == "done":
-                return
     finally:
-        job.subscribers.discard(subscriber)
+        await events.aclose()  # type: ignore[attr-defined]

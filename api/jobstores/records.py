@@ -1,0 +1,223 @@
+"""A job as a durable store keeps it: a flat record (what re-running it needs, its state, its lease), and the views
+built from one (``GET``'s state, the events a new follower is replayed).
+
+A record's fields (``FIELDS``, each with its kind): ``body`` is the generation with its seed resolved (so a run on
+another server gives the same images) and ``context`` what builds its answer (the image URLs' base, the output
+format); ``owner`` is the id of the server running it ('' while it waits for one), ``attempt`` how many runs it has
+had, ``lease_until`` the wall-clock time its owner's claim ends unless renewed; ``cancel`` is set by a ``DELETE`` on
+any server. Progress (``status``, ``position``, ``step``, ``elapsed_s``, ``last_step_at``, ``preview``) is written by
+the owner as it goes; ``finished_at``, ``result`` and ``error`` once, when it ends.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import json
+import time
+from typing import Any
+
+from api.errors import APIError, envelope
+
+__all__ = [
+    "FIELDS",
+    "FINAL",
+    "StoreFull",
+    "StoreUnavailable",
+    "attempts_error",
+    "body_of",
+    "diff_events",
+    "from_flat",
+    "generation_of",
+    "replay",
+    "state_of",
+    "to_flat",
+    "unavailable",
+]
+
+FINAL = frozenset({"succeeded", "failed", "cancelled"})
+FIELDS: dict[str, str] = {
+    "id": "str",
+    "seq": "int",
+    "created_at": "float",
+    "body": "json",
+    "context": "json",
+    "status": "str",
+    "owner": "str",
+    "attempt": "int",
+    "lease_until": "float",
+    "cancel": "int",
+    "step": "int",
+    "position": "int",
+    "elapsed_s": "float",
+    "last_step_at": "float",
+    "preview": "json",
+    "finished_at": "float",
+    "result": "json",
+    "error": "json",
+}
+# What a run that ended without finishing leaves behind when the job goes back to wait for a server.
+REQUEUED: dict[str, Any] = {
+    "status": "queued",
+    "owner": "",
+    "position": None,
+    "step": 0,
+    "elapsed_s": None,
+    "last_step_at": None,
+    "preview": None,
+}
+
+
+class StoreUnavailable(Exception):
+    """The store cannot be reached now (Redis down, restarting or loading): answered 503, retried in the background."""
+
+
+class StoreFull(Exception):
+    """``--max-jobs`` records held, none of which may go: ``held``, and the finished ones' grace left."""
+
+    def __init__(self, held: int, waits: list[float]) -> None:
+        super().__init__(f"{held} jobs held")
+        self.held, self.waits = held, waits
+
+
+def unavailable(exc: StoreUnavailable) -> APIError:
+    return APIError(
+        503,
+        f"The job store is unavailable ({exc}). Retry later.",
+        "unavailable",
+        code="job_store_unavailable",
+        headers={"Retry-After": "2"},
+    )
+
+
+def attempts_error(attempts: int) -> dict[str, Any]:
+    """The error of a job whose server stopped (crashed, was killed) during each of its ``attempts`` runs."""
+    message = (
+        f"The job was started {attempts} time(s) and its server stopped each time before it finished (it may be "
+        "what crashes the server); it is not run again (--job-max-attempts)."
+    )
+    return envelope(message, "server_error", None, "too_many_attempts")["error"]
+
+
+# -- the generation a record runs ---------------------------------------------------------------------------------
+
+
+def body_of(generation: Any) -> dict[str, Any]:
+    """The generation's fields as JSON: everything ``GenerationRequest`` holds (an init image as a base64 PNG)."""
+    body = dataclasses.asdict(generation)
+    image = body.pop("image", None)
+    if image is not None:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        body["image_png"] = base64.b64encode(buffer.getvalue()).decode()
+    return body
+
+
+def generation_of(body: dict[str, Any]) -> Any:
+    """The ``GenerationRequest`` a record's ``body`` describes (the inverse of ``body_of``)."""
+    from engine import GenerationRequest
+
+    body = dict(body)
+    encoded = body.pop("image_png", None)
+    if encoded is not None:
+        from PIL import Image
+
+        body["image"] = Image.open(io.BytesIO(base64.b64decode(encoded))).convert("RGB")
+    return GenerationRequest(**body)
+
+
+# -- flat storage (Redis hashes are strings) -------------------------------------------------------------------
+
+
+def to_flat(fields: dict[str, Any]) -> dict[str, str]:
+    flat = {}
+    for name, value in fields.items():
+        if value is None:
+            flat[name] = ""
+        elif FIELDS[name] == "json":
+            flat[name] = json.dumps(value, separators=(",", ":"))
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+def from_flat(flat: dict[Any, Any]) -> dict[str, Any]:
+    record: dict[str, Any] = {}
+    for key, raw in flat.items():
+        name = key.decode() if isinstance(key, bytes) else key
+        value = raw.decode() if isinstance(raw, bytes) else raw
+        kind = FIELDS.get(name)
+        if kind is None:
+            continue
+        if value == "" and kind != "str":
+            record[name] = None
+        elif kind == "json":
+            record[name] = json.loads(value)
+        else:
+            record[name] = {"int": int, "float": float, "str": str}[kind](value)
+    return record
+
+
+# -- views ---------------------------------------------------------------------------------------------------------
+
+
+def _eta(record: dict[str, Any], total: int, now: float) -> float | None:
+    step, elapsed, at = record.get("step") or 0, record.get("elapsed_s"), record.get("last_step_at")
+    if record["status"] != "running" or not step or elapsed is None or at is None:
+        return None
+    return round(max(0.0, elapsed / step * (total - step) - (now - at)), 3)
+
+
+def state_of(record: dict[str, Any], now: float | None = None) -> dict[str, Any]:
+    """The job as ``GET /api/jobs/{id}`` answers it (``api.jobs.Job.to_dict``'s fields)."""
+    body = record["body"]
+    return {
+        "id": record["id"],
+        "status": record["status"],
+        "created_at": round(record["created_at"], 3),
+        "position": record.get("position") if record["status"] == "queued" else None,
+        "step": record.get("step") or 0,
+        "total_steps": body["num_inference_steps"],
+        "eta_s": _eta(record, body["num_inference_steps"], time.time() if now is None else now),
+        "seed": body["seed"],
+        "result": record.get("result"),
+        "error": record.get("error"),
+    }
+
+
+def _step_data(record: dict[str, Any]) -> dict[str, Any]:
+    elapsed = record.get("elapsed_s")
+    total = record["body"]["num_inference_steps"]
+    return {"step": record["step"], "total": total, "elapsed_s": None if elapsed is None else round(elapsed, 3)}
+
+
+def replay(record: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """What a new follower is told first: where the job is (as ``api.jobs.Job.subscribe`` replays it)."""
+    if record["status"] in FINAL:
+        return [("done", state_of(record))]
+    if record["status"] == "queued":
+        return [("queued", {"position": record["position"]})] if record.get("position") else []
+    events: list[tuple[str, dict[str, Any]]] = [("started", {})]
+    if record.get("step"):
+        events.append(("step", _step_data(record)))
+    if record.get("preview"):
+        events.append(("preview", record["preview"]))
+    return events
+
+
+def diff_events(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The events between two readings of one record (a follower of a store with no event stream polls it)."""
+    if new["status"] in FINAL:
+        return [("done", state_of(new))]
+    events: list[tuple[str, dict[str, Any]]] = []
+    rerun = new.get("attempt") != old.get("attempt")
+    if new["status"] == "queued" and new.get("position") and (rerun or new.get("position") != old.get("position")):
+        events.append(("queued", {"position": new["position"]}))
+    if new["status"] == "running" and (rerun or old["status"] != "running"):
+        events.append(("started", {}))
+    if new.get("step") and (rerun or new["step"] != old.get("step")):
+        events.append(("step", _step_data(new)))
+    if new.get("preview") and new["preview"] != old.get("preview"):
+        events.append(("preview", new["preview"]))
+    return events
