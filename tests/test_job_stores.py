@@ -216,3 +216,40 @@ def test_a_server_that_stops_hands_its_jobs_back_to_another(store_url: str) -> N
 
 def test_requeued_fields_reset_the_run() -> None:
     assert REQUEUED["owner"] == "" and REQUEUED["status"] == "queued" and REQUEUED["step"] == 0
+
+
+def test_a_stored_request_comes_back_whole_with_its_image_mask_and_adapters() -> None:
+    """What a durable store keeps of a job is enough to run it again exactly: every field, the init image and the
+    mask pixel for pixel (their modes too), the LoRA set with its order and scales."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from api.jobstores.records import body_of, generation_of
+    from engine import GenerationRequest
+
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (16, 24, 3), dtype=np.uint8))
+    mask = Image.fromarray((np.arange(16 * 24).reshape(16, 24) % 2 * 255).astype(np.uint8), mode="L")
+    request = GenerationRequest(
+        prompt="a boat",
+        num_inference_steps=5,
+        num_images=2,
+        seed=7,
+        height=16,
+        width=24,
+        task="inpainting",
+        image=image,
+        mask_image=mask,
+        strength=0.8,
+        loras=(("neon", 0.5), ("ink", 1.0)),
+        preview_every=2,
+    )
+    back = generation_of(json.loads(json.dumps(body_of(request))))
+    assert back.loras == (("neon", 0.5), ("ink", 1.0))
+    assert (back.image.mode, back.mask_image.mode) == ("RGB", "L")
+    assert back.image.tobytes() == image.tobytes() and back.mask_image.tobytes() == mask.tobytes()
+    fields = ("prompt", "num_inference_steps", "num_images", "seed", "height", "width", "task", "strength")
+    assert all(getattr(back, name) == getattr(request, name) for name in (*fields, "preview_every"))
+    plain = generation_of(json.loads(json.dumps(body_of(GenerationRequest("x", 2, 1, 3, 16, 16)))))
+    assert (plain.image, plain.mask_image, plain.loras) == (None, None, ())

@@ -103,14 +103,21 @@ def attempts_error(attempts: int) -> dict[str, Any]:
 # -- the generation a record runs ---------------------------------------------------------------------------------
 
 
+IMAGE_FIELDS = ("image", "mask_image")  # GenerationRequest's PIL images: stored as base64 PNGs (lossless, mode kept)
+
+
 def body_of(generation: Any) -> dict[str, Any]:
-    """The generation's fields as JSON: everything ``GenerationRequest`` holds (an init image as a base64 PNG)."""
-    body = dataclasses.asdict(generation)
-    image = body.pop("image", None)
-    if image is not None:
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        body["image_png"] = base64.b64encode(buffer.getvalue()).decode()
+    """The generation's fields as JSON: everything ``GenerationRequest`` holds (its init image and mask as base64
+    PNGs, its LoRA set as a list of [name, scale])."""
+    images = {name: getattr(generation, name) for name in IMAGE_FIELDS}
+    body = dataclasses.asdict(dataclasses.replace(generation, **dict.fromkeys(IMAGE_FIELDS)))
+    for name, image in images.items():
+        body.pop(name, None)
+        if image is not None:
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            body[f"{name}_png"] = base64.b64encode(buffer.getvalue()).decode()
+    body["loras"] = [list(pair) for pair in generation.loras]
     return body
 
 
@@ -119,11 +126,15 @@ def generation_of(body: dict[str, Any]) -> Any:
     from engine import GenerationRequest
 
     body = dict(body)
-    encoded = body.pop("image_png", None)
-    if encoded is not None:
-        from PIL import Image
+    for name in IMAGE_FIELDS:
+        encoded = body.pop(f"{name}_png", None)
+        if encoded is not None:
+            from PIL import Image
 
-        body["image"] = Image.open(io.BytesIO(base64.b64decode(encoded))).convert("RGB")
+            image = Image.open(io.BytesIO(base64.b64decode(encoded)))
+            image.load()
+            body[name] = image
+    body["loras"] = tuple((str(name), float(scale)) for name, scale in body.get("loras", ()))
     return GenerationRequest(**body)
 
 
