@@ -164,7 +164,9 @@ def build_engine(settings: Settings, pipeline: Any, device: Any) -> tuple[Any, A
     if kind == "step":
         if settings.compile:
             compile_blocks(pipeline.transformer)
-        runner: Any = StepRunner(scoped, device, settings.max_batch_size, cache, cpu_threads=cores)
+        runner: Any = StepRunner(
+            scoped, device, settings.max_batch_size, cache, cpu_threads=cores, loops=settings.step_loops
+        )
     else:
         runner = pipeline_runner(scoped, device, cache)
     previewer = LatentPreviewer(pipeline.vae, pipeline.vae_scale_factor)
