@@ -27,7 +27,7 @@ from .common import REPO, log
 from .options import apply_options, sdpa_backend_context
 from .stats import PeakRSS, Run, Sample
 
-ARMS = ("serial", "serial-opt", "thread", "ours", "step", "step-compile")
+ARMS = ("serial", "serial-opt", "thread", "ours", "threads", "step", "step-compile")
 
 
 class Arm(Protocol):
@@ -318,6 +318,9 @@ def make_arm(name: str, args: argparse.Namespace) -> Arm:
         return SerialArm(name, args, with_options=True)
     if name == "thread":
         return ServerArm(name, args, ["--max-concurrency", "256", "--max-queue", "1000"])
+    if name == "threads":
+        # The threads engine by name, whatever the server's default is (the engines' comparison: --sizes).
+        return ServerArm(name, args, ["--engine", "threads"])
     if name == "step":
         # The step engine (one worker batching the transformer across requests), otherwise the server's defaults.
         return ServerArm(name, args, ["--engine", "step"])

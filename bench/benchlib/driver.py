@@ -21,9 +21,10 @@ def run_workload(arm: Arm, workload: Workload, repeat: int, args: argparse.Names
 
 
 def capacity_of(report: Report, bursts: list[Workload]) -> tuple[float, str]:
-    """Serial capacity (images/s) from the largest burst; another arm's if serial did not run."""
+    """Serial capacity (images/s) from the largest burst; another arm's if serial did not run (the engines'
+    comparison: the threads engine's)."""
     largest = max(bursts, key=lambda w: w.value).label
-    for arm in ("serial", "serial-opt", "ours", "thread"):
+    for arm in ("serial", "serial-opt", "ours", "threads", "thread", "step"):
         stats = report.results.get(largest, {}).get(arm)
         if stats is not None and stats.samples:
             return stats.throughput, arm
