@@ -10,9 +10,13 @@ more images per second. So the loop batches up to the size past which images per
   (allocations, kernel selection, compilation).
 - ``best_batch(group)``: the knee, the smallest measured size whose images per second are within ``tolerance`` of
   the best measured (a smaller batch at about the same rate finishes its requests sooner).
-- ``batch_limit(group)``: what a loop may put in one pass now: the knee; one size more while the rate still grows
-  at the largest size measured (exploring, doubling from 1 for a group never seen); and every ``probe_every``
-  passes of the group one size above the knee, so that a cell measured once in a bad moment is measured again.
+- ``batch_limit(group, waiting)``: what a loop may put in one pass now. Never past the knee; within it, the size
+  that finishes the ``waiting`` samples soonest on average: in waves of c samples, the mean request finishes after
+  about t(c) x (ceil(waiting / c) + 1) / 2 passes' time, so a short queue gets small, quick passes and a long one
+  the device's best rate (a burst then finishes in waves, not all at its end). While the rate still grows at the
+  largest size measured and more is waiting, one size more is tried (exploring, doubling from 1 for a group never
+  seen); and every ``probe_every`` passes of the group one size above the knee, so that a cell measured once in a
+  bad moment is measured again.
 
 Sizes count samples in a pass (both guidance halves), as ``--max-batch-size`` does. The cost model is shared by
 the loops of one runner and written from their threads, so its table is behind a lock.
@@ -116,22 +120,36 @@ class CostModel:
         best = max(rates.values())
         return min(size for size, rate in rates.items() if rate >= (1 - self.tolerance) * best)
 
-    def batch_limit(self, group: Hashable) -> int:
-        """The most samples a loop may put in the next pass of ``group`` (see the module docstring)."""
+    def batch_limit(self, group: Hashable, waiting: int | None = None) -> int:
+        """The most samples a loop may put in the next pass of ``group``, with ``waiting`` samples in it, running
+        or not (None: as many as the knee holds); see the module docstring."""
         rates = self.rates(group)
         if not rates:
             return self.max_batch if not self.learn else 1
         knee = self._knee(rates)
         assert knee is not None
         largest = max(rates)
-        if largest < self.max_batch and max(rates, key=rates.__getitem__) == largest:
+        more = waiting is None or waiting > largest
+        if more and largest < self.max_batch and max(rates, key=rates.__getitem__) == largest:
             return min(self.max_batch, 2 * largest)  # still growing at the largest size measured: try one larger
         with self._lock:
             passes = self._passes[group]
-        if self.probe_every and passes % self.probe_every == 0 and knee < self.max_batch:
+        if self.probe_every and passes % self.probe_every == 0 and knee < self.max_batch and more:
             above = [size for size in rates if size > knee]
             return min(above) if above else min(self.max_batch, 2 * knee)
-        return min(knee, self.max_batch)
+        if waiting is None:
+            return min(knee, self.max_batch)
+        return min(self._soonest(rates, knee, waiting), self.max_batch)
+
+    @staticmethod
+    def _soonest(rates: dict[int, float], knee: int, waiting: int) -> int:
+        """The measured size up to the knee whose waves finish ``waiting`` samples soonest on average."""
+
+        def mean_finish(size: int) -> float:
+            seconds = size / rates[size]
+            return seconds * (-(-waiting // size) + 1)  # ceil(waiting / size) waves
+
+        return min((size for size in rates if size <= knee), key=lambda size: (mean_finish(size), size))
 
     def table(self, label: Callable[[Hashable], str] = str) -> dict[str, Any]:
         """The table for /api/status: per group, its knee and each measured size's pass time and rate."""

@@ -9,8 +9,9 @@ request waits at most G - 1 passes between its steps; a lone 64x64 request behin
 every other pass.
 
 Batch size and order within a group: a pass holds at most what the cost model allows (``CostModel.batch_limit``:
-the measured size past which images per second stop growing, never more than ``max_batch_size``); the requests
-past it wait in the loop and join as others finish, at the next pass. The requests closest to done go first:
+never past the measured size beyond which images per second stop growing, nor ``max_batch_size``; within that, the
+size whose waves finish the group's waiting requests soonest on average); the requests past it wait in the loop
+and join as others finish, at the next pass. The requests closest to done go first:
 ordered by their remaining steps less half the passes of their group they were left out of (``AGING``), so a
 burst finishes in waves rather than all at its end: the requests running step every pass and so draw nearer to
 done faster than a waiting one gains, and keep their places to the end. Yet a waiting request does gain, so a long
@@ -184,7 +185,8 @@ class DenoiseLoop:
                     group = self._next_group()
                     if group is None:
                         continue
-                    limit = min(self.max_batch_size, self.costs.batch_limit(group))
+                    waiting = sum(track.images for track in self._groups[group])
+                    limit = min(self.max_batch_size, self.costs.batch_limit(group, waiting))
                     batch = self._pick(self._groups[group], limit)
                     picked = set(batch)
                     for track in self._groups[group]:

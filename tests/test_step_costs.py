@@ -121,12 +121,13 @@ def test_an_unknown_group_is_explored_by_doubling_and_then_held_at_its_knee() ->
 
 def test_a_slow_device_batches_less_than_a_fast_one(scoped: RequestScopedPipeline) -> None:
     """Calibrated at start-up on a wrapper that really takes the time: flat 100 ms a pass (a fast device with room
-    for the batch), or 40 ms per sample (a device already busy at one sample). The same burst follows."""
+    for the batch), or 50 ms per sample (a device already busy at one sample). The same burst follows."""
     fast = _TimedDevice(scoped.pipeline.transformer, lambda size: 0.100)
-    slow = _TimedDevice(scoped.pipeline.transformer, lambda size: 0.040 * size)
+    slow = _TimedDevice(scoped.pipeline.transformer, lambda size: 0.050 * size)
     largest = {}
     for name, device in (("fast", fast), ("slow", slow)):
-        runner = StepRunner(scoped, CPU, max_batch_size=8, transformer=device)
+        # One thread: a single-threaded pass is the least disturbed by a loaded machine (no OpenMP barrier).
+        runner = StepRunner(scoped, CPU, max_batch_size=8, cpu_threads=1, transformer=device)
         try:
             assert runner.calibration is not None and runner.calibration.loops == 1
             calibrated = len(device.sizes)
@@ -136,7 +137,8 @@ def test_a_slow_device_batches_less_than_a_fast_one(scoped: RequestScopedPipelin
             runner.close()
         largest[name] = max(device.sizes[calibrated:])
         assert stats["largest_pass"] == largest[name]
-        assert stats["costs"]["64x64"]["best_batch"] == (8 if name == "fast" else 1), stats["costs"]
+        knee = stats["costs"]["64x64"]["best_batch"]
+        assert knee == 8 if name == "fast" else knee <= 2, stats["costs"]
     assert largest == {"fast": 8, "slow": 2}  # slow: one request (two samples) a pass, the least it can run
 
 
@@ -165,16 +167,20 @@ def test_a_burst_past_the_knee_finishes_in_waves_closest_to_done_first(scoped: R
 
         return on_step
 
+    holding = threading.Event()
+
     def hold(index: int, latents: Any = None) -> None:
         # A first request, in the loop thread, holds the loop until the burst has arrived: the burst then joins at
         # one pass, however slowly this machine encodes its prompts.
-        deadline = time.monotonic() + 60
+        holding.set()
+        deadline = time.monotonic() + 300
         while runner.loop.arriving < 8 and time.monotonic() < deadline:
             time.sleep(0.005)
 
     try:
         with ThreadPoolExecutor(1) as pool:
             first = pool.submit(runner, _req(99, steps=1), hold)
+            assert holding.wait(300)
             _burst(runner, [_req(i, steps=5) for i in range(8)], hook)
             first.result(timeout=60)
         stats = runner.stats
