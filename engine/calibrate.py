@@ -2,16 +2,18 @@
 
 It runs the loaded transformer on inputs of the real shapes (the encoded empty prompt, latents of the model's
 default size) at 1, 2, 4, ... samples up to ``--max-batch-size``, one unmeasured pass then ``REPEATS`` measured
-ones per size, into a ``CostModel``; the sweep stops past the knee (the rate fell below the best by more than the
-model's tolerance), at an out-of-memory, or when its time budget is spent (a large model on a CPU: the loops go on
-measuring online).
+ones per size, the fastest of which goes into a ``CostModel`` (another process can only slow a pass down). The
+sweep stops past the knee (the rate fell below the best by more than the model's tolerance), at an out-of-memory,
+or when its time budget is spent (a large model on a CPU: the loops go on measuring online).
 
 Loops (CPU): a CPU may do more with two single-threaded passes side by side than with one two-threaded pass (no
 OpenMP barrier between the cores). So for every candidate count of loops (1, 2, 4, ... up to the cores, each loop
 with an equal share of them) the sweep runs in that many threads at once, each with its share, and the count with
-the most samples per second at its knee wins, the fewest loops among those within the tolerance of the best. On
-other devices there is one loop, and one sweep. The threads that measure end with the calibration: a live thread
-that once ran torch keeps an OpenMP team, and more OpenMP threads than cores slow every pass (bench/RESULTS.md).
+the most samples per second at its knee wins, the fewest loops among those within the tolerance of the best. The
+candidates are measured in ``ROUNDS`` alternating rounds, each keeping its best, so that a burst of load from
+elsewhere during one candidate's sweep does not decide. On other devices there is one loop, and one sweep. The
+threads that measure end with the calibration: a live thread that once ran torch keeps an OpenMP team, and more
+OpenMP threads than cores slow every pass (bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["Calibration", "PassInputs", "calibrate", "loop_candidates"]
 
-REPEATS = 3  # measured passes per size and thread, after one unmeasured (the first one recorded is not counted)
+REPEATS = 3  # measured passes per size and thread, after one unmeasured; the fastest is recorded
+ROUNDS = 2  # alternating sweeps of every candidate count of loops (one when there is one candidate)
 BUDGET_S = 10.0  # measured seconds a sweep may spend; the loops go on measuring online
 
 
@@ -156,10 +159,9 @@ class _Sweep:
     def _measure(self, i: int, size: int) -> None:
         batch = self.inputs.batch(size)
         _timed(self.transformer, batch)  # warm-up, not recorded
-        for _ in range(REPEATS):
-            seconds = _timed(self.transformer, batch)
-            self.costs.record(self.inputs.group, size, seconds)
-            self._spent_now[i] += seconds
+        times = [_timed(self.transformer, batch) for _ in range(REPEATS)]
+        self.costs.record(self.inputs.group, size, min(times), warm=True)
+        self._spent_now[i] += sum(times)
 
 
 def calibrate(
@@ -175,11 +177,13 @@ def calibrate(
     counts = [fixed_loops] if fixed_loops else loop_candidates(cores)
     candidates: dict[int, float] = {}
     tables: dict[int, CostModel] = {}
-    for loops in counts:
-        threads = max(1, cores // loops) if cores else None
-        table = costs if len(counts) == 1 else (make_costs() if make_costs else CostModel(costs.max_batch))
-        candidates[loops] = _Sweep(transformer, inputs, table, loops, threads).run()
-        tables[loops] = table
+    for _ in range(ROUNDS if len(counts) > 1 else 1):
+        for loops in counts:
+            threads = max(1, cores // loops) if cores else None
+            table = costs if len(counts) == 1 else (make_costs() if make_costs else CostModel(costs.max_batch))
+            rate = _Sweep(transformer, inputs, table, loops, threads).run()
+            if rate >= candidates.get(loops, -1.0):
+                candidates[loops], tables[loops] = rate, table
     best = max(candidates.values())
     chosen = min(n for n, rate in candidates.items() if rate >= (1 - costs.tolerance) * best)
     if len(counts) > 1:

@@ -7,7 +7,9 @@ more images per second. So the loop batches up to the size past which images per
 - ``record(group, size, seconds)``: every pass the loops run (and the start-up calibration, ``engine.calibrate``)
   refines the pass time of its (group, size) cell, an exponentially weighted moving average (``alpha``), so the
   table follows the device as its load changes. The first pass of a cell is not counted: it pays one-off costs
-  (allocations, kernel selection, compilation).
+  (allocations, kernel selection, compilation); and a pass counts at most ``SPIKE`` times the cell's average, so
+  that one pass stalled by another process moves the average a little, while a device really slower gets there
+  over a few passes.
 - ``best_batch(group)``: the knee, the smallest measured size whose images per second are within ``tolerance`` of
   the best measured (a smaller batch at about the same rate finishes its requests sooner).
 - ``batch_limit(group, waiting)``: what a loop may put in one pass now. Never past the knee; within it, the size
@@ -35,6 +37,7 @@ __all__ = ["CostModel"]
 TOLERANCE = 0.1  # images/s within 10% of the best measured count as the best: the smaller batch is taken
 ALPHA = 0.3  # weight of a new pass time in a cell's moving average
 PROBE_EVERY = 64  # passes of a group between two tries of one size above its knee
+SPIKE = 2.0  # a pass counts at most this many times its cell's average
 
 
 @dataclass
@@ -74,17 +77,21 @@ class CostModel:
         self._passes: Counter[Hashable] = Counter()  # passes recorded per group (for the probes)
         self._lock = threading.Lock()
 
-    def record(self, group: Hashable, size: int, seconds: float) -> None:
-        """One pass of ``size`` samples of ``group`` took ``seconds``."""
+    def record(self, group: Hashable, size: int, seconds: float, warm: bool = False) -> None:
+        """One pass of ``size`` samples of ``group`` took ``seconds`` (``warm``: it came after a warm-up pass the
+        caller did not record, so it counts even as the cell's first)."""
         if not self.learn or size < 1 or seconds <= 0:
             return
         with self._lock:
             cell = self._cells.setdefault(group, {}).setdefault(size, _Cell())
-            cell.seen += 1
+            cell.seen += 1 + (warm and not cell.seen)
             self._passes[group] += 1
             if cell.seen == 1:
                 return  # warm-up: not counted
-            cell.seconds = seconds if not cell.counted else cell.seconds + self.alpha * (seconds - cell.seconds)
+            if not cell.counted:
+                cell.seconds = seconds
+            else:
+                cell.seconds += self.alpha * (min(seconds, SPIKE * cell.seconds) - cell.seconds)
             cell.counted += 1
 
     def merge(self, other: CostModel) -> None:

@@ -203,3 +203,7 @@ def test_the_engines_comparison_runs_both_engines_at_every_size_and_sums_them_up
     rows = [line for line in summary.splitlines() if line.startswith("| random:tiny")]
     assert len(rows) == 4, summary  # two sizes x (one burst + one Poisson load)
     assert all(row.count("x |") >= 4 and ("yes (" in row or "no (" in row) for row in rows), rows
+    # Each size's step server's pass-time table, as /api/status showed it at the end of its run.
+    for size in (32, 64):
+        table = summary.split(f"### Pass times: step server, random:tiny {size}x{size}", 1)[1].split("###", 1)[0]
+        assert "loop(s) of" in table and f"| {size}x{size} | " in table and "**knee**" in table, table

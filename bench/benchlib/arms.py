@@ -226,6 +226,15 @@ class ServerArm:
             time.sleep(0.2)
         raise TimeoutError(f"{self.name}: not ready after {self.args.load_timeout}s:\n{self.log_tail()}")
 
+    def batching(self) -> dict[str, Any] | None:
+        """The step engine's batching figures from /api/status (loops, calibration, pass-time table); None if the
+        server has none (the threads engine) or does not answer."""
+        if self.proc is None or self.proc.poll() is not None:
+            return None
+        with contextlib.suppress(httpx.HTTPError, ValueError):
+            return httpx.get(f"{self.url}/api/status", timeout=10, trust_env=False).json()["engine"].get("batching")
+        return None
+
     def log_tail(self, lines: int = 30) -> str:
         if self.workdir is None or not (self.workdir / "server.log").exists():
             return ""

@@ -3,10 +3,15 @@
 ``bench/bench.py --arms threads,step --sizes 128,512`` runs every workload (bursts, Poisson) at each size, one
 report per size (the compute-bound case is the tiny model at 512x512: 1,024 image tokens per sample), then this
 summary: per size and workload, step/threads images/s, mean and p95 latency and time to first step, and whether
-the targets are met. Reported, never asserted: a shared machine's numbers are noisy, compare within one run.
+the targets are met; then each step server's pass-time table as it stood at the end of its size's run (its loops,
+what the calibration measured for each count of loops, and per image size the time of a pass per batch size and
+the knee), which says why a target is or is not met. Reported, never asserted: a shared machine's numbers are
+noisy, compare within one run.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from .report import Report, fmt_ratio
 from .stats import Stats
@@ -58,4 +63,30 @@ def render_engines(reports: list[Report]) -> str:
                 f"{_verdict(report, workload.kind, workload.value, step, threads)} |"
             )
     out.append("")
+    for report in reports:
+        for arm, batching in report.batching.items():
+            out += render_costs(f"{arm} server, {report.args.model} {report.args.size}x{report.args.size}", batching)
     return "\n".join(out)
+
+
+def render_costs(title: str, batching: dict[str, Any]) -> list[str]:
+    """One step server's loops and pass-time table (its /api/status ``engine.batching``)."""
+    calibration = batching.get("calibration") or {}
+    by_loops = ", ".join(f"{n} loop(s) {rate:g}" for n, rate in calibration.get("samples_per_s_by_loops", {}).items())
+    out = [f"### Pass times: {title}", ""]
+    out.append(
+        f"{batching.get('loops')} loop(s) of {batching.get('threads_per_loop') or 'all'} thread(s); calibration "
+        f"({calibration.get('seconds', 0):g} s), samples/s at the knee, all loops together: {by_loops or '-'}; "
+        f"largest pass {batching.get('largest_pass')}, mean {batching.get('mean_pass', 0):.2f} samples."
+    )
+    out.append("")
+    out.append("| image size | samples in a pass | ms per pass | samples/s | passes counted | knee |")
+    out.append("|---|---:|---:|---:|---:|---:|")
+    for size, table in batching.get("costs", {}).items():
+        for samples, cell in table["passes"].items():
+            knee = "**knee**" if int(samples) == table["best_batch"] else ""
+            out.append(
+                f"| {size} | {samples} | {cell['ms']:.1f} | {cell['samples_per_s']:.1f} | {cell['counted']} | {knee} |"
+            )
+    out.append("")
+    return out
