@@ -87,6 +87,20 @@ def test_the_knee_is_the_smallest_batch_within_the_tolerance_of_the_best_rate() 
     assert table["64x64"]["best_batch"] == 4 and table["64x64"]["passes"]["8"]["counted"] == 2
 
 
+def test_within_the_knee_a_short_queue_gets_smaller_quicker_passes() -> None:
+    costs = CostModel(32, probe_every=0)
+    times = {1: 0.010, 2: 0.012, 4: 0.016, 8: 0.024, 16: 0.040, 32: 0.080}  # the rate grows until 16
+    for size, seconds in times.items():
+        for _ in range(2):
+            costs.record(GROUP, size, seconds)
+    assert costs.best_batch(GROUP) == 16
+    # 8 samples waiting: two waves of 4 (at 16 and 32 ms) finish them on average as soon as one pass of 8 (24 ms),
+    # and far sooner than the knee's pass (40 ms); 64 waiting: the knee's rate wins.
+    assert costs.batch_limit(GROUP, waiting=8) <= 8
+    assert costs.batch_limit(GROUP, waiting=64) == 16
+    assert costs.batch_limit(GROUP) == 16
+
+
 def test_pass_times_are_a_moving_average_and_the_first_pass_is_a_warm_up() -> None:
     costs = CostModel(8, alpha=0.5)
     costs.record(GROUP, 2, 5.0)  # warm-up: compilation, allocations
