@@ -160,6 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--arms", type=_arms, default=["serial", "thread", "ours"], help=f"from {', '.join(ARMS)}")
     parser.add_argument("--repeats", type=int, default=1, help="runs of every workload per arm (pooled)")
     parser.add_argument("--warmup", type=int, default=2, help="unmeasured requests per arm after loading")
+    parser.add_argument(
+        "--warmup-burst",
+        type=int,
+        default=0,
+        help="then one unmeasured burst of this many requests per server arm: a step server learns its pass times "
+        "at the workload's size (its calibration measures the model's default size) before anything is measured",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seeds the arrival times and the image seeds")
     parser.add_argument(
         "--interleave",
@@ -204,8 +211,8 @@ def add_gpu_options(parser: argparse.ArgumentParser) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.repeats < 1 or args.warmup < 0 or args.poisson_requests < 1 or args.steps < 1:
-        parser.error("--repeats, --poisson-requests and --steps must be >= 1, --warmup >= 0")
+    if args.repeats < 1 or min(args.warmup, args.warmup_burst) < 0 or args.poisson_requests < 1 or args.steps < 1:
+        parser.error("--repeats, --poisson-requests and --steps must be >= 1, --warmup and --warmup-burst >= 0")
     if any("=" not in e for e in args.ours_env):
         parser.error("--ours-env takes KEY=VALUE")
     if args.size % 16 or any(size % 16 for size in args.sizes or []):

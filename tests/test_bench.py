@@ -192,7 +192,18 @@ def test_step_workloads_smoke_run_prints_both_workloads(tmp_path: Path) -> None:
 
 def test_the_engines_comparison_runs_both_engines_at_every_size_and_sums_them_up(tmp_path: Path) -> None:
     command = [sys.executable, str(BENCH), "--arms", "threads,step", "--sizes", "32,64", "--bursts", "2"]
-    command += ["--steps", "2", "--poisson-rates", "0.8", "--poisson-requests", "2", "--warmup", "1"]
+    command += [
+        "--steps",
+        "2",
+        "--poisson-rates",
+        "0.8",
+        "--poisson-requests",
+        "2",
+        "--warmup",
+        "1",
+        "--warmup-burst",
+        "2",
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=280, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -201,6 +201,12 @@ class ServerArm:
                 response = client.post("/api/diffusers/inference", json=self._body(10_000_000 + i))
                 if response.status_code != 200:
                     raise RuntimeError(f"{self.name}: warm-up request failed: {response.status_code} {response.text}")
+            burst = getattr(self.args, "warmup_burst", 0)
+            if burst:
+                warm = Run()
+                asyncio.run(self._drive([0.0] * burst, [11_000_000 + i for i in range(burst)], warm))
+                if warm.failures:
+                    raise RuntimeError(f"{self.name}: warm-up burst failed: {warm.failures[0]}")
             memory = client.get("/api/status").json().get("memory", {})
         self.idle = {"rss": PeakRSS(self.proc.pid).sample(), "gpu_allocated": memory.get("gpu_allocated_bytes")}
 
