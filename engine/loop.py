@@ -11,12 +11,12 @@ every other pass.
 Batch size and order within a group: a pass holds at most what the cost model allows (``CostModel.batch_limit``:
 never past the measured size beyond which images per second stop growing, nor ``max_batch_size``; within that, the
 size whose waves finish the group's waiting requests soonest on average); the requests past it wait in the loop
-and join as others finish, at the next pass. The requests closest to done go first:
-ordered by their remaining steps less half the passes of their group they were left out of (``AGING``), so a
-burst finishes in waves rather than all at its end: the requests running step every pass and so draw nearer to
-done faster than a waiting one gains, and keep their places to the end. Yet a waiting request does gain, so a long
-one behind a stream of short ones of S steps gets in after about twice its surplus over S in passes; none is left
-behind. Each pass's time is recorded in the cost model.
+and join as others finish, at the next pass. The requests closest to done go first: ordered by their remaining
+steps less half the passes of their group they were left out of (``AGING``), so a burst finishes in waves rather
+than all at its end: the requests running step every pass and so draw nearer to done faster than a waiting one
+gains, and keep their places to the end. Yet a waiting request does gain, so a long one behind a stream of short
+ones of S steps gets in after about twice its surplus over S in passes; none is left behind. Each pass's time is
+recorded in the cost model.
 
 Out of memory: a failing pass is retried as two halves, recursively; a single request that still fails is
 answered with the error (the Engine turns it into OutOfMemory, 503) and the loop goes on with the others.
