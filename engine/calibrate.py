@@ -9,7 +9,9 @@ or when its time budget is spent (a large model on a CPU: the loops go on measur
 Loops (CPU): a CPU may do more with two single-threaded passes side by side than with one two-threaded pass (no
 OpenMP barrier between the cores). So for every candidate count of loops (1, 2, 4, ... up to the cores, each loop
 with an equal share of them) the sweep runs in that many threads at once, each with its share, and the count with
-the most samples per second at its knee wins, the fewest loops among those within the tolerance of the best. The
+the most samples per second at its knee wins; among the counts within the tolerance of the best, the most loops,
+as each loop's single-threaded share is the least disturbed by other work on the machine (no barrier waits on a
+preempted thread), and at worst, one request a pass in each, it runs as the threads engine's one-core slots. The
 candidates are measured in ``ROUNDS`` alternating rounds, each keeping its best, so that a burst of load from
 elsewhere during one candidate's sweep does not decide. On other devices there is one loop, and one sweep. The
 threads that measure end with the calibration: a live thread that once ran torch keeps an OpenMP team, and more
@@ -185,7 +187,7 @@ def calibrate(
             if rate >= candidates.get(loops, -1.0):
                 candidates[loops], tables[loops] = rate, table
     best = max(candidates.values())
-    chosen = min(n for n, rate in candidates.items() if rate >= (1 - costs.tolerance) * best)
+    chosen = max(n for n, rate in candidates.items() if rate >= (1 - costs.tolerance) * best)
     if len(counts) > 1:
         costs.merge(tables[chosen])
     threads = max(1, cores // chosen) if cores else None
