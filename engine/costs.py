@@ -7,18 +7,20 @@ more images per second. So the loop batches up to the size past which images per
 - ``record(group, size, seconds)``: every pass the loops run (and the start-up calibration, ``engine.calibrate``)
   refines the pass time of its (group, size) cell, an exponentially weighted moving average (``alpha``), so the
   table follows the device as its load changes. The first pass of a cell is not counted: it pays one-off costs
-  (allocations, kernel selection, compilation); and a pass counts at most ``SPIKE`` times the cell's average, so
-  that one pass stalled by another process moves the average a little, while a device really slower gets there
-  over a few passes.
+  (allocations, kernel selection, compilation); and a pass counts at most ``SPIKE`` times the cell's average:
+  other work on the machine only ever slows a pass, so a stalled pass moves the average a little, while a faster
+  one moves it fully, and a device really slower gets there over some passes.
 - ``best_batch(group)``: the knee, the smallest measured size whose images per second are within ``tolerance`` of
   the best measured (a smaller batch at about the same rate finishes its requests sooner).
 - ``batch_limit(group, waiting)``: what a loop may put in one pass now. Never past the knee; within it, the size
   that finishes the ``waiting`` samples soonest on average: in waves of c samples, the mean request finishes after
   about t(c) x (ceil(waiting / c) + 1) / 2 passes' time, so a short queue gets small, quick passes and a long one
   the device's best rate (a burst then finishes in waves, not all at its end). While the rate still grows at the
-  largest size measured and more is waiting, one size more is tried (exploring, doubling from 1 for a group never
+  largest size measured (by more than the tolerance over the smaller ones) and more is waiting, one size more is
+  tried (exploring, doubling from 1 for a group never
   seen); and every ``probe_every`` passes of the group one size above the knee, so that a cell measured once in a
-  bad moment is measured again.
+  bad moment is measured again; less often where that size costs more than the knee's (``PROBE_EVERY`` passes
+  times the ratio of their pass times), so that probing spends about 2% of the passes' time at most.
 
 Sizes count samples in a pass (both guidance halves), as ``--max-batch-size`` does. The cost model is shared by
 the loops of one runner and written from their threads, so its table is behind a lock.
@@ -36,8 +38,8 @@ __all__ = ["CostModel"]
 
 TOLERANCE = 0.1  # images/s within 10% of the best measured count as the best: the smaller batch is taken
 ALPHA = 0.3  # weight of a new pass time in a cell's moving average
-PROBE_EVERY = 64  # passes of a group between two tries of one size above its knee
-SPIKE = 2.0  # a pass counts at most this many times its cell's average
+PROBE_EVERY = 50  # passes of a group between two tries of one size above its knee, times their cost ratio
+SPIKE = 1.25  # a pass counts at most this many times its cell's average
 
 
 @dataclass
@@ -75,6 +77,7 @@ class CostModel:
         self.learn = learn
         self._cells: dict[Hashable, dict[int, _Cell]] = {}
         self._passes: Counter[Hashable] = Counter()  # passes recorded per group (for the probes)
+        self._probed: Counter[Hashable] = Counter()  # the group's pass count at its last probe
         self._lock = threading.Lock()
 
     def record(self, group: Hashable, size: int, seconds: float, warm: bool = False) -> None:
@@ -137,16 +140,30 @@ class CostModel:
         assert knee is not None
         largest = max(rates)
         more = waiting is None or waiting > largest
-        if more and largest < self.max_batch and max(rates, key=rates.__getitem__) == largest:
+        smaller = [rate for size, rate in rates.items() if size < largest]
+        growing = not smaller or rates[largest] > (1 + self.tolerance) * max(smaller)
+        if more and largest < self.max_batch and growing:
             return min(self.max_batch, 2 * largest)  # still growing at the largest size measured: try one larger
-        with self._lock:
-            passes = self._passes[group]
-        if self.probe_every and passes % self.probe_every == 0 and knee < self.max_batch and more:
-            above = [size for size in rates if size > knee]
-            return min(above) if above else min(self.max_batch, 2 * knee)
+        probe = self._probe(group, rates, knee) if more else None
+        if probe is not None:
+            return probe
         if waiting is None:
             return min(knee, self.max_batch)
         return min(self._soonest(rates, knee, waiting), self.max_batch)
+
+    def _probe(self, group: Hashable, rates: dict[int, float], knee: int) -> int | None:
+        """One size above the knee, when its turn has come (see the module docstring); else None."""
+        if not self.probe_every or knee >= self.max_batch:
+            return None
+        above = [size for size in rates if size > knee]
+        size = min(above) if above else min(self.max_batch, 2 * knee)
+        # How much dearer a pass of that size is than the knee's (unmeasured: twice the samples, twice the time).
+        ratio = (size / rates[size]) / (knee / rates[knee]) if size in rates else size / knee
+        with self._lock:
+            due = self._passes[group] - self._probed[group] >= self.probe_every * max(1.0, ratio)
+            if due:
+                self._probed[group] = self._passes[group]
+        return size if due else None
 
     @staticmethod
     def _soonest(rates: dict[int, float], knee: int, waiting: int) -> int:

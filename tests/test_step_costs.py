@@ -106,13 +106,17 @@ def test_pass_times_are_a_moving_average_and_the_first_pass_is_a_warm_up() -> No
     costs.record(GROUP, 2, 5.0)  # warm-up: compilation, allocations
     assert costs.pass_time(GROUP, 2) is None
     costs.record(GROUP, 2, 0.010)
-    costs.record(GROUP, 2, 0.020)
-    assert costs.pass_time(GROUP, 2) == pytest.approx(0.015)
+    costs.record(GROUP, 2, 0.012)
+    assert costs.pass_time(GROUP, 2) == pytest.approx(0.011)
+    costs.record(GROUP, 2, 1.0)  # stalled by another process: counts as 1.25 x the average at most
+    assert costs.pass_time(GROUP, 2) == pytest.approx(0.011 + 0.5 * (1.25 * 0.011 - 0.011))
+    costs.record(GROUP, 2, 0.011)  # a faster pass counts fully
+    assert costs.pass_time(GROUP, 2) == pytest.approx(0.0116875)
     # The device got slower at 8: the knee moves down as the measurements come in.
     for size, seconds in ((4, 0.02), (4, 0.02), (8, 0.02), (8, 0.02)):
         costs.record(GROUP, size, seconds)
     assert costs.best_batch(GROUP) == 8
-    for _ in range(6):
+    for _ in range(10):
         costs.record(GROUP, 8, 0.08)
     assert costs.best_batch(GROUP) == 4
 
@@ -131,6 +135,20 @@ def test_an_unknown_group_is_explored_by_doubling_and_then_held_at_its_knee() ->
     fixed = CostModel(16, learn=False)
     fixed.record(GROUP, 2, 1.0)
     assert fixed.batch_limit(GROUP) == 16 and fixed.best_batch(GROUP) is None
+
+
+def test_a_size_above_the_knee_is_probed_again_less_often_the_dearer_it_is() -> None:
+    costs = CostModel(16, probe_every=10)
+    times = {2: 0.010, 4: 0.010, 8: 0.040}  # a pass of 8 costs four of 4: probed every 40 passes
+    for size, seconds in times.items():
+        for _ in range(2):
+            costs.record(GROUP, size, seconds)
+    limits = []
+    for _ in range(200):
+        limits.append(costs.batch_limit(GROUP, waiting=16))
+        costs.record(GROUP, limits[-1], times[limits[-1]])
+    assert set(limits) == {4, 8} and 1 <= limits.count(8) <= 200 // 40, limits.count(8)
+    assert costs.batch_limit(GROUP, waiting=4) == 4  # nothing waits beyond the knee: no probe
 
 
 def test_a_slow_device_batches_less_than_a_fast_one(scoped: RequestScopedPipeline) -> None:
