@@ -140,13 +140,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: the server's choice)")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the server's choice)")
     parser.add_argument("--size", type=int, default=128, help="image width and height (pixels)")
-    parser.add_argument(
-        "--sizes",
-        type=_ints,
-        default=None,
-        help="run everything at each of these sizes, one report each (overrides --size); with the threads and step "
-        "arms, a summary of the engines follows (e.g. --arms threads,step --sizes 128,512)",
-    )
     parser.add_argument("--steps", type=int, default=20, help="denoising steps per image")
     parser.add_argument("--prompt", default="a photo of an astronaut riding a horse on the beach")
     parser.add_argument("--bursts", type=_ints, default=[1, 4, 16], help="burst sizes N, comma-separated")
@@ -160,13 +153,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--arms", type=_arms, default=["serial", "thread", "ours"], help=f"from {', '.join(ARMS)}")
     parser.add_argument("--repeats", type=int, default=1, help="runs of every workload per arm (pooled)")
     parser.add_argument("--warmup", type=int, default=2, help="unmeasured requests per arm after loading")
-    parser.add_argument(
-        "--warmup-burst",
-        type=int,
-        default=0,
-        help="then one unmeasured burst of this many requests per server arm: a step server learns its pass times "
-        "at the workload's size (its calibration measures the model's default size) before anything is measured",
-    )
     parser.add_argument("--seed", type=int, default=0, help="seeds the arrival times and the image seeds")
     parser.add_argument(
         "--interleave",
@@ -192,8 +178,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="environment for the ours arm's server (repeatable), e.g. OMP_NUM_THREADS=1",
     )
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for the floor (CUDA: 800)")
+    add_engine_options(parser)
     add_gpu_options(parser)
     return parser
+
+
+def add_engine_options(parser: argparse.ArgumentParser) -> None:
+    options = parser.add_argument_group("the engines' comparison (see bench/README.md)")
+    options.add_argument(
+        "--sizes",
+        type=_ints,
+        default=None,
+        help="run everything at each of these sizes, one report each (overrides --size); with the threads and step "
+        "arms, a summary of the engines follows (e.g. --arms threads,step --sizes 128,512)",
+    )
+    options.add_argument(
+        "--warmup-burst",
+        type=int,
+        default=0,
+        help="then one unmeasured burst of this many requests per server arm: a step server learns its pass times "
+        "at the workload's size (its calibration measures the model's default size) before anything is measured",
+    )
 
 
 def add_gpu_options(parser: argparse.ArgumentParser) -> None:
