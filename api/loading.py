@@ -164,9 +164,9 @@ def build_engine(settings: Settings, pipeline: Any, device: Any) -> tuple[Any, A
     if kind == "step":
         if settings.compile:
             compile_blocks(pipeline.transformer)
-        runner: Any = StepRunner(
-            scoped, device, settings.max_batch_size, cache, cpu_threads=cores, loops=settings.step_loops
-        )
+        # A compiled module must have one caller: one loop then (the calibration measures no other count).
+        loops = 1 if settings.compile else settings.step_loops
+        runner: Any = StepRunner(scoped, device, settings.max_batch_size, cache, cpu_threads=cores, loops=loops)
     else:
         runner = pipeline_runner(scoped, device, cache)
     previewer = LatentPreviewer(pipeline.vae, pipeline.vae_scale_factor)

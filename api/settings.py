@@ -67,7 +67,8 @@ class Settings(BaseSettings):
         ge=0,
         le=256,
         description="step engine, CPU: denoising loops, each with an equal share of the cores (0: as many as the "
-        "start-up calibration measures best; set it for the same images across restarts); one on other devices",
+        "start-up calibration measures best; set it for the same images across restarts); one on other devices and "
+        "with --compile",
     )
     prompt_cache_size: int = Field(
         256, ge=0, le=1_000_000, description="prompt embeddings kept in an LRU cache, both engines (0: off)"
