@@ -165,7 +165,11 @@ def build_engine(settings: Settings, pipeline: Any, device: Any) -> tuple[Any, A
     if kind == "step":
         if settings.compile:
             compile_blocks(pipeline.transformer)
-        runner: Any = StepRunner(scoped, device, settings.max_batch_size, cache, cpu_threads=cores, adapters=adapters)
+        # A compiled module must have one caller: one loop then (the calibration measures no other count).
+        loops = 1 if settings.compile else settings.step_loops
+        runner: Any = StepRunner(
+            scoped, device, settings.max_batch_size, cache, cpu_threads=cores, loops=loops, adapters=adapters
+        )
     else:
         runner = pipeline_runner(scoped, device, cache, adapters)
     previewer = LatentPreviewer(pipeline.vae, pipeline.vae_scale_factor)

@@ -62,6 +62,14 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(
         32, ge=1, le=1024, description="step engine: most images in one transformer pass, both guidance halves counted"
     )
+    step_loops: int = Field(
+        0,
+        ge=0,
+        le=256,
+        description="step engine, CPU: denoising loops, each with an equal share of the cores (0: as many as the "
+        "start-up calibration measures best; set it for the same images across restarts); one on other devices and "
+        "with --compile",
+    )
     prompt_cache_size: int = Field(
         256, ge=0, le=1_000_000, description="prompt embeddings kept in an LRU cache, both engines (0: off)"
     )

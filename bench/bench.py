@@ -36,6 +36,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from benchlib.arms import ARMS, Arm, SerialArm, ServerArm, free_port, make_arm  # noqa: E402
 from benchlib.common import GIB, MIB, REPO, log  # noqa: E402
 from benchlib.driver import Driver, benchmark, capacity_of, run_workload  # noqa: E402
+from benchlib.engines import render_engines  # noqa: E402
 from benchlib.options import (  # noqa: E402
     SDPA_BACKENDS,
     FusedJointAttnProcessor,
@@ -101,6 +102,7 @@ __all__ = [
     "options_given",
     "parse_args",
     "render",
+    "render_engines",
     "run_workload",
     "sdpa_backend_context",
 ]
@@ -176,8 +178,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="environment for the ours arm's server (repeatable), e.g. OMP_NUM_THREADS=1",
     )
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for the floor (CUDA: 800)")
+    add_engine_options(parser)
     add_gpu_options(parser)
     return parser
+
+
+def add_engine_options(parser: argparse.ArgumentParser) -> None:
+    options = parser.add_argument_group("the engines' comparison (see bench/README.md)")
+    options.add_argument(
+        "--sizes",
+        type=_ints,
+        default=None,
+        help="run everything at each of these sizes, one report each (overrides --size); with the threads and step "
+        "arms, a summary of the engines follows (e.g. --arms threads,step --sizes 128,512)",
+    )
+    options.add_argument(
+        "--warmup-burst",
+        type=int,
+        default=0,
+        help="then one unmeasured burst of this many requests per server arm: a step server learns its pass times "
+        "at the workload's size (its calibration measures the model's default size) before anything is measured",
+    )
 
 
 def add_gpu_options(parser: argparse.ArgumentParser) -> None:
@@ -195,11 +216,11 @@ def add_gpu_options(parser: argparse.ArgumentParser) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.repeats < 1 or args.warmup < 0 or args.poisson_requests < 1 or args.steps < 1:
-        parser.error("--repeats, --poisson-requests and --steps must be >= 1, --warmup >= 0")
+    if args.repeats < 1 or min(args.warmup, args.warmup_burst) < 0 or args.poisson_requests < 1 or args.steps < 1:
+        parser.error("--repeats, --poisson-requests and --steps must be >= 1, --warmup and --warmup-burst >= 0")
     if any("=" not in e for e in args.ours_env):
         parser.error("--ours-env takes KEY=VALUE")
-    if args.size % 16:
+    if args.size % 16 or any(size % 16 for size in args.sizes or []):
         parser.error("--size must be a multiple of 16")
     if options_given(args) and "serial-opt" not in args.arms:
         args.arms.insert(args.arms.index("serial") + 1 if "serial" in args.arms else 0, "serial-opt")
@@ -208,22 +229,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    command = "python " + shlex.join(["bench/bench.py", *(sys.argv[1:] if argv is None else argv)])
+def _run(args: argparse.Namespace, command: str) -> Report:
     report = Report(args=args, command=command, arms=args.arms)
     report.machine = machine_info(args)
     started = time.perf_counter()
     benchmark(args, report)
     report.elapsed_s = time.perf_counter() - started
-    text = render(report)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    command = "python " + shlex.join(["bench/bench.py", *(sys.argv[1:] if argv is None else argv)])
+    reports = [_run(argparse.Namespace(**{**vars(args), "size": size}), command) for size in args.sizes or [args.size]]
+    text = "\n\n".join(render(report) for report in reports)
+    if "threads" in args.arms and "step" in args.arms:
+        text += "\n\n" + render_engines(reports)
     print(text, flush=True)
     if args.markdown is not None:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
         with args.markdown.open("a") as handle:
             handle.write("\n" + text + "\n")
         log(f"report appended to {args.markdown}")
-    failed = sum(len(s.failures) for by_arm in report.results.values() for s in by_arm.values())
+    failed = sum(len(s.failures) for r in reports for by_arm in r.results.values() for s in by_arm.values())
     if failed:
         log(f"{failed} request(s) failed")
         return 1

@@ -6,8 +6,17 @@ their last step, or after the step at which they were cancelled.
 
 Fairness: the loop serves the resolution groups in turn (round robin), one pass each, so with G groups waiting a
 request waits at most G - 1 passes between its steps; a lone 64x64 request behind a stream of 128x128 ones runs
-every other pass. Within a group, when the waiting images exceed ``max_batch_size``, the requests that stepped least
-recently go first, so none is left behind.
+every other pass.
+
+Batch size and order within a group: a pass holds at most what the cost model allows (``CostModel.batch_limit``:
+never past the measured size beyond which images per second stop growing, nor ``max_batch_size``; within that, the
+size whose waves finish the group's waiting requests soonest on average); the requests past it wait in the loop
+and join as others finish, at the next pass. The requests closest to done go first: ordered by their remaining
+steps less half the passes of their group they were left out of (``AGING``), so a burst finishes in waves rather
+than all at its end: the requests running step every pass and so draw nearer to done faster than a waiting one
+gains, and keep their places to the end. Yet a waiting request does gain, so a long one behind a stream of short
+ones of S steps gets in after about twice its surplus over S in passes; none is left behind. Each pass's time is
+recorded in the cost model.
 
 Out of memory: a failing pass is retried as two halves, recursively; a single request that still fails is
 answered with the error (the Engine turns it into OutOfMemory, 503) and the loop goes on with the others.
@@ -20,6 +29,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
@@ -28,12 +38,15 @@ from typing import Any
 
 import torch
 
+from .costs import CostModel
 from .memory import is_oom, release_memory
 from .types import GenerationCancelled
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["DenoiseLoop", "Track"]
+
+AGING = 0.5  # steps of priority a waiting track gains per pass it is left out of (< 1: the running keep theirs)
 
 
 @dataclass(eq=False)
@@ -52,7 +65,8 @@ class Track:
     condition: torch.Tensor | None = None  # the task's channels beside the latents, every pass (Start.condition)
     adapters: tuple[tuple[str, float], ...] = ()  # the request's LoRA set: part of its group, bound for its passes
     index: int = 0
-    last_pass: int = -1
+    last_pass: int = -1  # the loop's pass count when it last stepped
+    waited: int = 0  # passes of its group it was left out of (for the order, see the module docstring)
     arrival: int = 0  # the order the loop took it in (set by the loop)
     done: Future[torch.Tensor] = field(default_factory=Future)
 
@@ -61,17 +75,44 @@ class Track:
         """Samples in a transformer pass (both guidance halves)."""
         return self.embeds.shape[0]
 
+    @property
+    def cost_group(self) -> Hashable:
+        """What its passes cost is measured by: the latent size (the group key may add the LoRA set, which batches
+        apart but costs the same; calibration measures by size, engine.calibrate)."""
+        return tuple(self.latents.shape[-2:])
+
+    @property
+    def work(self) -> int:
+        """Samples left to pass through the transformer: its remaining steps times its images (read racily from
+        other threads, which only choose a loop by it)."""
+        return (len(self.timesteps) - self.index) * self.images
+
 
 class DenoiseLoop:
-    """The worker that steps every active ``Track``; ``run(track)`` blocks until the track is finished."""
+    """The worker that steps every active ``Track``; ``run(track)`` blocks until the track is finished.
 
-    def __init__(self, transformer: Any, max_batch_size: int = 32, cpu_threads: int | None = None) -> None:
+    ``costs``: the cost model the batch size follows and every pass is recorded in (None: batches up to
+    ``max_batch_size``, nothing measured). ``cpu_threads``: this loop's torch threads (None: torch's setting).
+    """
+
+    def __init__(
+        self,
+        transformer: Any,
+        max_batch_size: int = 32,
+        cpu_threads: int | None = None,
+        costs: CostModel | None = None,
+        name: str = "denoise",
+    ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         self.transformer = transformer
         self.max_batch_size = max_batch_size
         self.bind_adapters: Callable[..., Any] | None = None  # AdapterPool.bound, where the server has adapters
         self.cpu_threads = cpu_threads
+        self.costs = costs if costs is not None else CostModel(max_batch_size, learn=False)
+        # The tracks handed to this loop and not finished, for the runner's choice of a loop (``load``).
+        self._assigned: set[Track] = set()
+        self._assigned_lock = threading.Lock()
         self._inbox: queue.SimpleQueue[Track | None] = queue.SimpleQueue()
         # Tracks by resolution group, groups in serving order. Only the worker thread touches it.
         self._groups: OrderedDict[Hashable, list[Track]] = OrderedDict()
@@ -86,7 +127,7 @@ class DenoiseLoop:
         self._stopped = False
         # Makes "not stopped, then queued" one step, so nothing is queued after the worker's last drain.
         self._closing = threading.Lock()
-        self._thread = threading.Thread(target=self._work, name="denoise", daemon=True)
+        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
         self._thread.start()
 
     def stats(self) -> dict[str, Any]:
@@ -103,17 +144,34 @@ class DenoiseLoop:
         }
 
     @property
+    def load(self) -> int:
+        """Samples still to pass through the transformer for the tracks handed to this loop."""
+        with self._assigned_lock:
+            return sum(track.work for track in self._assigned)
+
+    @property
     def arriving(self) -> int:
         """Tracks handed to the loop and not yet taken in (they join at the next pass)."""
         return self._inbox.qsize()
 
+    def reserve(self, track: Track) -> None:
+        """Count ``track`` in this loop's ``load`` from now (``run`` does it too; a runner choosing between loops
+        reserves under its own lock, so two requests arriving at once do not both see the same loop idle)."""
+        with self._assigned_lock:
+            self._assigned.add(track)
+
     def run(self, track: Track) -> torch.Tensor:
         """Join the loop and wait; return the final latents, or raise what stopped the track."""
-        with self._closing:
-            if self._stopped:
-                raise GenerationCancelled
-            self._inbox.put(track)
-        return track.done.result()
+        self.reserve(track)
+        try:
+            with self._closing:
+                if self._stopped:
+                    raise GenerationCancelled
+                self._inbox.put(track)
+            return track.done.result()
+        finally:
+            with self._assigned_lock:
+                self._assigned.discard(track)
 
     def close(self) -> None:
         """Stop the worker after its current pass; tracks still in the loop end with GenerationCancelled."""
@@ -128,7 +186,8 @@ class DenoiseLoop:
 
     def _work(self) -> None:
         if self.cpu_threads:
-            # The one thread running the transformer gets every core (the slot threads only encode and decode).
+            # The thread running this loop's transformer passes gets its share of the cores (all of them with one
+            # loop; the slot threads only encode and decode). Fixed: the same request gives the same image.
             torch.set_num_threads(self.cpu_threads)
         try:
             with torch.no_grad():
@@ -136,7 +195,13 @@ class DenoiseLoop:
                     group = self._next_group()
                     if group is None:
                         continue
-                    batch = self._pick(self._groups[group])
+                    waiting = sum(track.images for track in self._groups[group])
+                    cost_group = self._groups[group][0].cost_group
+                    limit = min(self.max_batch_size, self.costs.batch_limit(cost_group, waiting))
+                    batch = self._pick(self._groups[group], limit)
+                    picked = set(batch)
+                    for track in self._groups[group]:
+                        track.waited += track not in picked
                     self._groups.move_to_end(group)  # served: last in the round robin
                     size = sum(t.images for t in batch)
                     self._passes += 1
@@ -189,12 +254,17 @@ class DenoiseLoop:
                 return group
         return None
 
-    def _pick(self, tracks: list[Track]) -> list[Track]:
-        """The tracks of this pass: least recently stepped first, up to max_batch_size images (at least one)."""
+    def _pick(self, tracks: list[Track], limit: int) -> list[Track]:
+        """The tracks of this pass, up to ``limit`` images (at least one track): closest to done first, less
+        ``AGING`` steps for every pass a track was left out of (see the module docstring)."""
+
+        def order(track: Track) -> tuple[float, int]:
+            return len(track.timesteps) - track.index - AGING * track.waited, track.arrival
+
         batch: list[Track] = []
         total = 0
-        for track in sorted(tracks, key=lambda t: (t.last_pass, t.arrival)):
-            if batch and total + track.images > self.max_batch_size:
+        for track in sorted(tracks, key=order):
+            if batch and total + track.images > limit:
                 continue
             batch.append(track)
             total += track.images
@@ -265,6 +335,7 @@ class DenoiseLoop:
             latents = track.latents if track.condition is None else torch.cat([track.latents, track.condition], 1)
             hidden.extend([latents] * copies)
             timesteps.append(track.timesteps[track.index].expand(track.images))
+        started = time.perf_counter()
         # One group, one adapter set (it is part of the group key): the pool's gate switches only between passes.
         with self.bind_adapters(batch[0].adapters) if self.bind_adapters else contextlib.nullcontext():
             out = self.transformer(
@@ -275,4 +346,7 @@ class DenoiseLoop:
                 joint_attention_kwargs=None,
                 return_dict=False,
             )[0]
+        if out.is_cuda:
+            torch.cuda.synchronize(out.device)  # the pass's time, not its launch's (the step waits for it anyway)
+        self.costs.record(batch[0].cost_group, out.shape[0], time.perf_counter() - started)
         return list(out.split([t.images for t in batch]))

@@ -15,6 +15,12 @@ same as with the threads strategy. What a slot thread does with it (``StepRunner
 So the denoising worker never waits on text encoders or the VAE; it only runs transformer passes and scheduler
 steps. The math of each step is the pipeline's own (its ``__call__``), applied to each
 request's slice of the batched output.
+
+Batch sizes follow a cost model of the device (``engine.costs``), calibrated at start-up on the loaded model
+(``engine.calibrate``) and refined by every pass. On a CPU the calibration also chooses how many loops to run,
+each with an equal, fixed share of the cores (two single-threaded passes side by side can beat one two-threaded
+pass); a request goes to the loop with the least work left, and each loop batches its own requests. On other
+devices there is one loop.
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from typing import Any
 
@@ -31,6 +38,8 @@ import torch
 from utils.requestscopedpipeline import default_guidance_scale
 
 from .adapters import AdapterPool
+from .calibrate import Calibration, PassInputs, calibrate
+from .costs import CostModel
 from .loop import DenoiseLoop, Track
 from .prompt_cache import PromptCache, TextEmbedding, encode_texts, is_guided, request_embeddings
 from .tasks import Task, TaskPipelines, get_task, refuse_unavailable
@@ -128,7 +137,11 @@ class StepRunner:
         device: the device the pipeline runs on.
         max_batch_size: images per transformer pass, both guidance halves counted.
         prompt_cache: the prompt cache (capacity 0: off).
-        cpu_threads: on a CPU, the threads of the denoising worker (None: torch's setting).
+        cpu_threads: on a CPU, the cores the denoising loops share (None: one loop, torch's setting).
+        loops: on a CPU, how many denoising loops (0: as many as the calibration finds best); elsewhere one.
+        costs: the cost model (None: a new one, learning from every pass).
+        calibrate: measure the loaded model at start-up (else the cost model learns from the first passes alone).
+        transformer: what the loops call (None: the pipeline's transformer); a wrapper of it, for instance.
     """
 
     def __init__(
@@ -138,6 +151,10 @@ class StepRunner:
         max_batch_size: int = 32,
         prompt_cache: PromptCache | None = None,
         cpu_threads: int | None = None,
+        loops: int = 0,
+        costs: CostModel | None = None,
+        calibrate: bool = True,
+        transformer: Any = None,
         adapters: AdapterPool | None = None,
     ) -> None:
         self.scoped = scoped
@@ -152,18 +169,75 @@ class StepRunner:
         self._encoder = _EncoderThread(scoped.make_view(), self.device, 1 if cpu_threads else None)
         self._encode_prompts = self._encoder.encoder("prompt")
         self._encode_negatives = self._encoder.encoder("negative")
-        self.loop = DenoiseLoop(scoped.pipeline.transformer, max_batch_size, cpu_threads)
-        self.loop.bind_adapters = adapters.bound if adapters is not None else None
+        self.costs = costs if costs is not None else CostModel(max_batch_size)
+        self.transformer = transformer if transformer is not None else scoped.pipeline.transformer
+        loops = loops if self.device.type == "cpu" else 1
+        self.calibration: Calibration | None = self._calibrate(cpu_threads, loops) if calibrate else None
+        count = self.calibration.loops if self.calibration else max(1, loops)
+        threads = self.calibration.threads if self.calibration else None
+        if self.calibration is None and cpu_threads:
+            threads = max(1, cpu_threads // count)
+        self.loops = [
+            DenoiseLoop(self.transformer, max_batch_size, threads, self.costs, name=f"denoise-{i}")
+            for i in range(count)
+        ]
+        for loop in self.loops:
+            loop.bind_adapters = adapters.bound if adapters is not None else None
+        self.loop = self.loops[0]  # the first (the only one but on a CPU)
+        self._dispatch = threading.Lock()  # makes "choose the least loaded loop, count the track there" one step
         # Bounds the decodes running at once: a burst finishes together, and 16 concurrent VAE decodes would hold 16
         # sets of activations and fight the loop for the cores. Whoever waits here has already left the loop.
         self._decoders = threading.Semaphore(max(1, cpu_threads or 2))
 
+    def _loop_for(self, track: Track) -> DenoiseLoop:
+        """The loop with the least work left (each batches its own requests), the track counted in it at once."""
+        with self._dispatch:
+            loop = min(self.loops, key=lambda each: each.load)
+            loop.reserve(track)
+        return loop
+
+    def _calibrate(self, cores: int | None, loops: int) -> Calibration:
+        """Start-up calibration on inputs of the real shapes: the encoded empty prompt, latents of the default size."""
+        pipe = self.scoped.pipeline
+        embeds, pooled = request_embeddings(self._encode_prompts([""])[0], None, 1)
+        side = int(getattr(pipe, "default_sample_size", 128))
+        channels = int(pipe.transformer.config.in_channels)
+        latents = torch.randn(1, channels, side, side, generator=torch.Generator("cpu").manual_seed(0))
+        inputs = PassInputs(latents.to(self.device, embeds.dtype), embeds.to(self.device), pooled.to(self.device))
+        return calibrate(self.transformer, inputs, self.costs, cores, loops, self._new_costs)
+
+    def _new_costs(self) -> CostModel:
+        return CostModel(self.costs.max_batch, self.costs.tolerance, self.costs.alpha, self.costs.probe_every)
+
+    def _label(self, group: Hashable) -> str:
+        """A group (latent height, width) as the image size clients ask for."""
+        scale = int(getattr(self.scoped.pipeline, "vae_scale_factor", 8))
+        height, width = group  # type: ignore[misc]
+        return f"{height * scale}x{width * scale}"
+
     @property
     def stats(self) -> dict[str, Any]:
-        return self.loop.stats()
+        """The loops' passes together (as one loop's ``stats()``), the loops and the cost model's table."""
+        each = [loop.stats() for loop in self.loops]
+        sizes: Counter[int] = Counter()
+        for one in each:
+            sizes.update(one["pass_sizes"])
+        passes, images = sum(s["passes"] for s in each), sum(s["images"] for s in each)
+        return {
+            "passes": passes,
+            "images": images,
+            "largest_pass": max(s["largest_pass"] for s in each),
+            "mean_pass": images / passes if passes else 0.0,
+            "pass_sizes": dict(sorted(sizes.items())),
+            "loops": len(self.loops),
+            "threads_per_loop": self.loop.cpu_threads,
+            "calibration": self.calibration.to_dict() if self.calibration else None,
+            "costs": self.costs.table(self._label),
+        }
 
     def close(self) -> None:
-        self.loop.close()
+        for loop in self.loops:
+            loop.close()
         self._encoder.close()
 
     def __call__(self, request: GenerationRequest, on_step: Callable[..., None]) -> list[Any]:
@@ -176,7 +250,7 @@ class StepRunner:
         if is_guided(request):
             negative = self.cache.get([request.negative_prompt or ""], self._encode_negatives, MAX_SEQUENCE_LENGTH)[0]
         track = self._prepare(task, request, positive, negative, on_step)
-        latents = self.loop.run(track)
+        latents = self._loop_for(track).run(track)
         with self._decoders:
             return self._decode(task, track.view, latents)
 

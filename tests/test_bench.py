@@ -188,3 +188,33 @@ def test_step_workloads_smoke_run_prints_both_workloads(tmp_path: Path) -> None:
         "mixed burst of 4 (32/64)" in done.stdout and "late arrival while 8 generate: first step after" in done.stdout
     )
     assert "--engine step" in report.read_text()
+
+
+def test_the_engines_comparison_runs_both_engines_at_every_size_and_sums_them_up(tmp_path: Path) -> None:
+    command = [sys.executable, str(BENCH), "--arms", "threads,step", "--sizes", "32,64", "--bursts", "2"]
+    command += [
+        "--steps",
+        "2",
+        "--poisson-rates",
+        "0.8",
+        "--poisson-requests",
+        "2",
+        "--warmup",
+        "1",
+        "--warmup-burst",
+        "2",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=280, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = done.stdout
+    assert out.count("## Run ") == 2 and "random:tiny, 32x32" in out and "random:tiny, 64x64" in out
+    assert "threads server: `python serverasync.py" in out and "--engine threads" in out and "--engine step" in out
+    summary = out.split("## Engines: step against threads", 1)[1]
+    rows = [line for line in summary.splitlines() if line.startswith("| random:tiny")]
+    assert len(rows) == 4, summary  # two sizes x (one burst + one Poisson load)
+    assert all(row.count("x |") >= 4 and ("yes (" in row or "no (" in row) for row in rows), rows
+    # Each size's step server's pass-time table, as /api/status showed it at the end of its run.
+    for size in (32, 64):
+        table = summary.split(f"### Pass times: step server, random:tiny {size}x{size}", 1)[1].split("###", 1)[0]
+        assert "loop(s) of" in table and f"| {size}x{size} | " in table and "**knee**" in table, table

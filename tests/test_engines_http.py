@@ -31,7 +31,24 @@ def test_status_shows_the_engine_and_prompt_cache_hits(make_server: Callable[...
     # First request: the prompt and the empty negative prompt missed; the second request hit both.
     assert info["prompt_cache"] == {"capacity": 256, "entries": 2, "hits": 2, "misses": 2}
     if engine == "step":
-        assert info["max_batch_size"] == 32 and info["batching"]["passes"] == 2 * BODY["num_inference_steps"]
+        batching = info["batching"]
+        assert info["max_batch_size"] == 32 and batching["passes"] == 2 * BODY["num_inference_steps"]
+        # The cost table: the start-up calibration at the model's default size, and the size served since.
+        calibrated = batching["costs"]["64x64"]
+        assert calibrated["best_batch"] >= 1 and calibrated["passes"]["1"]["ms"] > 0
+        assert set(batching["costs"]) == {"64x64", "32x32"}
+        assert batching["loops"] == batching["calibration"]["loops"] >= 1
+
+
+def test_step_loops_sets_the_loops_and_their_share_of_the_cores(make_server: Callable[..., Any]) -> None:
+    from api.loading import usable_cores
+
+    live = make_server(engine="step", step_loops=2)
+    with httpx.Client(base_url=live.url, timeout=120) as client:
+        assert len(_images(client, {**BODY, "num_images_per_prompt": 2})) == 2
+        batching = client.get("/api/status").json()["engine"]["batching"]
+    assert batching["loops"] == 2 and batching["threads_per_loop"] == max(1, usable_cores() // 2)
+    assert set(batching["calibration"]["samples_per_s_by_loops"]) == {"2"}  # measured as it runs, not chosen
 
 
 def test_threads_engine_images_are_the_same_with_and_without_the_cache(make_server: Callable[..., Any]) -> None:

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from engine import Engine, GenerationCancelled, GenerationRequest, OutOfMemory
+from engine.costs import CostModel
 from engine.prompt_cache import PromptCache
 from engine.step import StepRunner
 from engine.threads import pipeline_runner
@@ -77,7 +78,16 @@ def alone(scoped: RequestScopedPipeline) -> Callable[[GenerationRequest], list[A
 
 @pytest.fixture
 def step(scoped: RequestScopedPipeline) -> Any:
-    runner = StepRunner(scoped, torch.device("cpu"), max_batch_size=32, prompt_cache=PromptCache(32))
+    # Batching up to 32 whatever the passes cost (a cost model that learns nothing): these tests are about the
+    # images of requests sharing passes, so they must share them; tests/test_step_costs.py tests the batch sizes.
+    runner = StepRunner(
+        scoped,
+        torch.device("cpu"),
+        max_batch_size=32,
+        prompt_cache=PromptCache(32),
+        costs=CostModel(32, learn=False),
+        calibrate=False,
+    )
     yield runner
     runner.close()
 

@@ -27,7 +27,7 @@ from .common import REPO, log
 from .options import apply_options, sdpa_backend_context
 from .stats import PeakRSS, Run, Sample
 
-ARMS = ("serial", "serial-opt", "thread", "ours", "step", "step-compile")
+ARMS = ("serial", "serial-opt", "thread", "ours", "threads", "step", "step-compile")
 
 
 class Arm(Protocol):
@@ -201,6 +201,12 @@ class ServerArm:
                 response = client.post("/api/diffusers/inference", json=self._body(10_000_000 + i))
                 if response.status_code != 200:
                     raise RuntimeError(f"{self.name}: warm-up request failed: {response.status_code} {response.text}")
+            burst = getattr(self.args, "warmup_burst", 0)
+            if burst:
+                warm = Run()
+                asyncio.run(self._drive([0.0] * burst, [11_000_000 + i for i in range(burst)], warm))
+                if warm.failures:
+                    raise RuntimeError(f"{self.name}: warm-up burst failed: {warm.failures[0]}")
             memory = client.get("/api/status").json().get("memory", {})
         self.idle = {"rss": PeakRSS(self.proc.pid).sample(), "gpu_allocated": memory.get("gpu_allocated_bytes")}
 
@@ -225,6 +231,15 @@ class ServerArm:
                     return
             time.sleep(0.2)
         raise TimeoutError(f"{self.name}: not ready after {self.args.load_timeout}s:\n{self.log_tail()}")
+
+    def batching(self) -> dict[str, Any] | None:
+        """The step engine's batching figures from /api/status (loops, calibration, pass-time table); None if the
+        server has none (the threads engine) or does not answer."""
+        if self.proc is None or self.proc.poll() is not None:
+            return None
+        with contextlib.suppress(httpx.HTTPError, ValueError):
+            return httpx.get(f"{self.url}/api/status", timeout=10, trust_env=False).json()["engine"].get("batching")
+        return None
 
     def log_tail(self, lines: int = 30) -> str:
         if self.workdir is None or not (self.workdir / "server.log").exists():
@@ -318,6 +333,9 @@ def make_arm(name: str, args: argparse.Namespace) -> Arm:
         return SerialArm(name, args, with_options=True)
     if name == "thread":
         return ServerArm(name, args, ["--max-concurrency", "256", "--max-queue", "1000"])
+    if name == "threads":
+        # The threads engine by name, whatever the server's default is (the engines' comparison: --sizes).
+        return ServerArm(name, args, ["--engine", "threads"])
     if name == "step":
         # The step engine (one worker batching the transformer across requests), otherwise the server's defaults.
         return ServerArm(name, args, ["--engine", "step"])

@@ -21,9 +21,10 @@ def run_workload(arm: Arm, workload: Workload, repeat: int, args: argparse.Names
 
 
 def capacity_of(report: Report, bursts: list[Workload]) -> tuple[float, str]:
-    """Serial capacity (images/s) from the largest burst; another arm's if serial did not run."""
+    """Serial capacity (images/s) from the largest burst; another arm's if serial did not run (the engines'
+    comparison: the threads engine's)."""
     largest = max(bursts, key=lambda w: w.value).label
-    for arm in ("serial", "serial-opt", "ours", "thread"):
+    for arm in ("serial", "serial-opt", "ours", "threads", "thread", "step"):
         stats = report.results.get(largest, {}).get(arm)
         if stats is not None and stats.samples:
             return stats.throughput, arm
@@ -61,6 +62,14 @@ class Driver:
                     report.flops = estimate_flops(arm.pipe, args.size, args.steps)
         return self.arms[name]
 
+    def keep_batching(self, name: str) -> None:
+        """A step server's batching figures (its loops and pass-time table) as they are at the end, for the report."""
+        arm = self.arms[name]
+        if isinstance(arm, ServerArm) and name not in self.report.batching:
+            batching = arm.batching()
+            if batching:
+                self.report.batching[name] = batching
+
     def poisson(self) -> list[Workload]:
         """The Poisson workloads, none without rates; their rates come from the bursts measured so far."""
         if not self.args.poisson_rates:
@@ -97,10 +106,12 @@ class Driver:
                     self.started(name)
                     self.measure([name], self.bursts)
                     self.measure([name], self.poisson())
+                    self.keep_batching(name)
                     self.arms[name].stop()
                     del self.arms[name]
         finally:
-            for arm in self.arms.values():
+            for name, arm in self.arms.items():
+                self.keep_batching(name)
                 arm.stop()
 
 

@@ -38,6 +38,7 @@ class Report:
     flops: float | None = None
     applied: list[str] = field(default_factory=list)
     servers: dict[str, str] = field(default_factory=dict)  # arm -> server command line
+    batching: dict[str, dict] = field(default_factory=dict)  # step arm -> its /api/status engine.batching at the end
     elapsed_s: float = 0.0
 
     def add(self, workload: Workload, arm: str, run: Run) -> None:
