@@ -32,7 +32,7 @@ sys.path.insert(2, str(Path(BENCH_DIR).parent / "tests"))  # lora_helpers: the t
 
 import httpx  # noqa: E402
 from benchlib.arms import ServerArm  # noqa: E402
-from benchlib.common import log  # noqa: E402
+from benchlib.common import log, publish  # noqa: E402
 
 NATIVE = "/api/diffusers/inference"
 ENGINES = ("threads", "step")
@@ -105,10 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     header += ["```", "python " + shlex.join(["bench/lora_mix.py", *(sys.argv[1:] if argv is None else argv)])]
     header += ["```", ""]
     text = "\n".join(header + run(args))
-    print(text)
-    if args.markdown is not None:
-        with args.markdown.open("a") as handle:
-            handle.write("\n" + text + "\n")
+    publish(text, args.markdown)
     return 0
 
 

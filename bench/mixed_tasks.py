@@ -28,7 +28,7 @@ BENCH_DIR = str(Path(__file__).resolve().parent)
 if BENCH_DIR not in sys.path:
     sys.path.insert(0, BENCH_DIR)
 
-from benchlib.common import log  # noqa: E402 - puts the repository on sys.path
+from benchlib.common import log, publish  # noqa: E402 - puts the repository on sys.path
 from benchlib.report import fmt_ratio, fmt_s  # noqa: E402
 from benchlib.stats import Run, Sample, Stats  # noqa: E402
 
@@ -202,10 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         for engine in engines.values():
             engine.close()
     text = render(args, command, results, passes)
-    print(text)
-    if args.markdown is not None:
-        with args.markdown.open("a") as handle:
-            handle.write("\n" + text + "\n")
+    publish(text, args.markdown)
     failed = sum(len(stats.failures) for by_engine in results.values() for stats, _ in by_engine.values())
     return 1 if failed else 0
 

@@ -27,7 +27,7 @@ sys.path.insert(1, str(Path(BENCH_DIR).parent))  # the repository: utils, Pipeli
 
 import httpx  # noqa: E402
 from benchlib.arms import ServerArm  # noqa: E402
-from benchlib.common import log  # noqa: E402
+from benchlib.common import log, publish  # noqa: E402
 
 NATIVE = "/api/diffusers/inference"
 ARM_FLAGS = {"ours": [], "threads": ["--engine", "threads"], "step": ["--engine", "step"]}
@@ -160,10 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         log("lone request in process")
         lines.append(lone_in_process(args))
     text = "\n".join(lines)
-    print(text)
-    if args.markdown is not None:
-        with args.markdown.open("a") as handle:
-            handle.write("\n" + text + "\n")
+    publish(text, args.markdown)
     return 0
 
 

@@ -16,3 +16,11 @@ GIB = 1 << 30
 def log(message: str) -> None:
     """Progress goes to stderr, so stdout holds only the report."""
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def publish(text: str, markdown: Path | None) -> None:
+    """The report to stdout, and appended to ``markdown`` (e.g. bench/RESULTS.md) when one is given."""
+    print(text)
+    if markdown is not None:
+        with markdown.open("a") as handle:
+            handle.write("\n" + text + "\n")
