@@ -157,7 +157,12 @@ class AdapterGate:
                 self._admitted.discard(ticket)
             elif self._holders == 0:
                 if self._active != wanted:
-                    switch()
+                    try:
+                        switch()
+                    except BaseException:
+                        self._active = None  # half switched, perhaps: the next pass switches again
+                        self._cond.notify_all()  # the next waiter opens its phase
+                        raise
                 # Every waiter of this set comes in with the opener: one switch serves them all.
                 self._admitted.update(other for other, set_ in self._waiting if set_ == wanted)
             self._holders += 1

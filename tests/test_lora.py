@@ -202,3 +202,26 @@ def test_the_gate_runs_one_set_at_a_time_and_lets_no_set_starve() -> None:
     assert not state["overlap_mixed"], "passes with different adapter sets overlapped"
     assert state["overlap_same"], "passes with the same set never ran together"
     assert active[0] in (a, b) and len(active) >= 2
+
+
+def test_a_switch_that_fails_fails_its_pass_only_and_the_next_one_switches_again() -> None:
+    calls: list[object] = []
+
+    def activate(adapter_set: tuple[tuple[str, float], ...]) -> None:
+        calls.append(adapter_set)
+        if adapter_set == (("bad", 1.0),):
+            raise RuntimeError("the adapter layers refused")
+
+    gate = AdapterGate(activate)
+    bad, good = (("bad", 1.0),), (("good", 1.0),)
+    with pytest.raises(RuntimeError, match="refused"), gate.use(bad):
+        pass
+    done = threading.Event()
+
+    def other() -> None:
+        with gate.use(good):
+            done.set()
+
+    threading.Thread(target=other, daemon=True).start()
+    assert done.wait(10), "a pass after a failed switch never ran"
+    assert calls == [bad, good]
