@@ -417,8 +417,12 @@ def test_a_generation_passes_through_nginx_and_its_image_url_points_at_it(edge: 
     (url,) = _urls(response)
     assert url.startswith(edge.url + "/images/"), url  # built from the Host the client used: nginx's
     assert fetch_png(url)
-    too_big = httpx.post(edge.url + NATIVE, content=b"x" * (70 * 1024), timeout=30)
+    # A JSON route keeps the body limit at the edge; a route that takes images lets an image-sized body through to
+    # the app (which then says what is wrong with it).
+    too_big = httpx.post(edge.url + OPENAI, content=b"x" * (70 * 1024), timeout=30)
     assert assert_envelope(too_big, 413)["type"] == "invalid_request_error"
+    image_sized = httpx.post(edge.url + NATIVE, content=b"x" * (300 * 1024), timeout=30)
+    assert assert_envelope(image_sized, 400)["code"] == "invalid_value" and image_sized.headers[REPLICA_HEADER]
 
 
 def test_overload_across_replicas_is_503_with_retry_after(served: ServeProcess) -> None:

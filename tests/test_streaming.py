@@ -65,16 +65,20 @@ def decoded(event: Any) -> Any:
 
 class HeldTransformer:
     """A private copy of the tiny transformer whose forward calls (one per step) can be slowed, or fail from the
-    ``fail_at``-th call on (every call after it fails too: the step engine retries a batch that ran out of memory)."""
+    ``fail_at``-th call on (every call after it fails too: the step engine retries a batch that ran out of memory).
+    Armed once the server is ready: the step engine's start-up calibration passes are neither slowed nor counted."""
 
     def __init__(self, pipeline: Any, delay: float = 0.0, fail_at: int | None = None, error: type = RuntimeError):
         self.module = copy.deepcopy(pipeline.transformer)
         self.module.register_forward_pre_hook(self._before)
         self.delay, self.fail_at, self.error = delay, fail_at, error
         self.calls = 0
+        self.armed = False
         self._lock = threading.Lock()
 
     def _before(self, module: Any, args: Any) -> None:
+        if not self.armed:
+            return
         with self._lock:
             self.calls += 1
             calls = self.calls
@@ -92,7 +96,9 @@ def held(make_server: Callable[..., Any], tiny_pipeline: Any) -> Callable[..., t
         fault = HeldTransformer(tiny_pipeline, delay, fail_at, error)
         pipe = StableDiffusion3Pipeline(**{**tiny_pipeline.components, "transformer": fault.module})
         loader = lambda s: SimpleNamespace(pipeline=pipe, device=torch.device("cpu"))  # noqa: E731
-        return make_server(loader=loader, **settings), fault
+        live = make_server(loader=loader, **settings)  # ready: loaded (and, on the step engine, calibrated)
+        fault.armed = True
+        return live, fault
 
     return make
 
