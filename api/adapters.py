@@ -1,7 +1,8 @@
 """LoRA adapters in the HTTP layer: the start-up options (``--lora NAME=PATH``, ``--lora-dir``), a request's
 ``loras`` (and the OpenAI ``model`` field naming an adapter), their errors, and what the answers report.
 
-The pool itself, loading and the per-pass gate are the engine's (``engine.adapters``). Nothing here imports torch.
+The pool itself, loading and the per-pass gate are the engine's (``engine.adapters``); the engine (torch) is
+imported inside the functions that need it, as in ``api.generation``.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ _SAFETENSORS_HEADER_MAX = 100_000_000  # bytes: the format's own bound on its JS
 def check_adapter_file(path: Path) -> None:
     """Cheap checks of a LoRA file at start-up, before any model loads: it is a readable safetensors file (its
     header parses) holding LoRA tensors. ValueError naming the file and the reason."""
-    from engine.adapters import adapter_file  # stdlib-only module: no torch imported here
+    from engine.adapters import adapter_file  # called after the preflight: torch is loaded by then
 
     file = adapter_file(path)
     try:
