@@ -53,6 +53,9 @@ from deploy.ray_serve import (  # noqa: E402
 REQUEST_TIMEOUT = 120.0
 MAX_QUEUE = 12  # per replica: 2 slots + 12 waiting; the overload test goes past both replicas' 14
 SLOW = {"num_inference_steps": 30, "height": 128, "width": 128}  # ~1 s on this CPU: long enough to pile up
+# ~4 s: the overload burst must outlast its own arrival through Ray's proxy on a busy 2-core machine (at ~1 s a
+# request, the four slots once drained 60 requests as fast as the proxy handed them over, and none was refused).
+SLOWER = {"num_inference_steps": 60, "height": 192, "width": 192}
 # 4 KiB: below nginx's own default (8 KiB header lines), so the limit seen is the rendered one.
 EDGE_LIMITS = {"max_header_bytes": 4096, "keep_alive_timeout": 2.0, "receive_timeout": 3.0}
 SLACK_S = 1.5  # a deadline's margin on this busy 2-core machine
@@ -427,7 +430,7 @@ def test_a_generation_passes_through_nginx_and_its_image_url_points_at_it(edge: 
 
 def test_overload_across_replicas_is_503_with_retry_after(served: ServeProcess) -> None:
     started = time.monotonic()
-    responses = _burst(served.url, [(NATIVE, {"prompt": f"busy {i}", "seed": i, **SLOW}) for i in range(60)])
+    responses = _burst(served.url, [(NATIVE, {"prompt": f"busy {i}", "seed": i, **SLOWER}) for i in range(60)])
     assert time.monotonic() - started < 2 * REQUEST_TIMEOUT  # nothing hung (each also had the client's timeout)
     statuses = [r.status_code for r in responses]
     assert set(statuses) <= {200, 503}, statuses
