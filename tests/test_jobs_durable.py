@@ -112,9 +112,10 @@ def test_a_redis_that_goes_away_and_comes_back(pair: Pair) -> None:
         assert b.get(f"{JOBS}/{stored}").json()["status"] == "succeeded"  # nothing stored was lost
         assert wait_final(b, running)["status"] == "succeeded"  # the run's end reached the store once it was back
         assert submit(b, {**BODY, "num_inference_steps": 2}) is not None
+    # The outage was answered (the 503s above), never a traceback. Whether a server also logged it depends on
+    # whether its lease tick fell in the outage's second: not asserted.
     for server in (pair.a, pair.b):
         assert "Traceback" not in server.log(), server.log()[-3000:]
-        assert "job store unavailable" in server.log() or server is pair.a
 
 
 def test_a_job_whose_server_is_killed_runs_again_on_the_other(pair: Pair) -> None:
