@@ -71,12 +71,17 @@ def loras_of(request: Request, body: Any) -> tuple[tuple[str, float], ...]:
     ``loras``. 400 naming the adapter the server does not have; the base model's name (or any other unknown
     ``model``, e.g. ``dall-e-3``) adds nothing."""
     chosen: list[tuple[str, float]] = []
+    model = getattr(body, "model", None)
+    if model == request.app.state.settings.model_name:
+        model = None
+    loras = getattr(body, "loras", None) or []
+    if not model and not loras:
+        return ()  # the common case: no adapter, and no look at the adapter directory on the request path
     pool = getattr(request.app.state.engine, "adapters", None)
     names = pool.names() if pool is not None else []
-    model = getattr(body, "model", None)
-    if model and model != request.app.state.settings.model_name and model in names:
+    if model and model in names:
         chosen.append((model, 1.0))
-    for i, lora in enumerate(getattr(body, "loras", None) or []):
+    for i, lora in enumerate(loras):
         if lora.name not in names:
             listed = ", ".join(names) if names else "none are configured (--lora, --lora-dir)"
             raise APIError(
