@@ -13,7 +13,10 @@ the most samples per second at its knee wins; among the counts within the tolera
 as each loop's single-threaded share is the least disturbed by other work on the machine (no barrier waits on a
 preempted thread), and at worst, one request a pass in each, it runs as the threads engine's one-core slots. The
 candidates are measured in ``ROUNDS`` alternating rounds, each keeping its best, so that a burst of load from
-elsewhere during one candidate's sweep does not decide. On other devices there is one loop, and one sweep. The
+elsewhere during one candidate's sweep does not decide. Passes are timed as the loops will time theirs
+(``engine.costs.pass_clock``: one-thread loops by their thread's CPU time), so on a machine busy with other work
+the one-thread candidates lose less to it than a candidate of more threads, which waits on its slowest thread: the
+choice leans to more loops there, the safer one. On other devices there is one loop, and one sweep. The
 threads that measure end with the calibration: a live thread that once ran torch keeps an OpenMP team, and more
 OpenMP threads than cores slow every pass (bench/RESULTS.md).
 """
@@ -29,7 +32,7 @@ from typing import Any
 
 import torch
 
-from .costs import CostModel
+from .costs import CostModel, pass_clock
 from .memory import is_oom, release_memory
 
 logger = logging.getLogger(__name__)
@@ -101,12 +104,12 @@ def _sizes(max_batch: int) -> list[int]:
     return [*sizes, max_batch]
 
 
-def _timed(transformer: Any, inputs: dict[str, Any]) -> float:
-    started = time.perf_counter()
+def _timed(transformer: Any, inputs: dict[str, Any], clock: Callable[[], float]) -> float:
+    started = clock()
     out = transformer(**inputs)[0]
     if out.is_cuda:
         torch.cuda.synchronize(out.device)  # the pass's time, not its launch's
-    return time.perf_counter() - started
+    return clock() - started
 
 
 class _Sweep:
@@ -160,8 +163,9 @@ class _Sweep:
 
     def _measure(self, i: int, size: int) -> None:
         batch = self.inputs.batch(size)
-        _timed(self.transformer, batch)  # warm-up, not recorded
-        times = [_timed(self.transformer, batch) for _ in range(REPEATS)]
+        clock = pass_clock(self.threads)  # as the loops will time their passes
+        _timed(self.transformer, batch, clock)  # warm-up, not recorded
+        times = [_timed(self.transformer, batch, clock) for _ in range(REPEATS)]
         self.costs.record(self.inputs.group, size, min(times), warm=True)
         self._spent_now[i] += sum(times)
 

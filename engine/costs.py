@@ -5,11 +5,10 @@ costs as much per image or more, and in a lockstep loop every request of the bat
 more images per second. So the loop batches up to the size past which images per second stop growing, measured:
 
 - ``record(group, size, seconds)``: every pass the loops run (and the start-up calibration, ``engine.calibrate``)
-  refines the pass time of its (group, size) cell, an exponentially weighted moving average (``alpha``), so the
-  table follows the device as its load changes. The first pass of a cell is not counted: it pays one-off costs
-  (allocations, kernel selection, compilation); and a pass counts at most ``SPIKE`` times the cell's average:
-  other work on the machine only ever slows a pass, so a stalled pass moves the average a little, while a faster
-  one moves it fully, and a device really slower gets there over some passes.
+  refines the pass time of its (group, size) cell: the median of its last ``window`` counted passes. So the table
+  follows the device as its load changes, within a few passes, and a pass stalled by a moment of other work (a
+  decode beside the loop, another process) does not move it at all. The first pass of a cell is not counted: it
+  pays one-off costs (allocations, kernel selection, compilation).
 - ``best_batch(group)``: the knee, the smallest measured size whose images per second are within ``tolerance`` of
   the best measured (a smaller batch at about the same rate finishes its requests sooner).
 - ``batch_limit(group, waiting)``: what a loop may put in one pass now. Never past the knee; within it, the size
@@ -17,10 +16,18 @@ more images per second. So the loop batches up to the size past which images per
   about t(c) x (ceil(waiting / c) + 1) / 2 passes' time, so a short queue gets small, quick passes and a long one
   the device's best rate (a burst then finishes in waves, not all at its end). While the rate still grows at the
   largest size measured (by more than the tolerance over the smaller ones) and more is waiting, one size more is
-  tried (exploring, doubling from 1 for a group never
-  seen); and every ``probe_every`` passes of the group one size above the knee, so that a cell measured once in a
-  bad moment is measured again; less often where that size costs more than the knee's (``PROBE_EVERY`` passes
-  times the ratio of their pass times), so that probing spends about 2% of the passes' time at most.
+  tried (exploring, doubling from 1 for a group never seen), once that largest size has ``CONFIRM`` counted
+  passes (a calibrated cell is confirmed): a size is judged on the median of a few passes, never on one, since
+  one pass on a busy machine may well be a stalled one, and going past the knee on one lucky pass runs the
+  dearest passes of all; and every ``probe_every`` passes of the group one size above the knee, so that a cell
+  measured in a bad moment is measured again; less often where that size costs more than the knee's
+  (``PROBE_EVERY`` passes times the ratio of their pass times), so that probing spends about 2% of the passes'
+  time at most.
+
+What a pass costs is timed by ``pass_clock``: on a CPU loop of one thread, that thread's CPU time, since the
+whole pass runs in it; the time it spent descheduled while another thread ran (the other loop's pass, a decode,
+another process) is not the pass's cost, and counting it made the cells of one device disagree by 2x on a
+2-core machine, by what happened to run beside them. Elsewhere the wall clock (a GPU pass is synchronised).
 
 Sizes count samples in a pass (both guidance halves), as ``--max-batch-size`` does. The cost model is shared by
 the loops of one runner and written from their threads, so its table is behind a lock.
@@ -28,25 +35,42 @@ the loops of one runner and written from their threads, so its table is behind a
 
 from __future__ import annotations
 
+import statistics
 import threading
-from collections import Counter
+import time
+from collections import Counter, deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["CostModel"]
+__all__ = ["CostModel", "pass_clock"]
 
 TOLERANCE = 0.1  # images/s within 10% of the best measured count as the best: the smaller batch is taken
-ALPHA = 0.3  # weight of a new pass time in a cell's moving average
+WINDOW = 9  # counted passes a cell's pass time is the median of (the most recent ones)
+CONFIRM = 3  # counted passes of the largest size measured before the exploration goes past it
 PROBE_EVERY = 50  # passes of a group between two tries of one size above its knee, times their cost ratio
-SPIKE = 1.25  # a pass counts at most this many times its cell's average
+
+
+def pass_clock(cpu_threads: int | None) -> Callable[[], float]:
+    """What a loop times its passes with: its thread's CPU time where it runs them on one CPU thread
+    (``cpu_threads`` 1), else the wall clock (see the module docstring)."""
+    return time.thread_time if cpu_threads == 1 else time.perf_counter
 
 
 @dataclass
 class _Cell:
-    seconds: float = 0.0  # moving average of the counted passes
+    recent: deque[float]  # the last counted pass times
     counted: int = 0
     seen: int = 0  # passes seen; the first is not counted (warm-up)
+    calibrated: bool = False  # measured by the start-up calibration (the fastest of a few passes): confirmed
+
+    @property
+    def seconds(self) -> float:
+        return statistics.median(self.recent)
+
+    @property
+    def confirmed(self) -> bool:
+        return self.calibrated or self.counted >= CONFIRM
 
 
 class CostModel:
@@ -55,7 +79,7 @@ class CostModel:
     Args:
         max_batch: the largest batch a loop may run (``--max-batch-size``).
         tolerance: how close to the best rate (a fraction) a smaller batch must come to be the knee.
-        alpha: the moving average's weight of a new measurement.
+        window: how many of a cell's most recent counted passes its pass time is the median of.
         probe_every: passes of a group between two tries above its knee (0: never).
         learn: False for a fixed policy: nothing is recorded, and a group with no cells batches up to ``max_batch``.
     """
@@ -64,15 +88,15 @@ class CostModel:
         self,
         max_batch: int,
         tolerance: float = TOLERANCE,
-        alpha: float = ALPHA,
+        window: int = WINDOW,
         probe_every: int = PROBE_EVERY,
         learn: bool = True,
     ) -> None:
-        if max_batch < 1 or not 0 <= tolerance < 1 or not 0 < alpha <= 1:
-            raise ValueError("max_batch >= 1, 0 <= tolerance < 1 and 0 < alpha <= 1")
+        if max_batch < 1 or not 0 <= tolerance < 1 or window < 1:
+            raise ValueError("max_batch >= 1, 0 <= tolerance < 1 and window >= 1")
         self.max_batch = max_batch
         self.tolerance = tolerance
-        self.alpha = alpha
+        self.window = window
         self.probe_every = probe_every
         self.learn = learn
         self._cells: dict[Hashable, dict[int, _Cell]] = {}
@@ -82,26 +106,30 @@ class CostModel:
 
     def record(self, group: Hashable, size: int, seconds: float, warm: bool = False) -> None:
         """One pass of ``size`` samples of ``group`` took ``seconds`` (``warm``: it came after a warm-up pass the
-        caller did not record, so it counts even as the cell's first)."""
+        caller did not record, so it counts even as the cell's first, and the cell is confirmed: the calibration records
+        the fastest of a few passes)."""
         if not self.learn or size < 1 or seconds <= 0:
             return
         with self._lock:
-            cell = self._cells.setdefault(group, {}).setdefault(size, _Cell())
+            by_size = self._cells.setdefault(group, {})
+            cell = by_size.get(size)
+            if cell is None:
+                cell = by_size[size] = _Cell(deque(maxlen=self.window))
             cell.seen += 1 + (warm and not cell.seen)
+            cell.calibrated = cell.calibrated or warm
             self._passes[group] += 1
             if cell.seen == 1:
                 return  # warm-up: not counted
-            if not cell.counted:
-                cell.seconds = seconds
-            else:
-                cell.seconds += self.alpha * (min(seconds, SPIKE * cell.seconds) - cell.seconds)
+            cell.recent.append(seconds)
             cell.counted += 1
 
     def merge(self, other: CostModel) -> None:
         """Take ``other``'s cells (a calibration measured apart), in place of this model's cells of those sizes."""
         with other._lock:
             cells = {
-                group: {size: _Cell(c.seconds, c.counted, c.seen) for size, c in by.items()}
+                group: {
+                    size: _Cell(deque(c.recent, self.window), c.counted, c.seen, c.calibrated) for size, c in by.items()
+                }
                 for group, by in other._cells.items()
             }
         with self._lock:
@@ -140,10 +168,14 @@ class CostModel:
         assert knee is not None
         largest = max(rates)
         more = waiting is None or waiting > largest
-        smaller = [rate for size, rate in rates.items() if size < largest]
-        growing = not smaller or rates[largest] > (1 + self.tolerance) * max(smaller)
-        if more and largest < self.max_batch and growing:
-            return min(self.max_batch, 2 * largest)  # still growing at the largest size measured: try one larger
+        if more and largest < self.max_batch:
+            with self._lock:
+                confirmed = self._cells[group][largest].confirmed
+            if not confirmed:
+                return largest  # measured again before anything is built on it (see the module docstring)
+            smaller = [rate for size, rate in rates.items() if size < largest]
+            if not smaller or rates[largest] > (1 + self.tolerance) * max(smaller):
+                return min(self.max_batch, 2 * largest)  # still growing at the largest size measured: try one larger
         probe = self._probe(group, rates, knee) if more else None
         if probe is not None:
             return probe

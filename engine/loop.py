@@ -29,7 +29,6 @@ import itertools
 import logging
 import queue
 import threading
-import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
@@ -38,7 +37,8 @@ from typing import Any
 
 import torch
 
-from .costs import CostModel
+from .cores import Cores
+from .costs import CostModel, pass_clock
 from .memory import is_oom, release_memory
 from .types import GenerationCancelled
 
@@ -102,6 +102,7 @@ class DenoiseLoop:
         cpu_threads: int | None = None,
         costs: CostModel | None = None,
         name: str = "denoise",
+        cores: Cores | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
@@ -109,6 +110,8 @@ class DenoiseLoop:
         self.max_batch_size = max_batch_size
         self.bind_adapters: Callable[..., Any] | None = None  # AdapterPool.bound, where the server has adapters
         self.cpu_threads = cpu_threads
+        self._clock = pass_clock(cpu_threads)
+        self.cores = cores  # on a CPU: the cores its passes share with the slot threads' decodes (engine.cores)
         self.costs = costs if costs is not None else CostModel(max_batch_size, learn=False)
         # The tracks handed to this loop and not finished, for the runner's choice of a loop (``load``).
         self._assigned: set[Track] = set()
@@ -209,7 +212,8 @@ class DenoiseLoop:
                     self._largest = max(self._largest, size)
                     with self._sizes_lock:
                         self._pass_sizes[size] += 1
-                    self._step(batch)
+                    with self.cores.passing(self.cpu_threads) if self.cores else contextlib.nullcontext():
+                        self._step(batch)
                     self._retire(group)
         except Exception:  # pragma: no cover - a bug here must not leave slot threads waiting forever
             logger.exception("the denoising loop stopped")
@@ -335,7 +339,7 @@ class DenoiseLoop:
             latents = track.latents if track.condition is None else torch.cat([track.latents, track.condition], 1)
             hidden.extend([latents] * copies)
             timesteps.append(track.timesteps[track.index].expand(track.images))
-        started = time.perf_counter()
+        started = self._clock()
         # One group, one adapter set (it is part of the group key): the pool's gate switches only between passes.
         with self.bind_adapters(batch[0].adapters) if self.bind_adapters else contextlib.nullcontext():
             out = self.transformer(
@@ -348,5 +352,5 @@ class DenoiseLoop:
             )[0]
         if out.is_cuda:
             torch.cuda.synchronize(out.device)  # the pass's time, not its launch's (the step waits for it anyway)
-        self.costs.record(batch[0].cost_group, out.shape[0], time.perf_counter() - started)
+        self.costs.record(batch[0].cost_group, out.shape[0], self._clock() - started)
         return list(out.split([t.images for t in batch]))

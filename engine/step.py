@@ -25,6 +25,7 @@ devices there is one loop.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -39,6 +40,7 @@ from utils.requestscopedpipeline import default_guidance_scale
 
 from .adapters import AdapterPool
 from .calibrate import Calibration, PassInputs, calibrate
+from .cores import Cores
 from .costs import CostModel
 from .loop import DenoiseLoop, Track
 from .prompt_cache import PromptCache, TextEmbedding, encode_texts, is_guided, request_embeddings
@@ -177,8 +179,10 @@ class StepRunner:
         threads = self.calibration.threads if self.calibration else None
         if self.calibration is None and cpu_threads:
             threads = max(1, cpu_threads // count)
+        # On a CPU the loops' passes and the decodes share the cores, a decode first (engine.cores).
+        self.cores = Cores(cpu_threads) if cpu_threads and self.device.type == "cpu" else None
         self.loops = [
-            DenoiseLoop(self.transformer, max_batch_size, threads, self.costs, name=f"denoise-{i}")
+            DenoiseLoop(self.transformer, max_batch_size, threads, self.costs, name=f"denoise-{i}", cores=self.cores)
             for i in range(count)
         ]
         for loop in self.loops:
@@ -207,7 +211,7 @@ class StepRunner:
         return calibrate(self.transformer, inputs, self.costs, cores, loops, self._new_costs)
 
     def _new_costs(self) -> CostModel:
-        return CostModel(self.costs.max_batch, self.costs.tolerance, self.costs.alpha, self.costs.probe_every)
+        return CostModel(self.costs.max_batch, self.costs.tolerance, self.costs.window, self.costs.probe_every)
 
     def _label(self, group: Hashable) -> str:
         """A group (latent height, width) as the image size clients ask for."""
@@ -251,7 +255,7 @@ class StepRunner:
             negative = self.cache.get([request.negative_prompt or ""], self._encode_negatives, MAX_SEQUENCE_LENGTH)[0]
         track = self._prepare(task, request, positive, negative, on_step)
         latents = self._loop_for(track).run(track)
-        with self._decoders:
+        with self._decoders, self.cores.decoding() if self.cores else contextlib.nullcontext():
             return self._decode(task, track.view, latents)
 
     def _prepare(
