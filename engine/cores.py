@@ -10,8 +10,10 @@ than the threads engine, for a mean latency of 1.06x.
 
 So a decode goes first, as the request closest to done: ``decoding()`` takes one core as soon as one is free, and
 while a decode waits, no pass takes a core (``passing(n)`` waits). A pass holds its loop's threads' worth of
-cores for its transformer pass and scheduler steps only, so a decode waits at most one pass. On other devices the
-loops and the decodes do not share cores, and the runner has no ``Cores``.
+cores for its transformer pass and scheduler steps only, so a decode waits at most one pass. The wait begins when
+the loop finishes the request (``promise()``, in the pass that took its last step), not when its slot thread
+wakes up: else the loop, running already, took the core back for its next pass before the woken thread asked.
+On other devices the loops and the decodes do not share cores, and the runner has no ``Cores``.
 """
 
 from __future__ import annotations
@@ -51,11 +53,18 @@ class Cores:
         finally:
             self._give_back(need)
 
-    @contextlib.contextmanager
-    def decoding(self) -> Iterator[None]:
-        """Hold one core for a decode, taken ahead of every pass that waits."""
+    def promise(self) -> None:
+        """A decode is on its way (its request just left a loop): passes wait for it from now. Its
+        ``decoding(promised=True)`` must follow."""
         with self._changed:
             self._decodes_waiting += 1
+
+    @contextlib.contextmanager
+    def decoding(self, promised: bool = False) -> Iterator[None]:
+        """Hold one core for a decode, taken ahead of every pass that waits (``promised``: counted as waiting
+        since its ``promise()``)."""
+        with self._changed:
+            self._decodes_waiting += not promised
             try:
                 self._changed.wait_for(lambda: self._free >= 1)
             finally:

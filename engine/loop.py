@@ -313,6 +313,8 @@ class DenoiseLoop:
         track.index += 1
         track.on_step(step, track.latents)  # raises GenerationCancelled when the request was abandoned
         if track.index == len(track.timesteps):
+            if self.cores is not None:
+                self.cores.promise()  # its decode goes before this loop's next pass (engine.cores)
             track.done.set_result(track.latents)
 
     def _forward(self, batch: list[Track]) -> list[torch.Tensor | None]:

@@ -25,7 +25,6 @@ devices there is one loop.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import queue
 import threading
@@ -189,8 +188,8 @@ class StepRunner:
             loop.bind_adapters = adapters.bound if adapters is not None else None
         self.loop = self.loops[0]  # the first (the only one but on a CPU)
         self._dispatch = threading.Lock()  # makes "choose the least loaded loop, count the track there" one step
-        # Bounds the decodes running at once: a burst finishes together, and 16 concurrent VAE decodes would hold 16
-        # sets of activations and fight the loop for the cores. Whoever waits here has already left the loop.
+        # Bounds the decodes running at once where there are no Cores (off a CPU): a burst finishes together, and 16
+        # concurrent VAE decodes would hold 16 sets of activations. Whoever waits here has already left the loop.
         self._decoders = threading.Semaphore(max(1, cpu_threads or 2))
 
     def _loop_for(self, track: Track) -> DenoiseLoop:
@@ -255,7 +254,8 @@ class StepRunner:
             negative = self.cache.get([request.negative_prompt or ""], self._encode_negatives, MAX_SEQUENCE_LENGTH)[0]
         track = self._prepare(task, request, positive, negative, on_step)
         latents = self._loop_for(track).run(track)
-        with self._decoders, self.cores.decoding() if self.cores else contextlib.nullcontext():
+        # The loop promised this decode a core when it finished the track (Cores.promise): taken here, first.
+        with self.cores.decoding(promised=True) if self.cores else self._decoders:
             return self._decode(task, track.view, latents)
 
     def _prepare(
