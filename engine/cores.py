@@ -4,9 +4,10 @@ Why: on a CPU the step engine's loops own the cores (one thread each, or a share
 loop decodes in its slot thread beside them. Unchecked, a decode is one thread more than there are cores: on a
 2-core machine two loops and one decode time-share two cores, so the decode (the last work of a request that is
 nearly done) runs at two thirds of a core while the loops' requests run slower too. The threads engine never does
-that: a slot decodes on its own core and its next request starts after. Measured (bench/RESULTS.md, "decodes
-first"): at 512x512, a burst of 4 on two one-thread loops finished its first two requests a decode's time later
-than the threads engine, for a mean latency of 1.06x.
+that: a slot decodes on its own core and its next request starts after. Measured (bench/RESULTS.md, "Issue 21:
+pass times by CPU time, judged on medians, decodes first"; ``bench/ranked_bursts.py``): at 512x512, a burst of 4 on
+two one-thread loops finished its first two requests 0.26 s later than the threads engine, for the same makespan
+(mean latency 1.09x); with this module, 1.02x.
 
 So a decode goes first, as the request closest to done: ``decoding()`` takes one core as soon as one is free, and
 while a decode waits, no pass takes a core (``passing(n)`` waits). A pass holds its loop's threads' worth of
