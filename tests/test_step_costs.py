@@ -108,7 +108,7 @@ def test_pass_times_are_a_recent_median_and_the_first_pass_is_a_warm_up() -> Non
     costs.record(GROUP, 2, 0.010)
     costs.record(GROUP, 2, 0.012)
     assert costs.pass_time(GROUP, 2) == pytest.approx(0.011)
-    costs.record(GROUP, 2, 1.0)  # stalled by other work: a median of three is not moved by one stall
+    costs.record(GROUP, 2, 1.0)  # stalled by other work: the median of three is a good pass, never the stall
     assert costs.pass_time(GROUP, 2) == pytest.approx(0.012)
     costs.record(GROUP, 2, 0.011)
     costs.record(GROUP, 2, 0.011)
