@@ -3,9 +3,10 @@
 What the CI machines allow (measured): no base image can be pulled, so the base is made here with mmdebstrap from
 the Debian mirror apt is configured with; ``podman build`` needs ``--isolation chroot`` (no cgroup controllers); pip
 inside a build cannot verify the registry's certificate chain, so the build installs from a wheelhouse (the
-air-gapped path the README gives users); and ``podman run`` may be refused (the runtime may not set rlimits): then
-the image's own entrypoint runs from its exported file system under ``chroot``, with the image's environment, working
-directory and user. The README's commands are the ones run here, with this machine's paths put in (``readme_command``).
+air-gapped path the documentation gives users); and ``podman run`` may be refused (the runtime may not set
+rlimits): then the image's own entrypoint runs from its exported file system under ``chroot``, with the image's
+environment, working directory and user. The commands of the documentation's container page
+(docs/operations/container.md) are the ones run here, with this machine's paths put in (``readme_command``).
 """
 
 from __future__ import annotations
@@ -27,18 +28,20 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-README = (REPO / "README.md").read_text()
+CONTAINER_PAGE = REPO / "docs" / "operations" / "container.md"
 BASE_IMAGE = "localhost/sd3-server-test-base:bookworm"
 TEST_IMAGE = "localhost/sd3-server:test"
 CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sd3-server"
 
 
 def container_section() -> str:
-    return README.split("\n## Container", 1)[1].split("\n## ", 1)[0]
+    """The documentation's container page: the image, compose and the air-gapped build (once the README's
+    "Container" section)."""
+    return CONTAINER_PAGE.read_text()
 
 
 def readme_command(prefix: str) -> list[str]:
-    """The one command line of the README's Container section that starts with ``prefix``, as arguments."""
+    """The one command line of the container page's shell blocks that starts with ``prefix``, as arguments."""
     lines = [
         line.strip()
         for block in re.findall(r"```bash\n(.*?)```", container_section(), flags=re.S)
@@ -95,7 +98,7 @@ def local_base() -> str:
 
 
 def wheelhouse() -> Path:
-    """The README's wheelhouse, made by its command with this machine's pip configuration, and cached in ~/.cache
+    """The documented wheelhouse, made by its command with this machine's pip configuration, and cached in ~/.cache
     (keyed by the requirements, the script and this Python): later runs reuse it without running pip at all."""
     key = hashlib.sha256()
     for name in ("requirements.txt", "deploy/container/wheelhouse"):
@@ -116,7 +119,7 @@ def wheelhouse() -> Path:
 
 
 def build_image() -> str:
-    """The README's air-gapped build, from the local base and the cached wheelhouse; podman's log of it."""
+    """The documented air-gapped build, from the local base and the cached wheelhouse; podman's log of it."""
     command = readme_command("podman build --format docker --build-context")
     command = replace_option(command, "--build-context", f"wheelhouse={wheelhouse()}")
     command = replace_option(command, "-t", TEST_IMAGE)

@@ -168,9 +168,10 @@ def test_a_model_too_large_for_the_memory_is_refused_before_allocating() -> None
 
 
 def test_weights_needed_by_the_presets_match_the_readme() -> None:
+    """The figures on the documentation's models page (once the README's "Models" section)."""
     from Pipelines import required_bytes
 
-    readme = (REPO / "README.md").read_text()
+    models_page = (REPO / "docs" / "operations" / "models.md").read_text()
     for preset, dtype, figure in (
         ("random:sd3.5-medium", torch.float32, "31.6 GB"),
         ("random:sd3.5-medium", torch.bfloat16, "25.3 GB"),
@@ -180,7 +181,7 @@ def test_weights_needed_by_the_presets_match_the_readme() -> None:
         need = required_bytes(preset, dtype)
         assert need is not None
         shown = f"{need / 1e9:.1f} GB" if need > 1e9 else f"{need / 1e6:.1f} MB"
-        assert shown == figure and figure in readme, (preset, dtype, shown)
+        assert shown == figure and figure in models_page, (preset, dtype, shown)
     assert required_bytes("stabilityai/stable-diffusion-3.5-medium", torch.float32) is None  # unknown before load
 
 
