@@ -285,6 +285,19 @@ def test_the_readmes_links_into_the_site_lead_to_pages_and_headings() -> None:
     assert {f"docs/{name}" for name in pages()} <= {target for target, _ in links}
 
 
+def test_every_code_block_is_closed() -> None:
+    """An unclosed fence swallows the rest of its page into one code block, and strict mode does not see it."""
+    for where, text in everything().items():
+        fences = re.findall(r"^```", text, flags=re.M)
+        assert len(fences) % 2 == 0, where
+
+
+def test_every_metric_is_on_the_metrics_page() -> None:
+    names = set(re.findall(r'"(sd_[a-z_]+)"', (REPO / "api" / "metrics.py").read_text()))
+    assert len(names) >= 10, names
+    assert {name for name in names if name not in page("operations/metrics.md")} == set()
+
+
 def test_the_json_examples_are_json() -> None:
     for where, text in everything().items():
         for _, body in code_blocks(text, "json"):
