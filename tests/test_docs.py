@@ -71,7 +71,7 @@ def options_generator() -> ModuleType:
 
 
 def test_every_option_is_in_the_reference_exactly_once() -> None:
-    rows = Counter(re.findall(r"^\| `(--[a-z0-9-]+)` \|", OPTIONS_PAGE.read_text(), flags=re.M))
+    rows = Counter(re.findall(r"^\| `(--[a-z0-9-]+)`<br>", OPTIONS_PAGE.read_text(), flags=re.M))
     flags = {"--" + name.replace("_", "-") for name in Settings.model_fields}
     assert set(rows) - flags == set(), "the reference documents options that do not exist"
     assert flags - set(rows) == set(), "options missing from the reference: run python docs/_tools/options.py"
@@ -99,7 +99,7 @@ def test_a_new_option_makes_the_reference_out_of_date_until_it_is_regenerated() 
         regenerated = generator.render(current)
     assert regenerated != current
     other = section(regenerated, "Other options")
-    assert "| `--no-t5` | `SERVER_NO_T5` | switch | off | load the model without its T5 text encoder |" in other
+    assert "| `--no-t5`<br>`SERVER_NO_T5` | switch | off | load the model without its T5 text encoder |" in other
 
 
 def _parser_actions() -> dict[str, argparse.Action]:
@@ -122,7 +122,7 @@ def test_the_references_flags_and_value_kinds_are_the_parsers() -> None:
     """Each row's flag is the one the CLI parser takes, a "switch" takes no value, a "repeatable" one appends."""
     rows = {
         flag: kind
-        for flag, kind in re.findall(r"^\| `(--[a-z0-9-]+)` \| [^|]* \| (\w+) \|", OPTIONS_PAGE.read_text(), flags=re.M)
+        for flag, kind in re.findall(r"^\| `(--[a-z0-9-]+)`<br>[^|]* \| (\w+) \|", OPTIONS_PAGE.read_text(), flags=re.M)
     }
     actions = _parser_actions()
     assert set(actions) == set(Settings.model_fields)
@@ -138,7 +138,7 @@ def test_the_references_variables_are_the_ones_the_settings_read(monkeypatch: py
     the option's own validation (a variable the settings did not read would change nothing)."""
     from pydantic import ValidationError
 
-    rows = re.findall(r"^\| `--([a-z0-9-]+)` \| ([^|]*) \|", OPTIONS_PAGE.read_text(), flags=re.M)
+    rows = re.findall(r"^\| `--([a-z0-9-]+)`<br>([^|]*) \|", OPTIONS_PAGE.read_text(), flags=re.M)
     assert len(rows) == len(Settings.model_fields)
     for flag, variables in rows:
         name = flag.replace("-", "_")
@@ -151,7 +151,7 @@ def test_the_references_variables_are_the_ones_the_settings_read(monkeypatch: py
             except ValidationError as exc:
                 assert name in {str(error["loc"][0]) for error in exc.errors() if error["loc"]}, (variable, exc)
             monkeypatch.delenv(variable)
-    model = re.search(r"^\| `--model` \| ([^|]*) \|", OPTIONS_PAGE.read_text(), flags=re.M)
+    model = re.search(r"^\| `--model`<br>([^|]*) \|", OPTIONS_PAGE.read_text(), flags=re.M)
     assert model is not None and model.group(1).strip() == "`SERVER_MODEL`, `MODEL_PATH`"
 
 

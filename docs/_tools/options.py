@@ -33,7 +33,9 @@ COMMAND = "python docs/_tools/options.py"
 
 _MARKER = re.compile(r"(<!-- options: (?P<names>[^>]*?) -->\n)(?P<body>.*?)(<!-- /options -->)", re.S)
 _DEFAULT = re.compile(r"\s*\(default: (?P<text>(?:[^()]|\([^()]*\))*)\)")
-_HEADER = "| flag | environment variable | value | default | meaning |\n|---|---|---|---|---|\n"
+_HEADER = "| option | value | default | meaning |\n|---|---|---|---|\n"
+# The tables sit in a div the site's style sheet knows (docs/stylesheets/extra.css: flags and variables unbroken).
+_OPEN, _CLOSE = '<div class="options-table" markdown>\n\n', "\n</div>\n"
 
 
 def _settings() -> Any:
@@ -72,7 +74,7 @@ def _cell(text: str) -> str:
 
 
 def row(name: str) -> str:
-    """One table row: flag, environment variable(s), value, default, meaning."""
+    """One table row: the flag over its environment variable(s), the value it takes, its default, its meaning."""
     settings, prefix = _settings()
     field = settings.model_fields[name]
     flag = "--" + name.replace("_", "-")
@@ -87,7 +89,8 @@ def row(name: str) -> str:
     else:
         default = _format_default(field.get_default(call_default_factory=True))
     kind = _kind(field.annotation)
-    return f"| `{flag}` | {', '.join(f'`{v}`' for v in variables)} | {kind} | {_cell(default)} | {_cell(description)} |"
+    option = f"`{flag}`<br>" + ", ".join(f"`{v}`" for v in variables)
+    return f"| {option} | {kind} | {_cell(default)} | {_cell(description)} |"
 
 
 def render(page: str) -> str:
@@ -109,7 +112,7 @@ def render(page: str) -> str:
         names = match.group("names").split()
         chosen = rest if names == ["*"] else names
         if chosen:
-            body = _HEADER + "".join(row(name) + "\n" for name in chosen)
+            body = _OPEN + _HEADER + "".join(row(name) + "\n" for name in chosen) + _CLOSE
         else:
             body = "Every option is in one of the sections above.\n"
         return match.group(1) + body + match.group(4)
