@@ -16,7 +16,7 @@ from fastapi_offline import FastAPIOffline
 
 from api.docs_headers import DocsHeadersMiddleware
 from api.errors import ERROR_RESPONSES, install_error_handlers
-from api.jobstores import make_job_store
+from api.generation import job_failure
 from api.loading import load_model
 from api.metrics import Metrics, MetricsMiddleware
 from api.middleware import (
@@ -29,6 +29,7 @@ from api.middleware import (
 from api.openapi import publish_limits
 from api.routes import ROUTERS, UPLOAD_PATHS
 from api.settings import Settings
+from jobs import make_job_store
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +68,8 @@ def create_app(settings: Settings | None = None, loader: Callable[[Settings], An
     app.state.settings = settings
     app.state.started_at = time.time()  # unix seconds: GET /v1/models' created
     app.state.store = store
-    app.state.jobs = make_job_store(settings, _finisher_for(store), lambda: app.state.engine)
+    failure_of = job_failure(settings.request_timeout)
+    app.state.jobs = make_job_store(settings, _finisher_for(store), lambda: app.state.engine, failure_of)
     app.state.engine = None
     app.state.loaded = None
     app.state.prompt_cache = None

@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.limits import limit_messages
 from api.schemas import ErrorBody
+from jobs.errors import StoreUnavailable, TooManyJobs
 
 logger = logging.getLogger(__name__)
 
@@ -108,11 +109,23 @@ def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Answer every error in the envelope: ours, validation, Starlette's HTTP errors, and anything unexpected."""
+    """Answer every error in the envelope: ours, the job service's (a full or unreachable store: 503), validation,
+    Starlette's HTTP errors, and anything unexpected."""
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
         return error_response(exc.status, exc.message, exc.type, exc.param, exc.code, **exc.headers)
+
+    @app.exception_handler(TooManyJobs)
+    async def too_many_jobs(request: Request, exc: TooManyJobs) -> JSONResponse:
+        return error_response(
+            503, exc.message, "overloaded_error", None, "too_many_jobs", **{"Retry-After": str(exc.retry_after)}
+        )
+
+    @app.exception_handler(StoreUnavailable)
+    async def job_store_unavailable(request: Request, exc: StoreUnavailable) -> JSONResponse:
+        message = f"The job store is unavailable ({exc}). Retry later."
+        return error_response(503, message, "unavailable", None, "job_store_unavailable", **{"Retry-After": "2"})
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

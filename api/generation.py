@@ -10,13 +10,14 @@ import asyncio
 import logging
 import secrets
 import unicodedata
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 
 from api.adapters import adapter_error, loras_of
 from api.deps import ready_engine, request_id, watch_disconnect
-from api.errors import APIError
+from api.errors import APIError, internal_error
 from api.limits import limit_messages, max_side
 
 if TYPE_CHECKING:
@@ -32,6 +33,7 @@ __all__ = [
     "encode_all",
     "encoding_of",
     "is_blank",
+    "job_failure",
     "log_generation",
     "run_generation",
     "save_all",
@@ -168,19 +170,9 @@ async def run_generation(
         watcher.cancel()
 
 
-def log_generation(generation: GenerationRequest, job_id: str | None = None) -> None:
+def log_generation(generation: GenerationRequest) -> None:
     """One log line for a generation as it is submitted (the prompt truncated)."""
-    logger.info(
-        "request %s%s: %dx%d, %d step(s), %d image(s), seed %d, prompt %.60r",
-        generation.request_id,
-        f" (job {job_id})" if job_id else "",
-        generation.width,
-        generation.height,
-        generation.num_inference_steps,
-        generation.num_images,
-        generation.seed,
-        generation.prompt,
-    )
+    logger.info("request %s: %s", generation.request_id, generation.summary())
 
 
 def as_api_error(exc: EngineError, engine: Any, request_timeout: float) -> APIError:
@@ -217,6 +209,20 @@ def as_api_error(exc: EngineError, engine: Any, request_timeout: float) -> APIEr
         )
     # ClientGone. Nobody is listening; this answer is for the log (499: client closed request, nginx's convention).
     return APIError(499, "Client closed the request.", "client_closed", code="client_closed")
+
+
+def job_failure(request_timeout: float) -> Callable[[BaseException, Any, Any], APIError]:
+    """How a job's failed run is described to its clients (``jobs.errors.FailureOf``): the engine's failures as a
+    request's would be answered, anything else as an internal error with the request id (the job service logs it)."""
+
+    def failure_of(exc: BaseException, generation: GenerationRequest, engine: Any) -> APIError:
+        from engine import EngineError
+
+        if isinstance(exc, EngineError):
+            return as_api_error(exc, engine, request_timeout)
+        return internal_error(generation.request_id)
+
+    return failure_of
 
 
 def timing_headers(result: GenerationResult) -> dict[str, str]:

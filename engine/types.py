@@ -93,6 +93,13 @@ class GenerationRequest:
     strength: float | None = None
     loras: tuple[tuple[str, float], ...] = ()  # LoRA adapters (name, scale), in order (engine.adapters)
 
+    def summary(self) -> str:
+        """One line for the log: size, steps, images, seed and the prompt (truncated)."""
+        return (
+            f"{self.width}x{self.height}, {self.num_inference_steps} step(s), {self.num_images} image(s), "
+            f"seed {self.seed}, prompt {self.prompt!r:.60}"
+        )
+
     @property
     def pixels(self) -> int:
         """What the request costs the engine while it runs: width x height x images (its activations, its latents

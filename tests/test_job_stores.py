@@ -1,4 +1,4 @@
-"""The durable job stores (api/jobstores) on a real SQLite file and a real redis-server, in-process: the fenced
+"""The durable job stores (jobs/) on a real SQLite file and a real redis-server, in-process: the fenced
 writes (a job ends once, and only by its current run), attempts, the store-wide bound, cancel and events across two
 job services (two "servers" on one store), and a stopped server handing its jobs back. Real processes:
 tests/test_jobs_durable.py.
@@ -17,10 +17,11 @@ import pytest
 import redis
 from redis_helpers import RedisProcess
 
-from api.errors import APIError
-from api.jobstores.durable import DurableJobs
-from api.jobstores.records import REQUEUED
+from api.generation import job_failure
 from engine import Engine, GenerationRequest
+from jobs.durable import DurableJobs
+from jobs.errors import TooManyJobs
+from jobs.records import REQUEUED
 
 DB = 1  # the in-process tests' Redis database, flushed before each test
 
@@ -43,10 +44,10 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 def _backend(url: str) -> Any:
     if url.startswith("sqlite"):
-        from api.jobstores.sqlite import SQLiteBackend
+        from jobs.sqlite import SQLiteBackend
 
         return SQLiteBackend(url)
-    from api.jobstores.redis_store import RedisBackend
+    from jobs.redis_store import RedisBackend
 
     return RedisBackend(url)
 
@@ -124,12 +125,12 @@ class Node:
         )
         self.engine = Engine(_stepping_runner, max_concurrency=1, max_queue=4, release=lambda: None)
         self.engine.set_ready()
-        self.jobs = DurableJobs(_backend(url), settings, lambda context: _answer, lambda: self.engine)
+        self.jobs = DurableJobs(_backend(url), settings, lambda context: _answer, lambda: self.engine, job_failure(0))
         self.jobs.open()
 
     async def start(self, steps: int, seed: int = 0) -> str:
         request = GenerationRequest("p", steps, 1, seed, 16, 16, request_id=f"r{seed}")
-        return (await self.jobs.start(request, self.engine, _answer, 0, context={})).id
+        return (await self.jobs.start(request, self.engine, _answer, context={})).id
 
     async def close(self) -> None:
         await self.engine.drain(0)
@@ -149,10 +150,10 @@ def test_the_bound_holds_for_the_store_and_a_cancel_reaches_the_running_server(s
         a, b = Node(store_url, max_jobs=2), Node(store_url, max_jobs=2)
         first, second = await a.start(1000, 1), await b.start(1000, 2)
         for node in (a, b):
-            with pytest.raises(APIError) as refused:
+            with pytest.raises(TooManyJobs) as refused:  # the HTTP layer answers it 503 too_many_jobs
                 await node.start(10)
-            assert (refused.value.status, refused.value.code) == (503, "too_many_jobs")
-            assert "job store holds 2 jobs" in refused.value.message and refused.value.headers["Retry-After"]
+            assert refused.value.held == 2 and refused.value.retry_after >= 1
+            assert "job store holds 2 jobs" in refused.value.message
         await _until(lambda: _is(a, first, lambda s: s["step"] >= 2))
         cancelled = await b.jobs.stop(first)  # through the other server
         assert cancelled["status"] == "cancelled" and cancelled["step"] < 1000
@@ -226,8 +227,8 @@ def test_a_stored_request_comes_back_whole_with_its_image_mask_and_adapters() ->
     import numpy as np
     from PIL import Image
 
-    from api.jobstores.records import body_of, generation_of
     from engine import GenerationRequest
+    from jobs.records import body_of, generation_of
 
     image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (16, 24, 3), dtype=np.uint8))
     mask = Image.fromarray((np.arange(16 * 24).reshape(16, 24) % 2 * 255).astype(np.uint8), mode="L")

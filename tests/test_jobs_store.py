@@ -1,4 +1,5 @@
-"""api.jobs on a real Engine (a runner that steps until stopped, no model): admission, events, ETA, shutdown."""
+"""The job service's memory store (jobs/memory.py, jobs/job.py) on a real Engine (a runner that steps until stopped,
+no model): admission, events, ETA, shutdown."""
 
 from __future__ import annotations
 
@@ -10,8 +11,12 @@ from typing import Any
 import pytest
 
 from api.errors import APIError
-from api.jobs import Job, JobStore, Subscriber
+from api.generation import job_failure
 from engine import Engine, GenerationRequest, ProgressEvent
+from jobs.job import Job, Subscriber
+from jobs.memory import JobStore
+
+FAILURE_OF = job_failure(0)  # the HTTP layer's description of a failed run (what the server gives the store)
 
 
 def _request(steps: int = 1000, seed: int = 0) -> GenerationRequest:
@@ -57,12 +62,12 @@ def test_admission_has_no_race_with_a_request_scheduled_just_before() -> None:
     async def scenario() -> None:
         engine = Engine(_stepping_runner, max_concurrency=1, max_queue=1, release=lambda: None)
         engine.set_ready()
-        store = JobStore(max_jobs=10, ttl=60)
-        first = await store.start(_request(seed=1), engine, _answer, 0)
+        store = JobStore(max_jobs=10, ttl=60, failure_of=FAILURE_OF)
+        first = await store.start(_request(seed=1), engine, _answer)
         # A request already scheduled (its task will run before the job's) takes the last place in the queue.
         other = asyncio.create_task(engine.submit(_request(seed=2)))
         with pytest.raises(APIError) as refused:
-            await store.start(_request(seed=3), engine, _answer, 0)
+            await store.start(_request(seed=3), engine, _answer)
         assert (refused.value.status, refused.value.code) == (503, "queue_full")
         assert refused.value.headers["Retry-After"]
         assert len(store) == 1 and engine.queued == 1
@@ -90,9 +95,9 @@ def test_close_stops_every_job_and_leaves_no_task() -> None:
     async def scenario() -> set[asyncio.Task[Any]]:
         engine = Engine(_stepping_runner, max_concurrency=1, max_queue=4, release=lambda: None)
         engine.set_ready()
-        store = JobStore(max_jobs=10, ttl=60)
+        store = JobStore(max_jobs=10, ttl=60, failure_of=FAILURE_OF)
         store.open()
-        jobs = [await store.start(_request(seed=seed), engine, _answer, 0) for seed in range(3)]
+        jobs = [await store.start(_request(seed=seed), engine, _answer) for seed in range(3)]
         await asyncio.sleep(0.1)
         assert await engine.drain(0.2) is False  # the shutdown timeout: the engine aborts what is left
         await store.close(5)
@@ -109,8 +114,8 @@ def test_a_cancelled_job_never_reports_steps_after_its_end() -> None:
     async def scenario() -> None:
         engine = Engine(_stepping_runner, max_concurrency=1, max_queue=1, release=lambda: None)
         engine.set_ready()
-        store = JobStore(max_jobs=10, ttl=60)
-        job = await store.start(_request(), engine, _answer, 0)
+        store = JobStore(max_jobs=10, ttl=60, failure_of=FAILURE_OF)
+        job = await store.start(_request(), engine, _answer)
         while job.step < 2:
             await asyncio.sleep(0.01)
         store.cancel(job)
@@ -127,8 +132,8 @@ def test_a_job_that_takes_a_free_slot_is_running_at_once_and_started_is_said_onc
     async def scenario() -> list[list[str]]:
         engine = Engine(_stepping_runner, max_concurrency=1, max_queue=1, release=lambda: None)
         engine.set_ready()
-        store = JobStore(max_jobs=10, ttl=60)
-        job = await store.start(_request(steps=3), engine, _answer, 0)
+        store = JobStore(max_jobs=10, ttl=60, failure_of=FAILURE_OF)
+        job = await store.start(_request(steps=3), engine, _answer)
         assert (job.status, job.to_dict()["position"]) == ("running", None)
         early = job.subscribe()  # before the worker thread's "started" arrives: replayed
         await job.task  # type: ignore[misc]

@@ -1,7 +1,8 @@
 """Jobs on the native API: POST /api/jobs, GET /api/jobs/{id}, GET /api/jobs/{id}/events (SSE), DELETE /api/jobs/{id}.
 
-The job store and runner are ``api.jobs`` (memory, the default) or ``api.jobstores`` (SQLite, Redis:
-``--job-store``); a job's result is the synchronous API's answer (``native_answer``).
+The job service is ``jobs`` (its stores: memory, the default, or SQLite and Redis: ``--job-store``); a job's result
+is the synchronous API's answer (``native_answer``). The service's refusals (a full or unreachable store) are
+answered by ``api.errors``' handlers.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from api.deps import base_url, ready_engine
 from api.edits import native_generation
 from api.errors import APIError, ErrorResponse
 from api.generation import encoding_of
-from api.jobs import KEEP_ALIVE_S
 from api.routes.native import NATIVE_NAMES, native_answer
 from api.schemas import JobCreated, JobRequest, JobState
 from api.sse import SSE_EVENT_SCHEMA, SSE_HEADERS, SSE_MEDIA_TYPE, comment, sse_event
+from jobs import KEEP_ALIVE_S
 
 __all__ = ["KEEP_ALIVE_S", "router"]
 
@@ -30,7 +31,7 @@ _NOT_FOUND = {404: {"model": ErrorResponse, "description": "No such job, or it e
 
 
 def _jobs(request: Request) -> Any:
-    """The job store: ``api.jobs.JobStore`` (memory) or ``api.jobstores.durable.DurableJobs`` (SQLite, Redis)."""
+    """The job store: ``jobs.memory.JobStore`` (memory) or ``jobs.durable.DurableJobs`` (SQLite, Redis)."""
     return request.app.state.jobs
 
 
@@ -48,13 +49,12 @@ async def create_job(body: JobRequest, request: Request) -> JSONResponse:
     engine = ready_engine(request)  # 503 while loading, before the limits (which depend on the model) are checked
     generation = await native_generation(request, body, NATIVE_NAMES, body.num_images_per_prompt)
     generation.preview_every = body.preview_every
-    settings = request.app.state.settings
     # The result's image URLs are built for the client that created the job, as the synchronous API builds them;
     # a durable store keeps that context, so the job can be run again elsewhere with the same answer.
     encoding = encoding_of(body)
     finisher = functools.partial(native_answer, request.app.state.store, base_url(request), encoding=encoding)
     context = {"base_url": base_url(request), "format": encoding.format, "compression": encoding.compression}
-    job = await _jobs(request).start(generation, engine, finisher, settings.request_timeout, context=context)
+    job = await _jobs(request).start(generation, engine, finisher, context=context)
     status_url = f"{base_url(request)}/api/jobs/{job.id}"
     created = {"id": job.id, "status": "queued", "status_url": status_url, "events_url": f"{status_url}/events"}
     return JSONResponse(created, status_code=202, headers={"Location": status_url})

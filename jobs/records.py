@@ -18,13 +18,9 @@ import json
 import time
 from typing import Any
 
-from api.errors import APIError, envelope
-
 __all__ = [
     "FIELDS",
     "FINAL",
-    "StoreFull",
-    "StoreUnavailable",
     "attempts_error",
     "body_of",
     "diff_events",
@@ -33,7 +29,6 @@ __all__ = [
     "replay",
     "state_of",
     "to_flat",
-    "unavailable",
 ]
 
 FINAL = frozenset({"succeeded", "failed", "cancelled"})
@@ -69,35 +64,13 @@ REQUEUED: dict[str, Any] = {
 }
 
 
-class StoreUnavailable(Exception):
-    """The store cannot be reached now (Redis down, restarting or loading): answered 503, retried in the background."""
-
-
-class StoreFull(Exception):
-    """``--max-jobs`` records held, none of which may go: ``held``, and the finished ones' grace left."""
-
-    def __init__(self, held: int, waits: list[float]) -> None:
-        super().__init__(f"{held} jobs held")
-        self.held, self.waits = held, waits
-
-
-def unavailable(exc: StoreUnavailable) -> APIError:
-    return APIError(
-        503,
-        f"The job store is unavailable ({exc}). Retry later.",
-        "unavailable",
-        code="job_store_unavailable",
-        headers={"Retry-After": "2"},
-    )
-
-
 def attempts_error(attempts: int) -> dict[str, Any]:
     """The error of a job whose server stopped (crashed, was killed) during each of its ``attempts`` runs."""
     message = (
         f"The job was started {attempts} time(s) and its server stopped each time before it finished (it may be "
         "what crashes the server); it is not run again (--job-max-attempts)."
     )
-    return envelope(message, "server_error", None, "too_many_attempts")["error"]
+    return {"message": message, "type": "server_error", "param": None, "code": "too_many_attempts"}
 
 
 # -- the generation a record runs ---------------------------------------------------------------------------------
@@ -181,7 +154,7 @@ def _eta(record: dict[str, Any], total: int, now: float) -> float | None:
 
 
 def state_of(record: dict[str, Any], now: float | None = None) -> dict[str, Any]:
-    """The job as ``GET /api/jobs/{id}`` answers it (``api.jobs.Job.to_dict``'s fields)."""
+    """The job as ``GET /api/jobs/{id}`` answers it (``jobs.job.Job.to_dict``'s fields)."""
     body = record["body"]
     return {
         "id": record["id"],
@@ -204,7 +177,7 @@ def _step_data(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def replay(record: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """What a new follower is told first: where the job is (as ``api.jobs.Job.subscribe`` replays it)."""
+    """What a new follower is told first: where the job is (as ``jobs.job.Job.subscribe`` replays it)."""
     if record["status"] in FINAL:
         return [("done", state_of(record))]
     if record["status"] == "queued":

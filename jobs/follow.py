@@ -15,8 +15,9 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-from api.jobs import KEEP_ALIVE_S, Job, Subscriber
-from api.jobstores.records import FINAL, StoreUnavailable, diff_events, replay, state_of
+from jobs.errors import StoreUnavailable
+from jobs.job import KEEP_ALIVE_S, Job, Subscriber
+from jobs.records import FINAL, diff_events, replay, state_of
 
 __all__ = ["POLL_S", "follow_local", "follow_store"]
 

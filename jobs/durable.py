@@ -31,18 +31,10 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from api.jobs import KEEP_ALIVE_S, Finisher, Job, Subscriber, run_outcome, too_many_jobs
-from api.jobstores.follow import follow_local, follow_store
-from api.jobstores.records import (
-    FINAL,
-    REQUEUED,
-    StoreFull,
-    StoreUnavailable,
-    body_of,
-    generation_of,
-    state_of,
-    unavailable,
-)
+from jobs.errors import FailureOf, StoreFull, StoreUnavailable, TooManyJobs, failure_body
+from jobs.follow import follow_local, follow_store
+from jobs.job import KEEP_ALIVE_S, Finisher, Job, Subscriber, run_outcome
+from jobs.records import FINAL, REQUEUED, body_of, generation_of, state_of
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +44,7 @@ RETRY_S = 1.0  # a write the store refused (unreachable) is tried again this oft
 
 
 class StoredJob(Job):
-    """A job this server runs: ``api.jobs.Job`` whose events are also written to the store (through a bounded queue,
+    """A job this server runs: ``jobs.job.Job`` whose events are also written to the store (through a bounded queue,
     so a slow store loses intermediate steps, never holds the job)."""
 
     def __init__(self, generation: Any, record: dict[str, Any] | None = None) -> None:
@@ -63,7 +55,7 @@ class StoredJob(Job):
         self.mirror = Subscriber()
         self.lost = False  # the lease went to another server: this run's outcome is not the job's
         self.admitting = True  # until the engine has said whether it takes the job
-        self.refused: Any = None  # the engine's refusal (an APIError), answered to the POST
+        self.refused: Any = None  # the engine's refusal (as ``failure_of`` describes it), answered to the POST
 
     def _publish(self, name: str, data: dict[str, Any]) -> None:
         super()._publish(name, data)
@@ -88,13 +80,23 @@ class StoredJob(Job):
 
 
 class DurableJobs:
-    """The job service over a store backend (``api.jobstores.sqlite`` or ``api.jobstores.redis_store``)."""
+    """The job service over a store backend (``jobs.sqlite`` or ``jobs.redis_store``). ``settings``: the store's
+    options (``max_jobs``, ``job_ttl``, ``job_grace``, ``job_lease``, ``job_max_attempts``); ``finisher_for(context)``
+    builds a job's answer from its record; ``engine_of()`` is this server's engine (None while loading);
+    ``failure_of`` describes a failed run."""
 
-    def __init__(self, backend: Any, settings: Any, finisher_for: Callable[[dict[str, Any]], Finisher], engine_of: Any):
+    def __init__(
+        self,
+        backend: Any,
+        settings: Any,
+        finisher_for: Callable[[dict[str, Any]], Finisher],
+        engine_of: Any,
+        failure_of: FailureOf,
+    ):
         self.backend = backend
+        self.failure_of = failure_of
         self.max_jobs, self.ttl, self.grace = settings.max_jobs, settings.job_ttl, settings.job_grace
         self.lease, self.max_attempts = settings.job_lease, settings.job_max_attempts
-        self.timeout = settings.request_timeout
         self.finisher_for, self.engine_of = finisher_for, engine_of
         self.server_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.local: dict[str, StoredJob] = {}  # the jobs this server runs (queued in its engine, or running)
@@ -106,21 +108,12 @@ class DurableJobs:
     def heartbeat(self) -> float:
         return self.lease / 3
 
-    async def _call(self, awaitable: Any) -> Any:
-        try:
-            return await awaitable
-        except StoreUnavailable as exc:
-            raise unavailable(exc) from None
-
     # -- what the routes ask --------------------------------------------------------------------------------
 
-    async def start(
-        self, generation: Any, engine: Any, finisher: Finisher, timeout: float, context: Any = None
-    ) -> StoredJob:
+    async def start(self, generation: Any, engine: Any, finisher: Finisher, context: Any = None) -> StoredJob:
         """Write the job's record (claimed by this server), then submit it to this server's engine: as
-        ``api.jobs.JobStore.start``, a refusal is answered now (503) and leaves no job."""
-        from api.generation import log_generation
-
+        ``jobs.memory.JobStore.start``, a refusal is raised now and leaves no job; a store that cannot be reached
+        raises ``StoreUnavailable``."""
         job = StoredJob(generation)
         now = time.time()
         record = {
@@ -129,21 +122,21 @@ class DurableJobs:
             **{"cancel": 0, "step": 0, "finished_at": None, "result": None, "error": None},
         }
         try:
-            await self._call(self.backend.insert(record, self.max_jobs, self.grace, self.ttl, now))
+            await self.backend.insert(record, self.max_jobs, self.grace, self.ttl, now)
         except StoreFull as full:
-            raise too_many_jobs("job store", full.held, full.waits) from None
-        if not await self._launch(job, engine, finisher, timeout):
+            raise TooManyJobs("job store", full.held, full.waits) from None
+        if not await self._launch(job, engine, finisher):
             with contextlib.suppress(StoreUnavailable):
                 await self.backend.delete(job.id)
             raise job.refused
-        log_generation(generation, job.id)
+        logger.info("request %s (job %s): %s", generation.request_id, job.id, generation.summary())
         return job
 
-    async def _launch(self, job: StoredJob, engine: Any, finisher: Finisher, timeout: float) -> bool:
-        """Start ``job``'s run; False if the engine refused it (``job.refused``). See ``api.jobs.JobStore.start``:
+    async def _launch(self, job: StoredJob, engine: Any, finisher: Finisher) -> bool:
+        """Start ``job``'s run; False if the engine refused it (``job.refused``). See ``jobs.memory.JobStore.start``:
         after one ``sleep(0)`` the engine has admitted or refused it."""
         self.local[job.id] = job
-        job.task = asyncio.create_task(self._run(job, engine, finisher, timeout), name=f"job-{job.id[:8]}")
+        job.task = asyncio.create_task(self._run(job, engine, finisher), name=f"job-{job.id[:8]}")
         await asyncio.sleep(0)
         job.admitting = False
         if job.refused is not None:
@@ -162,7 +155,7 @@ class DurableJobs:
 
     async def _load(self, job_id: str) -> dict[str, Any] | None:
         """The job's record, or None when there is none or it has expired (``--job-ttl``)."""
-        record = await self._call(self.backend.load(job_id))
+        record = await self.backend.load(job_id)
         if record is None or self._expired(record, time.time()):
             return None
         return record
@@ -180,11 +173,11 @@ class DurableJobs:
             if job.task is not None and not job.task.done():
                 await asyncio.wait({job.task}, timeout=10)
             return await self.describe(job_id)
-        record = await self._call(self.backend.request_cancel(job_id))
+        record = await self.backend.request_cancel(job_id)
         if record is None or self._expired(record, time.time()):
             return None
         if record["status"] not in FINAL and not record["owner"]:  # waiting for a server: it ends here and now
-            await self._call(self._finish(record, "", "cancelled", None, None))
+            await self._finish(record, "", "cancelled", None, None)
         deadline = time.monotonic() + 10
         while (state := await self.describe(job_id)) is not None and state["status"] not in FINAL:
             if time.monotonic() > deadline:
@@ -193,7 +186,7 @@ class DurableJobs:
         return state
 
     async def follow(self, job_id: str) -> AsyncIterator[tuple[str, dict[str, Any]] | None] | None:
-        """The job's events (as ``api.jobs.JobStore.follow``): live from this server's run, else from the store."""
+        """The job's events (as ``jobs.memory.JobStore.follow``): live from this server's run, else from the store."""
         job = self.local.get(job_id)
         if job is not None:
             return follow_local(self.backend, job, job.subscribe())
@@ -202,10 +195,10 @@ class DurableJobs:
 
     # -- runs ---------------------------------------------------------------------------------------------------
 
-    async def _run(self, job: StoredJob, engine: Any, finisher: Finisher, timeout: float) -> None:
+    async def _run(self, job: StoredJob, engine: Any, finisher: Finisher) -> None:
         writer = asyncio.create_task(self._write_progress(job), name=f"job-progress-{job.id[:8]}")
         try:
-            status, result, error = await run_outcome(job, engine, finisher, timeout)
+            status, result, error = await run_outcome(job, engine, finisher, self.failure_of)
             if job.admitting and status == "failed":  # refused at admission: answered to the POST, no job
                 job.refused = error
                 return
@@ -252,9 +245,7 @@ class DurableJobs:
 
     async def _finish(self, record: dict[str, Any], owner: str, status: str, result: Any, error: Any) -> bool:
         """The one conditional write that ends a job (owner and attempt must match, and it must be unfinished)."""
-        from api.errors import envelope
-
-        error_body = None if error is None else envelope(error.message, error.type, error.param, error.code)["error"]
+        error_body = None if error is None else failure_body(error)
         now = time.time()
         fields = {"status": status, "owner": "", "finished_at": now, "result": result, "error": error_body}
         fields.update({"position": None, "preview": None, "step": record.get("step") or 0})
@@ -327,7 +318,7 @@ class DurableJobs:
                 return
             job = StoredJob(generation_of(record["body"]), record)
             logger.info("job %s: run %d on this server", job.id, job.attempt)
-            if not await self._launch(job, engine, self.finisher_for(record["context"]), self.timeout):
+            if not await self._launch(job, engine, self.finisher_for(record["context"])):
                 await self._release(job)
                 return
 
@@ -337,7 +328,7 @@ class DurableJobs:
         await self.backend.release(job.id, self.server_id, job.attempt, {**REQUEUED, "attempt": job.attempt - 1})
 
     async def close(self, timeout: float) -> None:
-        """As ``api.jobs.JobStore.close``: the engine has drained; the runs end (written, or handed back)."""
+        """As ``jobs.memory.JobStore.close``: the engine has drained; the runs end (written, or handed back)."""
         self._closing = True
         for task in self._tasks:
             task.cancel()

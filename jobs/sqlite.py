@@ -17,7 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from api.jobstores.records import FIELDS, REQUEUED, StoreFull, attempts_error
+from jobs.errors import StoreFull
+from jobs.records import FIELDS, REQUEUED, attempts_error
 
 __all__ = ["SQLiteBackend"]
 

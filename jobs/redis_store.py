@@ -21,7 +21,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from api.jobstores.records import REQUEUED, StoreFull, StoreUnavailable, attempts_error, from_flat, to_flat
+from jobs.errors import StoreFull, StoreUnavailable
+from jobs.records import REQUEUED, attempts_error, from_flat, to_flat
 
 logger = logging.getLogger(__name__)
 
