@@ -31,7 +31,7 @@ from api.settings import SettingsError
 
 logger = logging.getLogger("serverasync")
 
-# Exit statuses (README, "Exit codes").
+# Exit statuses (docs/operations/exit-codes.md).
 EXIT_OK = 0  # stopped by SIGTERM / Ctrl-C after draining
 EXIT_LOAD_FAILED = 1  # the model could not be loaded (the log says why, with a hint)
 EXIT_BAD_OPTION = 2  # an option is invalid, or cannot work on this machine (no such device, not enough memory)
@@ -95,7 +95,7 @@ class _DrainingServer(uvicorn.Server):
 
 
 def main(argv: list[str] | None = None, loader: Callable[[Settings], Any] | None = None) -> int:
-    """Run the server; the exit status is one of the ``EXIT_*`` codes (README, "Exit codes"). ``loader`` as in
+    """Run the server; the exit status is one of the ``EXIT_*`` codes (docs/operations/exit-codes.md). ``loader`` as in
     ``create_app`` (default: the model named by ``--model``)."""
     try:
         settings = parse_settings(argv)

@@ -10,7 +10,7 @@ multipart form or a JSON body becomes them.
 
 One image per edit: a second one is refused 400 (``too_many_images``), not silently dropped. Fields that cannot
 apply to this model are refused with a 400 naming them; fields that change nothing here are accepted and ignored
-(README, "Edits and variations", has the list).
+(docs/api/edits.md has the list).
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ def usable_cores() -> int:
 
 
 def default_engine(device_type: str) -> str:
-    """The engine the bench found better on this device type (bench/RESULTS.md, README "Engines")."""
+    """The engine the bench found better on this device type (bench/RESULTS.md, docs/design/engines.md)."""
     return "threads"
 
 

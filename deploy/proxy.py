@@ -1,8 +1,8 @@
 """Middleware for Ray Serve's HTTP proxy: a replica that dies mid-request, and Ray's own overload answers.
 
 Ray loads it in its proxy actor when ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=deploy.proxy:proxy_middlewares``
-is in the environment of the Ray processes (``deploy/ray_serve.py`` sets it for the cluster it starts; see README,
-"Scaling out"). Without it everything works but these two cases: Ray answers them in plain text.
+is in the environment of the Ray processes (``deploy/ray_serve.py`` sets it for the cluster it starts; see
+docs/operations/scaling-out.md). Without it everything works but these two cases: Ray answers them in plain text.
 
 - A replica that dies before answering (killed, out of memory, its node lost) ends the request with no response at
   all, which Ray's HTTP server turns into a bare ``500 Internal Server Error``. Here the request is sent again, to

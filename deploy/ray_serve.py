@@ -2,7 +2,7 @@
 
 Each replica is the whole app from the factory (``api.create_app``: the same routes, schemas, error envelope and
 headers) with its own model on its own device and its own engine; Ray's proxy spreads requests over the replicas.
-Three ways to run it (README, "Scaling out"):
+Three ways to run it (docs/operations/scaling-out.md):
 
 - ``serve run deploy.ray_serve:build_app model=random:tiny num_replicas=2`` (Ray's application builder);
 - ``serve deploy deploy/serve_config.yaml`` on a running cluster;
@@ -128,7 +128,7 @@ def http_options(settings: Settings) -> dict[str, Any]:
     no connection cap. It does close a connection idle between requests (``keep_alive_timeout_s``, whole seconds)
     and bounds a request's whole time in the proxy (``request_timeout_s``): here a backstop past the app's own 504
     (``--request-timeout``, from arrival) plus the time a body and an answer may take, so the app answers first.
-    The rest is the reverse proxy's in front (README, "Scaling out": which layer enforces what).
+    The rest is the reverse proxy's in front (docs/operations/scaling-out.md: which layer enforces what).
     """
     backstop = settings.request_timeout + settings.receive_timeout + settings.send_timeout
     return {
