@@ -109,12 +109,17 @@ class DurableJobs:
     async def _launch(self, job: StoredJob, engine: Any, finisher: Finisher) -> bool:
         """Start ``job``'s run; False if the engine refused it (``job.refused``). See ``jobs.memory.JobStore.start``:
         after one ``sleep(0)`` the engine has admitted or refused it."""
+        stale = self.local.get(job.id)
+        if stale is not None:  # an earlier run here lost its lease (the store refused its renewals) and is rerun
+            stale.lost = True
+            stale.gone.set()
         self.local[job.id] = job
         job.task = asyncio.create_task(self._run(job, engine, finisher), name=f"job-{job.id[:8]}")
         await asyncio.sleep(0)
         job.admitting = False
         if job.refused is not None:
-            self.local.pop(job.id, None)
+            if self.local.get(job.id) is job:
+                del self.local[job.id]
             return False
         if job.position is None:
             job.status = "running"  # not queued: it took a free slot, and its thread is starting
@@ -185,7 +190,8 @@ class DurableJobs:
         finally:
             # Whatever happened (the end written, the job handed back, the server stopping, a bug): this server stops
             # renewing the job, and its followers are told its end, or go on from the store.
-            self.local.pop(job.id, None)
+            if self.local.get(job.id) is job:  # not a later run of the same job, here
+                del self.local[job.id]
             if outcome is not None and not job.lost:
                 job.finish(*outcome)
             elif job.refused is None:

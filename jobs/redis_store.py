@@ -144,12 +144,14 @@ return codes
 """
 
 # ARGV: prefix, now, max_attempts, failed fields (JSON object), requeued fields (JSON object)
+# The record is written before the lease is dropped (ZREM): a Redis refusing writes (maxmemory) refuses a script at
+# its first write that adds data, and lets one that has written go on; so it refuses the reap as it refused the
+# owners' renewals, instead of handing over every job whose lease it would not let be renewed.
 _REAP = """
 local now, max = tonumber(ARGV[2]), tonumber(ARGV[3])
 local failed, requeued = cjson.decode(ARGV[4]), cjson.decode(ARGV[5])
-local out = {}
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', p .. 'leases', '-inf', now)) do
-  redis.call('ZREM', p .. 'leases', id)
+local out, expired = {}, redis.call('ZRANGEBYSCORE', p .. 'leases', '-inf', now)
+for _, id in ipairs(expired) do
   local key = p .. 'job:' .. id
   local f = redis.call('HMGET', key, 'status', 'attempt', 'owner', 'seq')
   if f[1] and not final(f[1]) and f[3] ~= '' then
@@ -163,6 +165,7 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', p .. 'leases', '-inf', now)) do
     out[#out + 1] = id
   end
 end
+for _, id in ipairs(expired) do redis.call('ZREM', p .. 'leases', id) end
 return out
 """
 
@@ -241,25 +244,18 @@ class RedisBackend:
         }
 
     async def _do(self, call: Callable[[], Any]) -> Any:
-        from redis.exceptions import (  # noqa: A004 - redis' own
-            BusyLoadingError,
-            ConnectionError,
-            MasterDownError,
-            ResponseError,
-            TimeoutError,
-            TryAgainError,
-        )
+        from redis import exceptions as errors
 
         for attempt in (1, 2):
             try:
                 return await call()
-            except (ConnectionError, TimeoutError, BusyLoadingError, OSError) as exc:
+            except (errors.ConnectionError, errors.TimeoutError, errors.BusyLoadingError, OSError) as exc:
                 # Once more: after a Redis restart, a pooled connection fails once (closed by the old server).
-                if attempt == 2 or isinstance(exc, BusyLoadingError):
+                if attempt == 2 or isinstance(exc, errors.BusyLoadingError):
                     raise StoreUnavailable(f"redis: {exc}") from None
-            except (MasterDownError, TryAgainError) as exc:
+            except (errors.MasterDownError, errors.TryAgainError) as exc:
                 raise StoreUnavailable(f"redis: {exc}") from None
-            except ResponseError as exc:
+            except errors.ResponseError as exc:
                 refused = _refusal(exc)
                 if refused is None:
                     raise  # a bug of ours (a script's error, a wrong command): not the store's state

@@ -282,7 +282,7 @@ def test_a_server_whose_redis_refused_writes_still_takes_over_a_dead_servers_job
         a.wait_ready(), b.wait_ready()
         with httpx.Client(base_url=a.url, timeout=60) as on_a, httpx.Client(base_url=b.url, timeout=60) as on_b:
             held = submit(on_b, BLOCKER)  # b holds a job throughout: it renews at every tick
-            orphan = submit(on_a, {**BLOCKER, "num_inference_steps": 40, "seed": 2})
+            orphan = submit(on_a, {**BLOCKER, "num_inference_steps": 20, "height": 16, "width": 16, "seed": 2})
             wait_for(on_b, orphan, lambda state: state["step"] >= 1, timeout=60)
             a.proc.send_signal(signal.SIGKILL)
             a.proc.wait(timeout=30)
@@ -293,6 +293,8 @@ def test_a_server_whose_redis_refused_writes_still_takes_over_a_dead_servers_job
             on_b.delete(f"{JOBS}/{held}")
         log = b.log()
         assert log.count("refuses writes") == 1, log[-3000:]  # the tick's outage: once, not at every tick
+        # Only the dead server's job was taken over: b's own, whose renewals Redis refused too, was not reaped.
+        assert f"job {orphan}: its server stopped" in log and f"job {held}: its server stopped" not in log, log
         assert "Traceback" not in log, log[-3000:]
     finally:
         for server in (a, b):
