@@ -373,7 +373,8 @@ def test_a_sqlite_store_in_a_read_only_place_ends_the_start(tmp_path: Path) -> N
         _refused_start(f"sqlite:///{ro / 'jobs.db'}", "read-only")
 
 
-def test_a_good_sqlite_store_starts_and_is_made_once(tmp_path: Path) -> None:
+def test_a_good_sqlite_store_starts_and_an_older_one_gets_the_new_column(tmp_path: Path) -> None:
+    from jobs.records import FIELDS
     from jobs.sqlite import check_store
 
     url = f"sqlite:///{tmp_path / 'jobs.db'}"
@@ -381,6 +382,15 @@ def test_a_good_sqlite_store_starts_and_is_made_once(tmp_path: Path) -> None:
     check_store(url)  # an existing store of ours: fine as it is
     with sqlite3.connect(tmp_path / "jobs.db") as db:
         assert db.execute("SELECT COUNT(*) FROM jobs").fetchone() == (0,)
+    db.close()
+    types = {"str": "TEXT", "int": "INTEGER", "float": "REAL", "json": "TEXT"}
+    older = [f"{name} {types[kind]}" for name, kind in FIELDS.items() if name != "renewed_at"]
+    with sqlite3.connect(tmp_path / "older.db") as db:  # a store made before renewed_at was kept
+        db.execute(f"CREATE TABLE jobs ({', '.join(older)})")
+    db.close()
+    check_store(f"sqlite:///{tmp_path / 'older.db'}")
+    with sqlite3.connect(tmp_path / "older.db") as db:
+        assert "renewed_at" in {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
     db.close()
 
 
