@@ -9,6 +9,7 @@ needed; real processes for the start-up checks and a takeover (tests/redis_helpe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import sqlite3
@@ -162,19 +163,11 @@ def test_jobs_whose_end_a_full_disk_refuses_end_once_space_is_freed(tmpfs: Path)
         node = Node(f"sqlite:///{tmpfs / 'jobs.db'}")
         jobs = [await node.start(20, seed) for seed in (1, 2, 3)]
         filler = fill(tmpfs)
-        ends = await _ends_once_the_store_accepts(node, jobs, _nothing(), filler.unlink)
+        ends = await _ends_once_the_store_accepts(node, jobs, contextlib.nullcontext(), filler.unlink)
         assert [data["status"] for _, data in ends] == ["succeeded"] * 3
         await node.close()
 
     asyncio.run(scenario())
-
-
-class _nothing:  # noqa: N801 - a context manager that does nothing, as a value
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def test_a_job_whose_end_cannot_be_written_at_all_fails_with_a_reason(tmp_path: Path) -> None:
@@ -218,13 +211,14 @@ def test_every_way_redis_refuses_writes_is_a_refusal(redis_server: RedisProcess,
         filler = fill(tmpfs)
         assert not saved(client)
 
-        class FreedAndSaved(_nothing):
-            def __exit__(self, *exc: object) -> None:
-                filler.unlink()
-                assert saved(client)
+        @contextlib.contextmanager
+        def freed_and_saved() -> Iterator[None]:  # already refusing; frees the disk and saves once the test is done
+            yield
+            filler.unlink()
+            assert saved(client)
 
         url = f"redis://127.0.0.1:{client.connection_pool.connection_kwargs['port']}/0"
-        assert "MISCONF" in asyncio.run(refused(url, FreedAndSaved(), "misconf"))
+        assert "MISCONF" in asyncio.run(refused(url, freed_and_saved(), "misconf"))
 
 
 # -- 2: the tick survives every error, logs it once per kind and interval, and goes on ------------------------------
