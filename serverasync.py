@@ -28,6 +28,7 @@ from api.app import stop_requests
 from api.loading import engine_kind
 from api.protocol import uvicorn_options
 from api.settings import SettingsError
+from jobs import check_job_store
 
 logger = logging.getLogger("serverasync")
 
@@ -114,6 +115,12 @@ def main(argv: list[str] | None = None, loader: Callable[[Settings], Any] | None
         )  # noqa: T201
         print(f"Hint: {_LISTEN_HINTS.get(exc.errno or 0, 'check --host and --port')}", file=sys.stderr)  # noqa: T201
         return EXIT_CANNOT_LISTEN
+    try:
+        check_job_store(settings.job_store)  # a file that cannot be a store ends the start here, not at the first job
+    except ValueError as exc:
+        sock.close()
+        print(f"serverasync.py: error: --job-store {settings.job_store}: {exc}", file=sys.stderr)  # noqa: T201
+        return EXIT_BAD_OPTION
     from Pipelines import ModelLoadError, preflight, quiet_library_logs
 
     quiet_library_logs()

@@ -117,14 +117,15 @@ def _lifespan(
 
 
 def _finisher_for(store: Any) -> Callable[[dict[str, Any]], Any]:
-    """What builds a job's answer from its record's context (a durable store runs jobs made by any server)."""
+    """What builds a job's answer from its record's context (a durable store runs jobs made by any server). Its image
+    URLs are paths: each reader gets them under its own base (api/routes/jobs.py)."""
 
     def finisher(context: dict[str, Any]) -> Any:
         from api.routes.native import native_answer
         from utils.image_store import Encoding
 
         encoding = Encoding(context["format"], context["compression"])
-        return functools.partial(native_answer, store, context["base_url"], encoding=encoding)
+        return functools.partial(native_answer, store, "", encoding=encoding)
 
     return finisher
 

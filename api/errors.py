@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.limits import limit_messages
 from api.schemas import ErrorBody
-from jobs.errors import StoreUnavailable, TooManyJobs
+from jobs.errors import StoreRefused, StoreUnavailable, TooManyJobs
 
 logger = logging.getLogger(__name__)
 
@@ -124,8 +124,13 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StoreUnavailable)
     async def job_store_unavailable(request: Request, exc: StoreUnavailable) -> JSONResponse:
-        message = f"The job store is unavailable ({exc}). Retry later."
-        return error_response(503, message, "unavailable", None, "job_store_unavailable", **{"Retry-After": "2"})
+        # StoreRefused too: a store that refuses writes (a full disk, Redis at maxmemory) is as transient for the
+        # client; the backends' reasons name no file.
+        if isinstance(exc, StoreRefused):
+            message, retry = f"The job store refuses writes ({exc}). Retry later.", "5"
+        else:
+            message, retry = f"The job store is unavailable ({exc}). Retry later.", "2"
+        return error_response(503, message, "unavailable", None, "job_store_unavailable", **{"Retry-After": retry})
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

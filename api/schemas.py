@@ -173,7 +173,22 @@ class JobState(BaseModel):
     position: int | None = Field(description="place in the queue, 1 = next; null unless queued")
     step: int = Field(description="denoising steps done")
     total_steps: int
-    eta_s: float | None = Field(description="seconds left, from the step rate so far; null before the first step")
+    eta_s: float | None = Field(
+        description="seconds left, from the step rate so far; null before the first step, once no steps are left, "
+        "and while waiting_for_takeover"
+    )
     seed: int
-    result: InferenceResponse | None = Field(description="the answer of POST /api/diffusers/inference, once succeeded")
+    result: InferenceResponse | None = Field(
+        description="the answer of POST /api/diffusers/inference, once succeeded; its image URLs are built for this "
+        "request (its Host, or --public-url), whichever server made or ran the job"
+    )
     error: ErrorBody | None = Field(description="the error envelope's inner object, once failed")
+    runner_renewed_at: float | None = Field(
+        description="sqlite/redis job stores: unix seconds when the server running the job last renewed its claim "
+        "(its lease); null when no server holds it (finished, or waiting for a server), and in the memory store"
+    )
+    waiting_for_takeover: bool = Field(
+        description="sqlite/redis job stores: the server running the job has stopped renewing its claim (it died, "
+        "or lost the store): the job waits for its lease (--job-lease) to run out and another server to run it "
+        "again; eta_s is null meanwhile"
+    )

@@ -15,10 +15,20 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from jobs.errors import FailureOf, StoreUnavailable, TooManyJobs
+from jobs.errors import FailureOf, StoreRefused, StoreUnavailable, TooManyJobs
 from jobs.job import KEEP_ALIVE_S
 
-__all__ = ["KEEP_ALIVE_S", "StoreUnavailable", "TooManyJobs", "make_job_store"]
+__all__ = ["KEEP_ALIVE_S", "StoreRefused", "StoreUnavailable", "TooManyJobs", "check_job_store", "make_job_store"]
+
+
+def check_job_store(url: str) -> None:
+    """Check at start-up, before the model loads, that the store ``url`` names can work: a SQLite file is opened, its
+    table made or checked, and it must be writable (``ValueError`` says why). Redis is not: one that is away now may
+    be back when needed, and is answered 503 meanwhile."""
+    if url.startswith("sqlite:///"):
+        from jobs.sqlite import check_store
+
+        check_store(url)
 
 
 def make_job_store(

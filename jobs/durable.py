@@ -13,6 +13,12 @@ A run ends by one conditional write: the record must still be owned by this serv
 finished. A server that lost its lease (it was paused past it, and the job went to another) stops the job at its next
 step and its outcome is dropped; so a job is never finished twice, and two runs never both complete it.
 
+No store error strands a job. A store away or refusing writes (``StoreUnavailable``, ``StoreRefused``) has the end
+written again until it takes it; meanwhile the job stays unfinished (``eta_s`` null: no steps are left) and its lease
+is renewed as the store allows. An error no retry mends fails the job (``job_store_error``) with a reason its
+followers see. The tick survives every error: each of its steps is tried at every tick, its trouble logged once per
+kind and interval (``jobs.trouble``).
+
 The server running a job answers ``GET``, ``/events`` and ``DELETE`` from its live state (as the memory store does);
 any other server answers from the record: its events come from the store (Redis: a stream per job; SQLite: by
 polling the record), replayed then followed, through the same bounded ``Subscriber`` as local ones. A ``DELETE`` on
@@ -31,52 +37,19 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from jobs.errors import FailureOf, StoreFull, StoreUnavailable, TooManyJobs, failure_body
+from jobs.errors import Failure, FailureOf, StoreFailure, StoreFull, StoreUnavailable, TooManyJobs, failure_body
 from jobs.follow import follow_local, follow_store
-from jobs.job import KEEP_ALIVE_S, Finisher, Job, Subscriber, run_outcome
+from jobs.job import KEEP_ALIVE_S, Finisher, run_outcome
 from jobs.records import FINAL, REQUEUED, body_of, generation_of, state_of
+from jobs.stored import StoredJob
+from jobs.trouble import Trouble, kind_of
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["DurableJobs", "StoredJob"]
 
-RETRY_S = 1.0  # a write the store refused (unreachable) is tried again this often
-
-
-class StoredJob(Job):
-    """A job this server runs: ``jobs.job.Job`` whose events are also written to the store (through a bounded queue,
-    so a slow store loses intermediate steps, never holds the job)."""
-
-    def __init__(self, generation: Any, record: dict[str, Any] | None = None) -> None:
-        super().__init__(generation)
-        if record is not None:  # a run of a job made earlier (here or elsewhere)
-            self.id, self.created_at = record["id"], record["created_at"]
-        self.attempt = 1 if record is None else record["attempt"]
-        self.mirror = Subscriber()
-        self.lost = False  # the lease went to another server: this run's outcome is not the job's
-        self.admitting = True  # until the engine has said whether it takes the job
-        self.refused: Any = None  # the engine's refusal (as ``failure_of`` describes it), answered to the POST
-
-    def _publish(self, name: str, data: dict[str, Any]) -> None:
-        super()._publish(name, data)
-        if name != "done":  # the end is written by the run's final, conditional write
-            self.mirror.put(name, data)
-
-    def progress_fields(self) -> dict[str, Any]:
-        at = None if self.last_step_at is None else time.time() - (time.monotonic() - self.last_step_at)
-        return {
-            "status": self.status,
-            "position": self.position if self.status == "queued" else None,
-            "step": self.step,
-            "elapsed_s": self.elapsed_s,
-            "last_step_at": at,
-            "preview": self.last_preview,
-        }
-
-    def hand_over(self) -> None:
-        """Tell local followers to go on from the store: this server no longer runs the job."""
-        self._publish("moved", {})
-        self.subscribers.clear()
+RETRY_S = 1.0  # a run's end the store did not take (away, or refusing writes) is tried again this often
+Outcome = tuple[str, dict[str, Any] | None, Failure | None]  # (status, result, error): how a run ended
 
 
 class DurableJobs:
@@ -101,7 +74,7 @@ class DurableJobs:
         self.server_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.local: dict[str, StoredJob] = {}  # the jobs this server runs (queued in its engine, or running)
         self._tasks: list[asyncio.Task[None]] = []
-        self._down = False  # the store was unreachable at the last tick (logged once per outage)
+        self.trouble = Trouble(logger, "the tick")
         self._closing = False
 
     @property
@@ -115,10 +88,11 @@ class DurableJobs:
         ``jobs.memory.JobStore.start``, a refusal is raised now and leaves no job; a store that cannot be reached
         raises ``StoreUnavailable``."""
         job = StoredJob(generation)
-        now = time.time()
+        now = job.renewed_at = time.time()
         record = {
             **{"id": job.id, "created_at": job.created_at, "body": body_of(generation), "context": context},
             **{"status": "queued", "owner": self.server_id, "attempt": 1, "lease_until": now + self.lease},
+            "renewed_at": now,
             **{"cancel": 0, "step": 0, "finished_at": None, "result": None, "error": None},
         }
         try:
@@ -135,12 +109,17 @@ class DurableJobs:
     async def _launch(self, job: StoredJob, engine: Any, finisher: Finisher) -> bool:
         """Start ``job``'s run; False if the engine refused it (``job.refused``). See ``jobs.memory.JobStore.start``:
         after one ``sleep(0)`` the engine has admitted or refused it."""
+        stale = self.local.get(job.id)
+        if stale is not None:  # an earlier run here lost its lease (the store refused its renewals) and is rerun
+            stale.lost = True
+            stale.gone.set()
         self.local[job.id] = job
         job.task = asyncio.create_task(self._run(job, engine, finisher), name=f"job-{job.id[:8]}")
         await asyncio.sleep(0)
         job.admitting = False
         if job.refused is not None:
-            self.local.pop(job.id, None)
+            if self.local.get(job.id) is job:
+                del self.local[job.id]
             return False
         if job.position is None:
             job.status = "running"  # not queued: it took a free slot, and its thread is starting
@@ -148,10 +127,17 @@ class DurableJobs:
 
     async def describe(self, job_id: str) -> dict[str, Any] | None:
         job = self.local.get(job_id)
+        if job is not None and job.ending:
+            # Its end is being written: once the store has it, answer it as every other server does.
+            with contextlib.suppress(StoreUnavailable):
+                record = await self._load(job_id)
+                if record is not None and record["status"] in FINAL:
+                    return state_of(record)
         if job is not None:
             return job.to_dict()
         record = await self._load(job_id)
-        return None if record is None else state_of(record)
+        # Not run here: a runner that has missed a renewal (they come every third of the lease) has stopped.
+        return None if record is None else state_of(record, stale_after=self.lease / 2)
 
     async def _load(self, job_id: str) -> dict[str, Any] | None:
         """The job's record, or None when there is none or it has expired (``--job-ttl``)."""
@@ -177,7 +163,7 @@ class DurableJobs:
         if record is None or self._expired(record, time.time()):
             return None
         if record["status"] not in FINAL and not record["owner"]:  # waiting for a server: it ends here and now
-            await self._finish(record, "", "cancelled", None, None)
+            await self._finish(record, "cancelled", None, None)
         deadline = time.monotonic() + 10
         while (state := await self.describe(job_id)) is not None and state["status"] not in FINAL:
             if time.monotonic() > deadline:
@@ -196,34 +182,64 @@ class DurableJobs:
     # -- runs ---------------------------------------------------------------------------------------------------
 
     async def _run(self, job: StoredJob, engine: Any, finisher: Finisher) -> None:
+        outcome = None
+        try:
+            outcome = await self._outcome(job, engine, finisher)
+            if outcome is not None:
+                outcome = await self._end(job, *outcome)
+        finally:
+            # Whatever happened (the end written, the job handed back, the server stopping, a bug): this server stops
+            # renewing the job, and its followers are told its end, or go on from the store.
+            if self.local.get(job.id) is job:  # not a later run of the same job, here
+                del self.local[job.id]
+            if outcome is not None and not job.lost:
+                job.finish(*outcome)
+            elif job.refused is None:
+                job.hand_over()
+
+    async def _outcome(self, job: StoredJob, engine: Any, finisher: Finisher) -> Outcome | None:
+        """The run's outcome, its progress written meanwhile; None when it is not the job's end (refused at
+        admission, or handed back by a drain)."""
         writer = asyncio.create_task(self._write_progress(job), name=f"job-progress-{job.id[:8]}")
         try:
             status, result, error = await run_outcome(job, engine, finisher, self.failure_of)
             if job.admitting and status == "failed":  # refused at admission: answered to the POST, no job
                 job.refused = error
-                return
+                return None
         finally:
             # The writer ends after the events before this one (a cancel could be lost in Subscriber.get's wait_for).
             job.mirror.put("end", {})
             if (await asyncio.wait({writer}, timeout=15))[1]:
                 writer.cancel()
+        job.ending = True
         if not job.lost and error is not None and error.code == "draining":
-            await self._retry(lambda: self._release(job))
-            logger.info("job %s: handed back to the store (this server is stopping)", job.id)
+            try:
+                await self._retry(job, "hand-back", lambda: self._release(job))
+                logger.info("job %s: handed back to the store (this server is stopping)", job.id)
+            except Exception:
+                logger.exception("job %s: could not be handed back: left to its lease", job.id)
             job.lost = True
-        if not job.lost:
-            job.lost = not await self._retry(
-                lambda: self._finish(self._owned(job), self.server_id, status, result, error)
-            )
-        self.local.pop(job.id, None)
-        if job.lost:
-            job.hand_over()
-        else:
-            job.finish(status, result, error)
+        return None if job.lost else (status, result, error)
+
+    async def _end(self, job: StoredJob, status: str, result: Any, error: Failure | None) -> Outcome:
+        """Write the run's end. An error no retry mends (a result the store cannot take, say) fails the job with a
+        reason its followers see; if even that cannot be written, the job is left to its lease (the store decides:
+        another run, or a failure after its attempts)."""
+        for outcome in ((status, result, error), ("failed", None, StoreFailure())):
+            try:
+                written = await self._retry(job, "end", lambda o=outcome: self._finish(self._owned(job), *o))
+            except Exception:
+                logger.exception("job %s: its end (%s) could not be written", job.id, outcome[0])
+                continue
+            job.lost = not written
+            return outcome
+        job.lost = True
+        return "failed", None, StoreFailure()
 
     def _owned(self, job: StoredJob) -> dict[str, Any]:
         body = {"num_inference_steps": job.generation.num_inference_steps, "seed": job.generation.seed}
         return {
+            "owner": self.server_id,
             "id": job.id,
             "attempt": job.attempt,
             "created_at": job.created_at,
@@ -239,29 +255,42 @@ class DurableJobs:
                 continue
             if event[0] == "end":
                 return
-            # A store away: the state reaches it with the next event, or the end.
-            with contextlib.suppress(StoreUnavailable):
+            try:
                 await self.backend.progress(job.id, self.server_id, job.attempt, job.progress_fields(), event)
+            except StoreUnavailable:
+                pass  # a store away or refusing writes: the state reaches it with the next event, or the end
+            except Exception:  # a bug must not stop the writer: the run, and its end, go on
+                logger.exception("job %s: its progress could not be written", job.id)
 
-    async def _finish(self, record: dict[str, Any], owner: str, status: str, result: Any, error: Any) -> bool:
+    async def _finish(self, record: dict[str, Any], status: str, result: Any, error: Any) -> bool:
         """The one conditional write that ends a job (owner and attempt must match, and it must be unfinished)."""
         error_body = None if error is None else failure_body(error)
         now = time.time()
         fields = {"status": status, "owner": "", "finished_at": now, "result": result, "error": error_body}
         fields.update({"position": None, "preview": None, "step": record.get("step") or 0})
         done = state_of({**record, **fields}, now)
-        return await self.backend.finish(record["id"], owner, record["attempt"], fields, done)
+        return await self.backend.finish(record["id"], record["owner"], record["attempt"], fields, done)
 
-    async def _retry(self, write: Callable[[], Any]) -> Any:
-        """``write()`` until the store takes it; gives up (None) only when the server is stopping."""
+    async def _retry(self, job: StoredJob, what: str, write: Callable[[], Any]) -> Any:
+        """``write()`` (``job``'s ``what``) until the store takes it, while it is away or refuses writes (said once per
+        kind); gives up (None) only when the server is stopping. Any other error is raised."""
+        told = ""
         while True:
             try:
-                return await write()
+                written = await write()
             except StoreUnavailable as exc:
+                kind = kind_of(exc)
                 if self._closing:
-                    logger.warning("job store unavailable at shutdown (%s): the job is left to its lease", exc)
+                    logger.warning("job %s: its %s not written at shutdown (%s): left to its lease", job.id, what, exc)
                     return None
+                if kind != told:
+                    logger.warning("job %s: its %s not written (%s); retrying every %gs", job.id, what, exc, RETRY_S)
+                    told = kind
                 await asyncio.sleep(RETRY_S)
+                continue
+            if told:
+                logger.info("job %s: its %s is written", job.id, what)
+            return written
 
     # -- the tick: renew, reap, prune, claim ------------------------------------------------------------------
 
@@ -280,40 +309,62 @@ class DurableJobs:
         while True:
             try:
                 await self.tick()
-                if self._down:
-                    logger.info("job store reachable again")
-                self._down = False
-            except StoreUnavailable as exc:
-                if not self._down:
-                    logger.warning("job store unavailable (%s); retrying every %gs", exc, self.heartbeat)
-                self._down = True
+            except Exception as exc:  # noqa: BLE001 - a backstop: the tick must never die
+                self.trouble.report(exc, "tick", self.heartbeat)
             await asyncio.sleep(self.heartbeat)
 
     async def tick(self) -> None:
-        now = time.time()
+        """Renew this server's leases, reap expired ones, prune expired jobs, claim waiting ones. A step that fails is
+        reported (once per kind and interval) and the next one goes on, unless the store cannot be reached: then the
+        others would only wait for the same timeout."""
+        now, failed = time.time(), False
+        for step in (self._renew, self._reap, self._prune, self._claim):
+            try:
+                await step(now)
+            except Exception as exc:  # noqa: BLE001 - one step's trouble must stop neither the others nor the tick
+                failed = True
+                self.trouble.report(exc, step.__name__.strip("_"), self.heartbeat)
+                if kind_of(exc) == "unavailable":
+                    return
+        if not failed:
+            self.trouble.passed()
+
+    async def _renew(self, now: float) -> None:
         held = {job_id: job.attempt for job_id, job in self.local.items()}
-        if held:
-            for job_id, code in (await self.backend.renew(self.server_id, held, now + self.lease)).items():
-                job = self.local.get(job_id)
-                if job is not None and code != "ok" and not job.finished:
-                    job.lost = job.lost or code == "lost"
-                    job.gone.set()
+        if not held:
+            return
+        for job_id, code in (await self.backend.renew(self.server_id, held, now + self.lease, now)).items():
+            job = self.local.get(job_id)
+            if job is None:
+                continue
+            if code != "lost":
+                job.renewed_at = now
+            if code != "ok" and not job.finished:
+                job.lost = job.lost or code == "lost"
+                job.gone.set()
+
+    async def _reap(self, now: float) -> None:
         for record in await self.backend.reap(now, self.max_attempts):
             logger.warning(
                 "job %s: its server stopped during run %d of %d", record["id"], record["attempt"], self.max_attempts
             )
             if record["status"] in FINAL:
-                await self.backend.announce(record["id"], "done", state_of(record, now))
-        await self.backend.prune(now, self.ttl)
-        await self._claim()
+                # Its followers see the end anyway (a quiet stream is checked against the record): a store that
+                # refuses this event only makes them wait for that check.
+                with contextlib.suppress(StoreUnavailable):
+                    await self.backend.announce(record["id"], "done", state_of(record, now))
 
-    async def _claim(self) -> None:
+    async def _prune(self, now: float) -> None:
+        await self.backend.prune(now, self.ttl)
+
+    async def _claim(self, now: float) -> None:
         """Take waiting jobs, oldest first, while this server's engine has a free place for them."""
         engine = self.engine_of()
         while not self._closing and engine is not None and engine.ready_reason is None:
             if engine.active + engine.queued >= engine.max_concurrency + engine.max_queue:
                 return
-            record = await self.backend.claim_next(self.server_id, time.time() + self.lease)
+            claimed_at = time.time()  # each claim its own: launching the one before took a moment
+            record = await self.backend.claim_next(self.server_id, claimed_at + self.lease, claimed_at)
             if record is None:
                 return
             job = StoredJob(generation_of(record["body"]), record)

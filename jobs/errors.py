@@ -1,18 +1,33 @@
 """The job service's own failures, and what a failed job says.
 
 The job service knows no HTTP: it raises these, and the HTTP layer maps them to its answers in one place
-(``api/errors.py``: ``TooManyJobs`` and ``StoreUnavailable`` are 503s with ``Retry-After``). How a generation's own
+(``api/errors.py``: ``TooManyJobs`` and ``StoreUnavailable`` are 503s with ``Retry-After``).
+
+The backends sort the store's own errors into two kinds, both transient for a job: ``StoreUnavailable`` (the store
+cannot be reached, or is loading) and ``StoreRefused``, one of them (the store answers but refuses writes: a full
+disk, Redis at ``maxmemory``, ``MISCONF``, ``READONLY``, a read-only file, an I/O error). Anything else is a bug and
+stays what it is. How a generation's own
 failure (the engine's refusals, a timeout, an unexpected exception) is described to the job's clients is the owner's
 choice too: the store is given a ``FailureOf`` when it is built.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any, Protocol
 
-__all__ = ["Failure", "FailureOf", "StoreFull", "StoreUnavailable", "TooManyJobs", "failure_body"]
+__all__ = [
+    "Failure",
+    "FailureOf",
+    "StoreFailure",
+    "StoreFull",
+    "StoreRefused",
+    "StoreUnavailable",
+    "TooManyJobs",
+    "failure_body",
+]
 
 
 class Failure(Protocol):
@@ -54,7 +69,25 @@ class TooManyJobs(Exception):
 
 
 class StoreUnavailable(Exception):
-    """The store cannot be reached now (Redis down, restarting or loading): answered 503, retried in the background."""
+    """The store cannot be reached now (Redis down, restarting or loading): answered 503, retried in the background.
+    Its text says why, never with a file path."""
+
+
+class StoreRefused(StoreUnavailable):
+    """The store answers but refuses writes (a full disk, Redis at ``maxmemory``, ``MISCONF``, ``READONLY``, a
+    read-only file, an I/O error): as transient as an unreachable store for a job (answered 503, retried), and told
+    apart in the answers and the log, which say why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreFailure:
+    """What a job says whose end the store could not take for a reason no retry mends (a ``Failure``; the log has
+    the details): it ran, but its outcome is lost."""
+
+    message: str = "The job ran, but its outcome could not be stored in the job store (the server's log says why)."
+    type: str = "server_error"
+    param: str | None = None
+    code: str | None = "job_store_error"
 
 
 class StoreFull(Exception):

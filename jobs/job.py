@@ -120,6 +120,10 @@ class Job:
             "seed": self.generation.seed,
             "result": self.result,
             "error": None if self.error is None else failure_body(self.error),
+            # A durable store's: the runner's last renewal of its claim, and whether it stopped (jobs.records). This
+            # process runs this job: it renews nothing, and waits for nobody.
+            "runner_renewed_at": None,
+            "waiting_for_takeover": False,
         }
 
     # -- events -----------------------------------------------------------------------------------------

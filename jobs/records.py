@@ -2,11 +2,12 @@
 built from one (``GET``'s state, the events a new follower is replayed).
 
 A record's fields (``FIELDS``, each with its kind): ``body`` is the generation with its seed resolved (so a run on
-another server gives the same images) and ``context`` what builds its answer (the image URLs' base, the output
-format); ``owner`` is the id of the server running it ('' while it waits for one), ``attempt`` how many runs it has
-had, ``lease_until`` the wall-clock time its owner's claim ends unless renewed; ``cancel`` is set by a ``DELETE`` on
-any server. Progress (``status``, ``position``, ``step``, ``elapsed_s``, ``last_step_at``, ``preview``) is written by
-the owner as it goes; ``finished_at``, ``result`` and ``error`` once, when it ends.
+another server gives the same images) and ``context`` what builds its answer (the output format; the image URLs are
+built when the job is read, for the reader); ``owner`` is the id of the server running it ('' while it waits for
+one), ``attempt`` how many runs it has had, ``lease_until`` the wall-clock time its owner's claim ends unless renewed
+and ``renewed_at`` when the owner last renewed it; ``cancel`` is set by a ``DELETE`` on any server. Progress
+(``status``, ``position``, ``step``, ``elapsed_s``, ``last_step_at``, ``preview``) is written by the owner as it
+goes; ``finished_at``, ``result`` and ``error`` once, when it ends.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ FIELDS: dict[str, str] = {
     "attempt": "int",
     "lease_until": "float",
     "cancel": "int",
+    "renewed_at": "float",
     "step": "int",
     "position": "int",
     "elapsed_s": "float",
@@ -56,6 +58,7 @@ FIELDS: dict[str, str] = {
 REQUEUED: dict[str, Any] = {
     "status": "queued",
     "owner": "",
+    "renewed_at": None,
     "position": None,
     "step": 0,
     "elapsed_s": None,
@@ -153,9 +156,22 @@ def _eta(record: dict[str, Any], total: int, now: float) -> float | None:
     return round(max(0.0, elapsed / step * (total - step) - (now - at)), 3)
 
 
-def state_of(record: dict[str, Any], now: float | None = None) -> dict[str, Any]:
-    """The job as ``GET /api/jobs/{id}`` answers it (``jobs.job.Job.to_dict``'s fields)."""
+def _runner(record: dict[str, Any], now: float, stale_after: float | None) -> tuple[float | None, bool]:
+    """When the job's runner last renewed its claim (None: no server holds it), and whether it has stopped renewing:
+    its lease ran out, or it is ``stale_after`` seconds old (a renewal missed). Such a job waits to be taken over."""
+    if record["status"] in FINAL or not record.get("owner"):
+        return None, False
+    renewed, until = record.get("renewed_at"), record.get("lease_until")
+    late = stale_after is not None and renewed is not None and now - renewed > stale_after
+    return (None if renewed is None else round(renewed, 3)), late or (until is not None and until < now)
+
+
+def state_of(record: dict[str, Any], now: float | None = None, stale_after: float | None = None) -> dict[str, Any]:
+    """The job as ``GET /api/jobs/{id}`` answers it (``jobs.job.Job.to_dict``'s fields), read by a server that does
+    not run it: one whose runner has stopped renewing (see ``_runner``) has no eta, and says it waits."""
     body = record["body"]
+    now = time.time() if now is None else now
+    renewed_at, waiting = _runner(record, now, stale_after)
     return {
         "id": record["id"],
         "status": record["status"],
@@ -163,10 +179,12 @@ def state_of(record: dict[str, Any], now: float | None = None) -> dict[str, Any]
         "position": record.get("position") if record["status"] == "queued" else None,
         "step": record.get("step") or 0,
         "total_steps": body["num_inference_steps"],
-        "eta_s": _eta(record, body["num_inference_steps"], time.time() if now is None else now),
+        "eta_s": None if waiting else _eta(record, body["num_inference_steps"], now),
         "seed": body["seed"],
         "result": record.get("result"),
         "error": record.get("error"),
+        "runner_renewed_at": renewed_at,
+        "waiting_for_takeover": waiting,
     }
 
 

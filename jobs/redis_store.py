@@ -9,7 +9,11 @@ renewal and the fenced writes of the owner (progress and its stream entry, the f
 the record is still the caller's, at its attempt, and unfinished. Redis' own durability is its configuration's:
 run it with ``appendonly yes`` so that a restart of Redis loses no job.
 
-A Redis that cannot be reached raises ``StoreUnavailable`` (answered 503 ``job_store_unavailable``).
+A Redis that cannot be reached raises ``StoreUnavailable``; one that refuses writes (``maxmemory`` reached with
+``noeviction``, ``MISCONF`` after a failed save or AOF write, ``READONLY`` as a replica) raises ``StoreRefused``: both
+are answered 503 ``job_store_unavailable`` and retried in the background. A script refused at its first write changes
+nothing (Redis checks before a script's first write, and lets a script that has written go on), so a refusal never
+leaves a record half written.
 """
 
 from __future__ import annotations
@@ -18,10 +22,11 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
-from jobs.errors import StoreFull, StoreUnavailable
+from jobs.errors import StoreFull, StoreRefused, StoreUnavailable
 from jobs.records import REQUEUED, attempts_error, from_flat, to_flat
 
 logger = logging.getLogger(__name__)
@@ -30,6 +35,8 @@ __all__ = ["RedisBackend"]
 
 PREFIX = "sd3:jobs:"
 STREAM_LEN = 256
+# Error codes of a Redis that answers but takes no writes now (redis-py raises most as a plain ResponseError).
+_REFUSING = frozenset({"OOM", "MISCONF", "READONLY", "NOREPLICAS"})
 
 # Shared by the scripts: ARGV[1] is the key prefix.
 _LUA = (
@@ -121,13 +128,13 @@ redis.call('ZADD', p .. 'pending', redis.call('HGET', p .. 'job:' .. id, 'seq'),
 return 1
 """
 
-# ARGV: prefix, owner, lease_until, id, attempt, id, attempt...
+# ARGV: prefix, owner, lease_until, renewed_at, id, attempt, id, attempt...
 _RENEW = """
 local codes = {}
-for i = 4, #ARGV, 2 do
+for i = 5, #ARGV, 2 do
   local id = ARGV[i]
   if owned(id, ARGV[2], ARGV[i + 1]) then
-    redis.call('HSET', p .. 'job:' .. id, 'lease_until', ARGV[3])
+    redis.call('HSET', p .. 'job:' .. id, 'lease_until', ARGV[3], 'renewed_at', ARGV[4])
     redis.call('ZADD', p .. 'leases', ARGV[3], id)
     if redis.call('HGET', p .. 'job:' .. id, 'cancel') == '1' then codes[#codes + 1] = 'cancel'
     else codes[#codes + 1] = 'ok' end
@@ -137,12 +144,14 @@ return codes
 """
 
 # ARGV: prefix, now, max_attempts, failed fields (JSON object), requeued fields (JSON object)
+# The record is written before the lease is dropped (ZREM): a Redis refusing writes (maxmemory) refuses a script at
+# its first write that adds data, and lets one that has written go on; so it refuses the reap as it refused the
+# owners' renewals, instead of handing over every job whose lease it would not let be renewed.
 _REAP = """
 local now, max = tonumber(ARGV[2]), tonumber(ARGV[3])
 local failed, requeued = cjson.decode(ARGV[4]), cjson.decode(ARGV[5])
-local out = {}
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', p .. 'leases', '-inf', now)) do
-  redis.call('ZREM', p .. 'leases', id)
+local out, expired = {}, redis.call('ZRANGEBYSCORE', p .. 'leases', '-inf', now)
+for _, id in ipairs(expired) do
   local key = p .. 'job:' .. id
   local f = redis.call('HMGET', key, 'status', 'attempt', 'owner', 'seq')
   if f[1] and not final(f[1]) and f[3] ~= '' then
@@ -156,10 +165,11 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', p .. 'leases', '-inf', now)) do
     out[#out + 1] = id
   end
 end
+for _, id in ipairs(expired) do redis.call('ZREM', p .. 'leases', id) end
 return out
 """
 
-# ARGV: prefix, owner, lease_until
+# ARGV: prefix, owner, lease_until, renewed_at
 _CLAIM = """
 while true do
   local ids = redis.call('ZRANGE', p .. 'pending', 0, 0)
@@ -169,7 +179,7 @@ while true do
   local status = redis.call('HGET', key, 'status')
   if status and not final(status) then
     redis.call('HINCRBY', key, 'attempt', 1)
-    redis.call('HSET', key, 'owner', ARGV[2], 'lease_until', ARGV[3])
+    redis.call('HSET', key, 'owner', ARGV[2], 'lease_until', ARGV[3], 'renewed_at', ARGV[4])
     redis.call('ZADD', p .. 'leases', ARGV[3], id)
     return redis.call('HGETALL', key)
   end
@@ -191,6 +201,17 @@ return redis.call('HGETALL', key)
 
 def _pairs(flat: dict[str, str]) -> list[str]:
     return [item for pair in flat.items() for item in pair]
+
+
+def _refusal(exc: Exception) -> StoreRefused | None:
+    """``exc`` as ``StoreRefused`` when it is Redis refusing writes (its first line, without a script's name)."""
+    from redis.exceptions import OutOfMemoryError, ReadOnlyError
+
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    code = getattr(exc, "status_code", None) or text.partition(" ")[0]
+    if isinstance(exc, (OutOfMemoryError, ReadOnlyError)) or code in _REFUSING:
+        return StoreRefused(f"redis: {text.partition(' script: ')[0]}")
+    return None
 
 
 def _hash(reply: Any) -> dict[str, Any] | None:
@@ -223,15 +244,22 @@ class RedisBackend:
         }
 
     async def _do(self, call: Callable[[], Any]) -> Any:
-        from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError  # noqa: A004 - redis' own
+        from redis import exceptions as errors
 
         for attempt in (1, 2):
             try:
                 return await call()
-            except (ConnectionError, TimeoutError, BusyLoadingError, OSError) as exc:
+            except (errors.ConnectionError, errors.TimeoutError, errors.BusyLoadingError, OSError) as exc:
                 # Once more: after a Redis restart, a pooled connection fails once (closed by the old server).
-                if attempt == 2 or isinstance(exc, BusyLoadingError):
+                if attempt == 2 or isinstance(exc, errors.BusyLoadingError):
                     raise StoreUnavailable(f"redis: {exc}") from None
+            except (errors.MasterDownError, errors.TryAgainError) as exc:
+                raise StoreUnavailable(f"redis: {exc}") from None
+            except errors.ResponseError as exc:
+                refused = _refusal(exc)
+                if refused is None:
+                    raise  # a bug of ours (a script's error, a wrong command): not the store's state
+                raise refused from None
         raise AssertionError("unreachable")
 
     async def _script(self, name: str, *args: Any) -> Any:
@@ -306,9 +334,12 @@ class RedisBackend:
 
     # -- leases ---------------------------------------------------------------------------------------------------
 
-    async def renew(self, owner: str, held: dict[str, int], lease_until: float) -> dict[str, str]:
+    async def renew(
+        self, owner: str, held: dict[str, int], lease_until: float, renewed_at: float | None = None
+    ) -> dict[str, str]:
         args = [item for job_id, attempt in held.items() for item in (job_id, attempt)]
-        codes = await self._script("renew", owner, lease_until, *args)
+        now = time.time() if renewed_at is None else renewed_at
+        codes = await self._script("renew", owner, lease_until, now, *args)
         return {job_id: code.decode() for job_id, code in zip(held, codes, strict=True)}
 
     async def reap(self, now: float, max_attempts: int) -> list[dict[str, Any]]:
@@ -318,8 +349,10 @@ class RedisBackend:
         records = [await self.load(raw.decode()) for raw in ids]
         return [record for record in records if record is not None]
 
-    async def claim_next(self, owner: str, lease_until: float) -> dict[str, Any] | None:
-        return _hash(await self._script("claim", owner, lease_until))
+    async def claim_next(
+        self, owner: str, lease_until: float, renewed_at: float | None = None
+    ) -> dict[str, Any] | None:
+        return _hash(await self._script("claim", owner, lease_until, time.time() if renewed_at is None else renewed_at))
 
     async def prune(self, now: float, ttl: float) -> None:
         if ttl <= 0:

@@ -1,8 +1,10 @@
 """Jobs on the native API: POST /api/jobs, GET /api/jobs/{id}, GET /api/jobs/{id}/events (SSE), DELETE /api/jobs/{id}.
 
 The job service is ``jobs`` (its stores: memory, the default, or SQLite and Redis: ``--job-store``); a job's result
-is the synchronous API's answer (``native_answer``). The service's refusals (a full or unreachable store) are
-answered by ``api.errors``' handlers.
+is the synchronous API's answer (``native_answer``), kept with its images' paths (``/images/NAME``): their URLs are
+built when the job is read, for the client reading it (its Host, or ``--public-url``), so whichever server made or
+ran the job, the one answering hands out URLs that work on it. The service's refusals (a full, unreachable or
+refusing store) are answered by ``api.errors``' handlers.
 """
 
 from __future__ import annotations
@@ -49,11 +51,11 @@ async def create_job(body: JobRequest, request: Request) -> JSONResponse:
     engine = ready_engine(request)  # 503 while loading, before the limits (which depend on the model) are checked
     generation = await native_generation(request, body, NATIVE_NAMES, body.num_images_per_prompt)
     generation.preview_every = body.preview_every
-    # The result's image URLs are built for the client that created the job, as the synchronous API builds them;
-    # a durable store keeps that context, so the job can be run again elsewhere with the same answer.
+    # The result keeps its images' paths (no base URL): their URLs are built for each reader (_for_client). A durable
+    # store keeps the context, so the job can be run again elsewhere with the same answer.
     encoding = encoding_of(body)
-    finisher = functools.partial(native_answer, request.app.state.store, base_url(request), encoding=encoding)
-    context = {"base_url": base_url(request), "format": encoding.format, "compression": encoding.compression}
+    finisher = functools.partial(native_answer, request.app.state.store, "", encoding=encoding)
+    context = {"format": encoding.format, "compression": encoding.compression}
     job = await _jobs(request).start(generation, engine, finisher, context=context)
     status_url = f"{base_url(request)}/api/jobs/{job.id}"
     created = {"id": job.id, "status": "queued", "status_url": status_url, "events_url": f"{status_url}/events"}
@@ -65,7 +67,7 @@ async def get_job(job_id: str, request: Request) -> dict[str, Any]:
     state = await _jobs(request).describe(job_id)
     if state is None:
         raise _not_found()
-    return state
+    return _for_client(state, base_url(request))
 
 
 @router.delete(
@@ -78,7 +80,7 @@ async def cancel_job(job_id: str, request: Request) -> dict[str, Any]:
     state = await _jobs(request).stop(job_id)
     if state is None:
         raise _not_found()
-    return state
+    return _for_client(state, base_url(request))
 
 
 @router.get(
@@ -94,16 +96,26 @@ async def job_events(job_id: str, request: Request) -> StreamingResponse:
     events = await _jobs(request).follow(job_id)
     if events is None:
         raise _not_found()
-    return StreamingResponse(_stream(events), media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
+    return StreamingResponse(_stream(events, base_url(request)), media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
 
 
-async def _stream(events: AsyncIterator[tuple[str, dict[str, Any]] | None]) -> AsyncIterator[bytes]:
+def _for_client(state: dict[str, Any], base: str) -> dict[str, Any]:
+    """``state`` with its result's image paths (``/images/NAME``) made URLs under ``base``, the reading client's.
+    URLs already absolute (a job stored by an older version) are left as they are."""
+    result = state.get("result")
+    if not isinstance(result, dict) or not isinstance(result.get("response"), list):
+        return state
+    urls = [base + url if isinstance(url, str) and url.startswith("/") else url for url in result["response"]]
+    return {**state, "result": {**result, "response": urls}}  # a copy: the job's own state is every reader's
+
+
+async def _stream(events: AsyncIterator[tuple[str, dict[str, Any]] | None], base: str) -> AsyncIterator[bytes]:
     try:
         async for event in events:
             if event is None:
                 yield comment("keep-alive")
                 continue
             name, data = event
-            yield sse_event(data, event=name)
+            yield sse_event(_for_client(data, base) if name == "done" else data, event=name)
     finally:
         await events.aclose()  # type: ignore[attr-defined]

@@ -46,8 +46,9 @@ async def inference(body: InferenceRequest, request: Request) -> JSONResponse:
 async def native_answer(
     store: Any, base: str, generation: GenerationRequest, result: GenerationResult, encoding: Encoding
 ) -> dict[str, Any]:
-    """Store the images (encoded as ``encoding``) and build this API's answer (also a job's result): their URLs
-    under ``base``, the seed and the parameters used."""
+    """Store the images (encoded as ``encoding``) and build this API's answer: their URLs under ``base``, the seed and
+    the parameters used. A job's result has ``base`` "": its images' paths, made URLs for each reader
+    (``api.routes.jobs``)."""
     from utils.image_store import build_image_url
 
     names = await save_all(store, result.images, encoding)
