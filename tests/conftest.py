@@ -10,6 +10,19 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# The torch thread count this test process started with (see _torch_threads_as_started).
+STARTING_THREADS = torch.get_num_threads()
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_as_started() -> None:
+    """Every test starts with the process's starting torch thread count. ``torch.set_num_threads`` in any thread (an
+    engine's slot or loop thread, a calibration) also sets MKL's count for the whole process, and MKL's results change
+    with it: a test that left it at 1 made the next one's main-thread reference images differ from images made in
+    new threads (a failure that depended on which test ran before, seen under pytest-xdist)."""
+    torch.set_num_threads(STARTING_THREADS)
 
 
 @pytest.fixture(scope="session")
@@ -99,6 +112,10 @@ def make_server(tiny_pipeline, tmp_path) -> Iterator[Callable[..., LiveServer]]:
 
     def make(loader: Callable[[Any], Any] | None = None, wait: bool = True, **overrides: Any) -> LiveServer:
         options = {"model": "random:tiny", "image_dir": str(tmp_path / f"images{len(servers)}"), **overrides}
+        if options.get("engine") == "step":
+            # Two loops, as the calibration picks on a two-core machine, without its sweep of loop counts (about
+            # 2.5 s of CPU per server, and the suite starts dozens). Tests of the automatic choice pass step_loops=0.
+            options.setdefault("step_loops", min(2, os.cpu_count() or 1))
         app = create_app(Settings(**options), loader=loader or tiny_loader(tiny_pipeline))
         live = LiveServer(app)
         servers.append(live)

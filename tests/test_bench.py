@@ -33,6 +33,7 @@ def bench() -> ModuleType:
     return _load_bench()
 
 
+@pytest.mark.slow
 def test_smoke_run_prints_all_three_arms_and_exits_0(tmp_path: Path) -> None:
     report = tmp_path / "RESULTS.md"
     command = [
@@ -112,6 +113,7 @@ def _image(pipe: Any, seed: int) -> np.ndarray:
     return out.images
 
 
+@pytest.mark.slow
 def test_fused_qkv_gives_the_same_images_and_stays_safe_under_concurrency(bench: ModuleType) -> None:
     from Pipelines import TextToImagePipelineSD3
     from utils import RequestScopedPipeline
@@ -177,6 +179,7 @@ def test_the_step_arm_is_the_server_with_the_step_engine(bench: ModuleType) -> N
     assert isinstance(arm, bench.ServerArm) and arm.extra == ["--engine", "step"]
 
 
+@pytest.mark.slow
 def test_step_workloads_smoke_run_prints_both_workloads(tmp_path: Path) -> None:
     report = tmp_path / "RESULTS.md"
     command = [sys.executable, str(REPO / "bench" / "step_workloads.py"), "--arms", "step", "--steps", "2"]
@@ -190,6 +193,7 @@ def test_step_workloads_smoke_run_prints_both_workloads(tmp_path: Path) -> None:
     assert "--engine step" in report.read_text()
 
 
+@pytest.mark.slow
 def test_the_engines_comparison_runs_both_engines_at_every_size_and_sums_them_up(tmp_path: Path) -> None:
     command = [sys.executable, str(BENCH), "--arms", "threads,step", "--sizes", "32,64", "--bursts", "2"]
     command += [

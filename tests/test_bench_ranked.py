@@ -8,7 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import REPO
+
+pytestmark = pytest.mark.slow  # pyproject.toml's markers: CI runs it; -m 'not slow' leaves it out
 
 
 def test_ranked_bursts_smoke_run_prints_every_rank_for_both_engines(tmp_path: Path) -> None:

@@ -200,6 +200,7 @@ def test_port_in_use_exits_3_at_once_with_a_hint(tmp_path: Path) -> None:
     assert "serving" not in result.stdout + result.stderr  # nothing was loaded
 
 
+@pytest.mark.slow
 def test_start_up_log_says_what_matters_once(
     spawn_server: Callable[..., Any], tiny_pipeline: Any, tmp_path: Path
 ) -> None:
@@ -278,6 +279,7 @@ def test_cli_server_serves_end_to_end_with_client_facing_urls(spawn_server: Call
     assert open_png(fetch_png(url)).size == (64, 64)
 
 
+@pytest.mark.slow
 def test_a_long_generation_logs_that_it_is_alive_at_the_interval(spawn_server: Callable[..., Any]) -> None:
     """--progress-log-interval: a generation running longer than the interval logs its step, request id and time
     on the console at that interval, and only then (a short one logs nothing)."""

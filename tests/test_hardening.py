@@ -365,6 +365,7 @@ def _refused_or_503(url: str) -> bool:
         return True
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["threads", "step"])
 def test_sigterm_lets_the_in_flight_request_finish_then_exits_0(spawn_server: Callable[..., Any], engine: str) -> None:
     proc = spawn_server("--shutdown-timeout", "120", "--max-steps", "1000", "--engine", engine).wait_ready()
@@ -381,6 +382,7 @@ def test_sigterm_lets_the_in_flight_request_finish_then_exits_0(spawn_server: Ca
     assert "draining" in proc.log() and "Traceback" not in proc.log()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["threads", "step"])
 def test_sigterm_with_a_short_shutdown_timeout_still_exits(spawn_server: Callable[..., Any], engine: str) -> None:
     proc = spawn_server("--shutdown-timeout", "0.5", "--max-steps", "1000", "--engine", engine).wait_ready()

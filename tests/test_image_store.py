@@ -10,11 +10,13 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+import pytest
 from http_helpers import NATIVE
 
 RACE_SECONDS = 8.0
 
 
+@pytest.mark.slow
 def test_readers_racing_retention_get_whole_images_or_404_never_500(spawn_server: Callable[..., Any]) -> None:
     # A cap of 2 and a 1 s grace: every image is deleted soon after it is made, while readers fetch it.
     server = spawn_server(

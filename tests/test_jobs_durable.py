@@ -18,6 +18,8 @@ from http_helpers import NATIVE, assert_envelope, fetch_png, pixels
 from jobs_helpers import BLOCKER, JOBS, follow, submit, wait_final, wait_for
 from redis_helpers import RedisProcess, Server
 
+pytestmark = pytest.mark.slow  # pyproject.toml's markers: CI runs it; -m 'not slow' leaves it out
+
 LEASE = "4"  # seconds: a dead server's jobs run again about this long after it died (renewals every 4/3 s)
 BODY = {"prompt": "a lighthouse at dusk", "num_inference_steps": 60, "height": 64, "width": 64, "seed": 21}
 

@@ -249,6 +249,7 @@ def _footprint() -> tuple[int, int]:
     return threading.active_count(), psutil.Process().memory_info().rss
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["threads", "step"])
 def test_bounded_load_loses_nothing_and_leaks_nothing(make_server: Callable[..., Any], engine: str) -> None:
     live = make_server(

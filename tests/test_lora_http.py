@@ -213,6 +213,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO, check=False)
 
 
+@pytest.mark.slow
 def test_a_lora_file_that_cannot_be_read_ends_the_start_with_exit_2(tmp_path: Path) -> None:
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"\x00" * 3)

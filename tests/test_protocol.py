@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+import pytest
 
 HEALTH_DEADLINE_S = 1.0
 
@@ -142,6 +143,7 @@ def reported(log: str, what: str) -> int:
     return sum(int(n) for n in re.findall(re.escape(what) + r"[^\n(]*\((\d+) since the last report\)", log))
 
 
+@pytest.mark.slow
 def test_a_burst_of_refusals_is_logged_whole(spawn_server: Callable[..., Any]) -> None:
     server = spawn_server("--keep-alive-timeout", "1", "--max-connections", "40").wait_ready()
     idle, over_cap = "sent nothing within --keep-alive-timeout: closed", "too many open connections"
@@ -180,6 +182,7 @@ def test_connections_beyond_the_cap_get_a_503_envelope_and_are_logged(spawn_serv
     assert "too many open connections: answered 503" in server.log()
 
 
+@pytest.mark.slow
 def test_a_client_that_does_not_read_is_disconnected_after_the_send_timeout(spawn_server: Callable[..., Any]) -> None:
     server = spawn_server("--send-timeout", "1").wait_ready()
     body = json.dumps(

@@ -50,6 +50,8 @@ from deploy.ray_serve import (  # noqa: E402
     http_options,
 )
 
+pytestmark = pytest.mark.slow  # pyproject.toml's markers: CI runs it; -m 'not slow' leaves it out
+
 REQUEST_TIMEOUT = 120.0
 MAX_QUEUE = 12  # per replica: 2 slots + 12 waiting; the overload test goes past both replicas' 14
 SLOW = {"num_inference_steps": 30, "height": 128, "width": 128}  # ~1 s on this CPU: long enough to pile up

@@ -218,6 +218,7 @@ def _memory_bench() -> Any:
     return module
 
 
+@pytest.mark.slow
 def test_memory_grows_far_less_than_one_model_copy(tiny_pipeline) -> None:
     memory = _memory_bench()
     # A ~900 MB transformer on the tiny pipeline's other parts: one copy would show in RSS.

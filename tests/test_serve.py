@@ -104,6 +104,7 @@ def installed(clone: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pa
     return venv, serve_once(clone, venv, tmp)
 
 
+@pytest.mark.slow
 def test_the_first_run_creates_the_environment_installs_and_serves(installed: tuple[Path, str]) -> None:
     venv, log = installed
     assert f"serve: environment: {venv} (creating it with {sys.executable})" in log, log
