@@ -123,7 +123,8 @@ class Settings(BaseSettings):
     job_store: str = Field(
         "memory",
         description="where jobs are kept: memory (this process), sqlite:///relative.db or sqlite:////absolute.db "
-        "(survives a restart), redis://host:port/db (shared by every server on it)",
+        "(survives a restart; the file is opened and checked at start), redis://host:port/db (shared by every server "
+        "on it)",
     )
     job_lease: float = Field(
         30.0,
