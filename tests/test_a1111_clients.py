@@ -7,7 +7,8 @@ lists, refused fields, HTTP Basic, unknown routes in the log).
   model too), then ``POST /sdapi/v1/txt2img`` with ``batch_size``, and every image read as Open WebUI reads it (split
   on the first comma if there is one, else the whole string is base64 PNG) with ``info`` stored beside. Its
   ``Authorization`` header is ``Basic base64(API Auth)``, or empty when none is configured. Open WebUI itself is not
-  installed here (it needs hundreds of megabytes of dependencies); its requests are reproduced byte for byte.
+  installed here (it needs hundreds of megabytes of dependencies): its requests are reproduced from its source
+  (checked against open-webui 0.12.4's wheel), request for request.
 - LibreChat (``api/app/clients/tools/structured/StableDiffusion.js``): its one txt2img payload, then
   ``JSON.parse(info)``, ``info.infotexts[0].split('\\n').pop()`` and ``image.split(',', 1)[0]`` as base64.
 - Open WebUI's OpenAI engine names ``gpt-image-*`` models without a ``response_format`` and reads ``b64_json``.
