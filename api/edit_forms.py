@@ -31,6 +31,7 @@ from api.schemas import (
     LORAS_DESCRIPTION,
     OPENAI_MAX_N,
     OPENAI_MAX_PARTIAL_IMAGES,
+    RESPONSE_FORMAT_DESCRIPTION,
     Guidance,
     Loras,
     OutputOptions,
@@ -63,7 +64,7 @@ class _ImageFields(OutputOptions):
     size: Annotated[str, Field(max_length=16)] | None = Field(
         None, description="'WIDTHxHEIGHT' or 'auto' (default): the image's size, fitted to the limits"
     )
-    response_format: Literal["url", "b64_json"] | None = "url"
+    response_format: Literal["url", "b64_json"] | None = Field(None, description=RESPONSE_FORMAT_DESCRIPTION)
     user: Short | None = Field(None, description="accepted and ignored")
     # Extensions, as on generations.
     seed: Seed | None = None

@@ -12,6 +12,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.limits import limit_messages
+from api.misses import MissLog
 from api.schemas import ErrorBody
 from jobs.errors import StoreRefused, StoreUnavailable, TooManyJobs
 
@@ -145,8 +146,12 @@ def install_error_handlers(app: FastAPI) -> None:
                 message = f"{param}: {accepted}" + (f" (and {len(errors) - 1} more problem(s))" if errors[1:] else "")
         return error_response(400, message, "invalid_request_error", param, "invalid_value")
 
+    misses = MissLog("no route")  # this app's own: several apps in one process never mix their counts
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code in (404, 405):
+            misses.note(exc.status_code, request.method, request.url.path)
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         message = "Not found." if exc.status_code == 404 else str(exc.detail)[:200]
         if exc.status_code == 404 and len(request.url.path) > 1 and request.url.path.endswith("/"):

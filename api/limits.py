@@ -28,6 +28,9 @@ def limit_messages(settings: Any, geometry: Any | None) -> dict[str, str]:
         "prompt": f"{prompt}; shorten the prompt",
         "negative_prompt": prompt,
         "num_inference_steps": f"must be between 1 and {settings.max_steps}",
+        "steps": f"must be between 1 and {settings.max_steps}",  # the A1111 API's name
+        "batch_size": f"batch_size x n_iter must be between 1 and {settings.max_images_per_request}",
+        "n_iter": f"batch_size x n_iter must be between 1 and {settings.max_images_per_request}",
         "num_images_per_prompt": f"must be between 1 and {settings.max_images_per_request}",
         "n": f"must be between 1 and {min(OPENAI_MAX_N, settings.max_images_per_request)}",
         "height": side,

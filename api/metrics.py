@@ -46,6 +46,8 @@ def api_of(path: str) -> str:
         return "openai"
     if path == "/api/jobs" or path.startswith("/api/jobs/"):
         return "jobs"
+    if path.startswith("/sdapi/"):
+        return "a1111"
     return "other"
 
 

@@ -4,6 +4,8 @@ key check, HEAD as GET, and the answer to requests still open when a drain ends.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import re
 import secrets
@@ -13,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import error_response
+from api.misses import MissLog
 
 __all__ = [
     "ApiKeyMiddleware",
@@ -43,6 +46,9 @@ PUBLIC_PATHS = frozenset(
 )
 PUBLIC_PREFIXES = ("/images/", "/docs/static/", "/ui/static/")
 METRICS_PATH = "/metrics"
+# The AUTOMATIC1111 API's paths: its clients authenticate with HTTP Basic (A1111's --api-auth user:password), so
+# there Basic credentials carrying the key are accepted as well as Bearer (api/routes/a1111.py).
+BASIC_PREFIX = "/sdapi/"
 
 
 def is_public(path: str) -> bool:
@@ -51,34 +57,54 @@ def is_public(path: str) -> bool:
 
 
 class ApiKeyMiddleware:
-    """With ``--api-key`` set, answers 401 to a request for a guarded path without ``Authorization: Bearer <key>``,
-    before its body is read or parsed. ``open_metrics``: /metrics is public too."""
+    """With ``--api-key`` set, answers 401 to a request for a guarded path without ``Authorization: Bearer <key>``
+    (on the A1111 API's paths, HTTP Basic carrying the key too), before its body is read or parsed.
+    ``open_metrics``: /metrics is public too."""
 
     def __init__(self, app: ASGIApp, api_key: str, open_metrics: bool = True) -> None:
         self.app = app
         self.api_key = api_key.encode()
         self.open_metrics = open_metrics
+        self.refusals = MissLog("no valid API key")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
         public = is_public(path) or (self.open_metrics and path == METRICS_PATH)
-        if scope["type"] != "http" or public or self._authorised(scope):
+        basic = path.startswith(BASIC_PREFIX)
+        if scope["type"] != "http" or public or self._authorised(scope, basic):
             await self.app(scope, receive, send)
             return
+        self.refusals.note(401, scope.get("method", ""), path)
+        how = "'Authorization: Bearer <key>'" + (", or HTTP Basic with the key as the password" if basic else "")
         refusal = error_response(
             401,
-            "Missing or invalid API key: send 'Authorization: Bearer <key>'.",
+            f"Missing or invalid API key: send {how}.",
             "authentication_error",
             code="invalid_api_key",
-            **{"WWW-Authenticate": "Bearer"},
+            **{"WWW-Authenticate": 'Basic realm="sdapi"' if basic else "Bearer"},
         )
         await refusal(scope, receive, send)
 
-    def _authorised(self, scope: Scope) -> bool:
+    def _authorised(self, scope: Scope, basic: bool) -> bool:
         header = dict(scope.get("headers", [])).get(b"authorization", b"")
         scheme, _, token = header.partition(b" ")
+        scheme, token = scheme.lower(), token.strip()
         # compare_digest: the time taken must not tell an attacker how much of a guessed key was right.
-        return scheme.lower() == b"bearer" and secrets.compare_digest(token.strip(), self.api_key)
+        if scheme == b"bearer":
+            return secrets.compare_digest(token, self.api_key)
+        return basic and scheme == b"basic" and self._basic_carries_key(token)
+
+    def _basic_carries_key(self, token: bytes) -> bool:
+        """HTTP Basic credentials carry the key as their password (any user name), or as the whole ``user:password``
+        (a key set to what A1111's ``--api-auth`` was); both compared in constant time, whatever the first says."""
+        try:
+            credentials = base64.b64decode(token, validate=True)
+        except (binascii.Error, ValueError):
+            return False
+        password = credentials.partition(b":")[2]
+        as_password = secrets.compare_digest(password, self.api_key)
+        as_whole = secrets.compare_digest(credentials, self.api_key)
+        return as_password or as_whole
 
 
 class HeadAsGetMiddleware:

@@ -38,6 +38,17 @@ LORAS_DESCRIPTION = "LoRA adapters for this request, applied together in this or
 # An input image as a string (base64 or a data: URL); the body as a whole is bounded by --max-upload-bytes.
 ImageString = Annotated[str, Field(min_length=1, max_length=200_000_000)]
 Strength = Annotated[float, Field(gt=0.0, le=1.0)]
+# OpenAI answers its gpt-image-* models in base64 only, so their clients send no response_format and read b64_json.
+RESPONSE_FORMAT_DESCRIPTION = "url or b64_json (default: b64_json when model names gpt-image-*, as OpenAI's; else url)"
+
+
+def response_format_of(body: object) -> str:
+    """The ``response_format`` a request gets: its own, else OpenAI's default for its ``model``."""
+    chosen = getattr(body, "response_format", None)
+    if chosen:
+        return chosen
+    model = getattr(body, "model", None) or ""
+    return "b64_json" if model.lower().startswith("gpt-image") else "url"
 
 
 class OutputOptions(BaseModel):
@@ -112,7 +123,7 @@ class OpenAIImageRequest(OutputOptions):
     model: Annotated[str, Field(max_length=256)] | None = None
     n: Annotated[int, Field(ge=1, le=OPENAI_MAX_N)] = 1
     size: Annotated[str, Field(max_length=16, description="'WIDTHxHEIGHT' or 'auto'")] | None = None
-    response_format: Literal["url", "b64_json"] | None = "url"
+    response_format: Literal["url", "b64_json"] | None = Field(None, description=RESPONSE_FORMAT_DESCRIPTION)
     quality: Annotated[str, Field(max_length=32)] | None = None
     style: Annotated[str, Field(max_length=32)] | None = None
     user: Annotated[str, Field(max_length=256)] | None = None

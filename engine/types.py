@@ -89,6 +89,8 @@ class GenerationRequest:
     image: Any = None  # image-to-image, inpainting: the init image (PIL), resized to height x width
     # inpainting: PIL, the size of image; white = repaint, black = keep (diffusers' convention)
     mask_image: Any = None
+    # inpainting: the feather band at the mask's edge, in pixels (A1111's mask_blur; 0: a hard edge)
+    mask_blur: int = 0
     # image-to-image, inpainting: how much of the schedule runs, (0, 1] (None: the task's default, 0.6 and 1.0)
     strength: float | None = None
     loras: tuple[tuple[str, float], ...] = ()  # LoRA adapters (name, scale), in order (engine.adapters)

@@ -154,3 +154,25 @@ def test_usable_cores_honours_omp_num_threads(monkeypatch: pytest.MonkeyPatch) -
     for ignored in ("", "0", "many", str(affinity + 8)):
         monkeypatch.setenv("OMP_NUM_THREADS", ignored)
         assert usable_cores() == affinity
+
+
+def test_the_miss_log_reports_a_burst_whole_at_most_once_per_period(caplog: pytest.LogCaptureFixture) -> None:
+    """The first unanswered request is logged at once; the rest of a burst in one line when the period ends."""
+    import asyncio
+    import logging
+
+    from api.misses import MissLog
+
+    async def burst() -> None:
+        log = MissLog("no route", every=0.05)
+        for i in range(3):
+            log.note(404, "GET", f"/nope/{i}")
+        await asyncio.sleep(0.15)
+
+    caplog.set_level(logging.INFO, logger="api.misses")
+    asyncio.run(burst())
+    lines = [record.getMessage() for record in caplog.records if record.name == "api.misses"]
+    assert lines == [
+        "no route: answered 404 for GET '/nope/0'",
+        "no route: answered 2 requests since the last report, the latest 404 for GET '/nope/2'",
+    ]

@@ -245,6 +245,8 @@ def test_every_request_example_is_run() -> None:
         "/ready",
         "/v1/models",
         "/images/",
+        "/sdapi/v1/txt2img",
+        "/sdapi/v1/img2img",
     ):
         assert any(path in command for command in commands), path
 

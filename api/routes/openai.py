@@ -14,7 +14,7 @@ from api.adapters import model_entries
 from api.deps import base_url, ready_engine
 from api.errors import APIError
 from api.generation import encode_all, encoding_of, run_generation, save_all, timing_headers, to_generation
-from api.schemas import OpenAIImageRequest, OpenAIImagesResponse
+from api.schemas import OpenAIImageRequest, OpenAIImagesResponse, response_format_of
 from api.sse import SSE_EVENT_SCHEMA, SSE_MEDIA_TYPE
 from api.streaming import stream_generation
 
@@ -56,7 +56,8 @@ async def openai_answer(
     request: Request, generation: GenerationRequest, body: Any, events: tuple[str, str] | None = None
 ) -> Response:
     """Run ``generation`` and answer as OpenAI's Images API does (generations, edits, variations): the images as
-    URLs or base64 per ``body.response_format``, or streamed (``body.stream``, with ``events``' names)."""
+    URLs or base64 per ``body.response_format`` (by default base64 for ``gpt-image-*`` models, as OpenAI answers
+    them, else URLs), or streamed (``body.stream``, with ``events``' names)."""
     from utils.image_store import build_image_url
 
     encoding = encoding_of(body)
@@ -64,7 +65,7 @@ async def openai_answer(
         names = {} if events is None else {"names": events}
         return await stream_generation(request, generation, body.partial_images or 0, encoding, **names)
     result = await run_generation(request, generation)
-    if body.response_format == "b64_json":
+    if response_format_of(body) == "b64_json":
         data = [{"b64_json": base64.b64encode(e).decode()} for e in await encode_all(result.images, encoding)]
     else:
         base = base_url(request)
