@@ -92,6 +92,9 @@ class GenerationRequest:
     # image-to-image, inpainting: how much of the schedule runs, (0, 1] (None: the task's default, 0.6 and 1.0)
     strength: float | None = None
     loras: tuple[tuple[str, float], ...] = ()  # LoRA adapters (name, scale), in order (engine.adapters)
+    # inpainting: the feather at the mask's edge, pixels (A1111's mask_blur: the Gaussian blur's radius); 0 = a hard
+    # edge. The final images are the input outside the mask, blended across a band about the edge (engine.tasks).
+    mask_blur: int = 0
 
     def summary(self) -> str:
         """One line for the log: size, steps, images, seed and the prompt (truncated)."""
