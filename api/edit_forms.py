@@ -29,10 +29,12 @@ from api.errors import APIError
 from api.images_in import decode_string
 from api.schemas import (
     LORAS_DESCRIPTION,
+    MASK_BLUR_DESCRIPTION,
     OPENAI_MAX_N,
     OPENAI_MAX_PARTIAL_IMAGES,
     Guidance,
     Loras,
+    MaskBlur,
     OutputOptions,
     Prompt,
     Seed,
@@ -91,6 +93,7 @@ class OpenAIEditRequest(_ImageFields):
     strength: Strength | None = Field(
         None, description="how much of the schedule runs, (0, 1] (default: 0.6 without a mask, 1 with one)"
     )
+    mask_blur: MaskBlur | None = Field(None, description=MASK_BLUR_DESCRIPTION)
     quality: Annotated[str, Field(max_length=32)] | None = Field(None, description="accepted and ignored")
     background: Literal["auto", "opaque", "transparent"] | None = Field(
         None, description="auto or opaque; transparent is refused (SD3 images have no alpha channel)"

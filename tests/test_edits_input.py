@@ -223,6 +223,9 @@ def test_bad_json_edits_are_400(untouched: Any, body: dict[str, Any], param: str
         ({"size": "100x100"}, "size", "multiple of 16"),
         ({"stream": "maybe"}, "stream", "boolean"),
         ({"prompt": ""}, "prompt", "at least 1 character"),
+        ({"mask_blur": "2"}, "mask_blur", "send mask too"),
+        ({"mask_blur": "65"}, "mask_blur", "must be between 0 and 64 pixels"),
+        ({"mask_blur": "1.5"}, "mask_blur", "integer"),
     ],
     ids=lambda v: v if isinstance(v, str) else None,
 )
@@ -255,8 +258,21 @@ def test_one_image_per_edit_and_the_media_types(untouched: Any) -> None:
         ({"image": data_url(PNG_32), "strength": 1.01}, "strength", "less than or equal to 1"),
         ({"image": data_url(PNG_32), "width": 40}, "width", "multiple of 16"),
         ({"image": "%%%"}, "image", "not valid base64"),
+        ({"mask_blur": 2}, "mask_blur", "send an image too"),
+        ({"image": data_url(PNG_32), "mask_blur": 2}, "mask_blur", "send mask_image too"),
+        ({"image": data_url(PNG_32), "mask_image": data_url(PNG_32), "mask_blur": -1}, "mask_blur", "between 0 and 64"),
     ],
-    ids=["mask-alone", "strength-alone", "strength-0", "strength-over-1", "width-40", "not-base64"],
+    ids=[
+        "mask-alone",
+        "strength-alone",
+        "strength-0",
+        "strength-over-1",
+        "width-40",
+        "not-base64",
+        "mask-blur-alone",
+        "mask-blur-without-mask",
+        "mask-blur-negative",
+    ],
 )
 def test_bad_native_edit_fields_are_400(untouched: Any, body: dict[str, Any], param: str, words: str) -> None:
     for path in (NATIVE, "/api/jobs"):
