@@ -20,8 +20,8 @@ import numpy as np
 import openai
 import pytest
 import torch
-from edits_helpers import EDITS, data_url, encoded, noise, openai_mask, white_repaints
-from http_helpers import NATIVE, fetch_png, open_png
+from edits_helpers import EDITS, VARIATIONS, data_url, encoded, noise, openai_mask, white_repaints
+from http_helpers import NATIVE, assert_envelope, fetch_png, open_png
 from PIL import Image
 
 from api import Settings, create_app
@@ -435,3 +435,32 @@ def test_mask_blur_feathers_the_seam_on_both_apis(engines: Any) -> None:
         extra_body={**steps, "mask_blur": 2},
     )
     _assert_same([decoded(edit.data[0].b64_json)], [Image.fromarray(soft_image.astype(np.uint8))], "threads")
+
+
+@pytest.mark.parametrize(
+    ("parts", "code", "words"),
+    [
+        ({"files": [("image[]", (f"{i}.png", b"x", "image/png")) for i in range(9)]}, "too_many_files", "8 files"),
+        ({"data": {f"field{i}": "1" for i in range(201)}}, "too_many_fields", "200 text fields"),
+        ({"data": {"prompt": "x" * (1024 * 1024 + 1)}}, "part_too_large", "1024 KiB"),
+    ],
+    ids=["files", "fields", "part-size"],
+)
+def test_multipart_limits_answer_the_envelope_with_our_codes(
+    server: Any, parts: dict[str, Any], code: str, words: str
+) -> None:
+    """Starlette's multipart parser refuses a form past its limits with its own words and no code: answered here in
+    the envelope, with a code of ours and the limit, on edits and variations alike."""
+    before = server.engine.stats["total"]
+    for path in (EDITS, VARIATIONS):
+        files = parts.get("files") or [("image", ("a.png", encoded(noise(16, 16)), "image/png"))]
+        answer = httpx.post(server.url + path, files=files, data=parts.get("data", {"prompt": "a fox"}), timeout=60)
+        error = assert_envelope(answer, 400)
+        assert (error["type"], error["code"]) == ("invalid_request_error", code) and words in error["message"], error
+    assert server.engine.stats["total"] == before
+
+
+def test_a_body_that_is_not_multipart_is_invalid_multipart(server: Any) -> None:
+    headers = {"Content-Type": "multipart/form-data"}  # no boundary
+    error = assert_envelope(httpx.post(server.url + EDITS, content=b"prompt=x", headers=headers, timeout=60), 400)
+    assert error["code"] == "invalid_multipart" and "boundary" in error["message"], error
