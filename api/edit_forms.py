@@ -11,29 +11,40 @@ multipart form or a JSON body becomes them.
 One image per edit: a second one is refused 400 (``too_many_images``), not silently dropped. Fields that cannot
 apply to this model are refused with a 400 naming them; fields that change nothing here are accepted and ignored
 (docs/api/edits.md has the list).
+
+A multipart form is bounded as it is parsed (Starlette's parser): at most ``MAX_FILES`` file parts,
+``MAX_FIELDS`` text parts, and ``MAX_TEXT_PART`` bytes in one text part (files have only the body's limit,
+--max-upload-bytes). Past one of them the parser stops and says so in its own words; each is answered 400 in the
+envelope with a code of ours (``too_many_files``, ``too_many_fields``, ``part_too_large``; ``invalid_multipart``
+for a body that is not valid multipart) and a message that gives the limit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
 
 from api.errors import APIError
 from api.images_in import decode_string
 from api.schemas import (
     LORAS_DESCRIPTION,
+    MASK_BLUR_DESCRIPTION,
     OPENAI_MAX_N,
     OPENAI_MAX_PARTIAL_IMAGES,
     RESPONSE_FORMAT_DESCRIPTION,
     Guidance,
     Loras,
+    MaskBlur,
     OutputOptions,
     Prompt,
     Seed,
@@ -92,6 +103,7 @@ class OpenAIEditRequest(_ImageFields):
     strength: Strength | None = Field(
         None, description="how much of the schedule runs, (0, 1] (default: 0.6 without a mask, 1 with one)"
     )
+    mask_blur: MaskBlur | None = Field(None, description=MASK_BLUR_DESCRIPTION)
     quality: Annotated[str, Field(max_length=32)] | None = Field(None, description="accepted and ignored")
     background: Literal["auto", "opaque", "transparent"] | None = Field(
         None, description="auto or opaque; transparent is refused (SD3 images have no alpha channel)"
@@ -139,8 +151,58 @@ async def _part_bytes(value: UploadFile | str, param: str) -> bytes:
     return await value.read()
 
 
+MAX_FILES = 8  # file parts: room for a second image or mask, refused by name (too_many_images), not by count
+MAX_FIELDS = 200  # text parts: every field of an edit, with loras[][name] / loras[][scale] pairs, is far fewer
+MAX_TEXT_PART = 1024 * 1024  # bytes of one text part (Starlette's default): a prompt, or a small base64 image
+# Starlette's MultiPartException texts (what it says begins with these) -> our code and message.
+_MULTIPART_LIMITS = {
+    "Too many files": (
+        "too_many_files",
+        f"The form has more than {MAX_FILES} files (the limit); send one image (image or image[]) and at most one "
+        "mask.",
+    ),
+    "Too many fields": (
+        "too_many_fields",
+        f"The form has more than {MAX_FIELDS} text fields (the limit); send only the fields of the request.",
+    ),
+    "Part exceeded maximum size": (
+        "part_too_large",
+        f"A text field of the form is larger than {MAX_TEXT_PART // 1024} KiB (the limit for one text field); "
+        "send images as file parts (with a filename), not as text.",
+    ),
+}
+
+
+def _multipart_error(exc: MultiPartException) -> APIError:
+    """The envelope's answer to a form the parser refused: our code and the limit for the three limits."""
+    for start, (code, message) in _MULTIPART_LIMITS.items():
+        if exc.message.startswith(start):
+            return APIError(400, message, code=code)
+    # The parser's other refusals are fixed sentences of its own (no client input in them): kept, bounded.
+    return APIError(400, f"The multipart body could not be read: {exc.message[:100]}", code="invalid_multipart")
+
+
+@contextlib.asynccontextmanager
+async def _parsed_form(request: Request) -> AsyncIterator[FormData]:
+    """The request's multipart form, parsed within our limits (refusals answered by ``_multipart_error``), its
+    uploads' temporary files closed after use. The parser is called here rather than through ``request.form()``,
+    which turns its refusals into a plain HTTPException (no code, Starlette's words)."""
+    try:
+        async with contextlib.aclosing(request.stream()) as stream:
+            parser = MultiPartParser(
+                request.headers, stream, max_files=MAX_FILES, max_fields=MAX_FIELDS, max_part_size=MAX_TEXT_PART
+            )
+            form = await parser.parse()
+    except MultiPartException as exc:
+        raise _multipart_error(exc) from None
+    try:
+        yield form
+    finally:
+        await form.close()
+
+
 async def _from_form(request: Request, model: type[BaseModel], mask_allowed: bool) -> EditForm:
-    async with request.form(max_files=8, max_fields=200) as form:
+    async with _parsed_form(request) as form:
         items = form.multi_items()
         images = [value for key, value in items if key in IMAGE_FIELDS]
         masks = [value for key, value in items if key == "mask"]

@@ -8,6 +8,9 @@ image-to-image or an inpainting ``GenerationRequest``, shared by the native API,
 - **Strength**: the task's default when the request names none (image-to-image 0.6, inpainting 1.0, as diffusers'
   pipelines have them), set on the request so that the answer reports the value used. A strength that leaves no
   denoising step of the request's steps is refused 400 (the engine would have nothing to run).
+- **The feather** (``mask_blur``, pixels): inpainting only, default 0 (a hard edge, as OpenAI's edits keep the
+  unmasked pixels); refused 400 without a mask. The engine puts the input's own pixels back outside the mask after
+  decoding (``engine.tasks.inpainting``); the feather blends a band about the mask's edge.
 - A task the loaded model cannot run is refused 400 with the reason (``engine.tasks.available_tasks``).
 """
 
@@ -99,12 +102,18 @@ async def edit_generation(
     width: int | None,
     height: int | None,
     strength: float | None,
+    mask_blur: int | None = None,
     blank_prompt: bool = False,
 ) -> Any:
     """The generation of an edit of ``inputs`` (see the module's notes); ``body`` and ``names`` as
     ``to_generation`` takes them."""
     from engine.tasks import get_task
 
+    if mask_blur is not None and inputs.mask is None:
+        mask = names.get("mask", "mask")
+        raise APIError(
+            400, f"mask_blur: feathers a mask's edge; send {mask} too", param="mask_blur", code="invalid_value"
+        )
     w, h = target_size(request, inputs.size, width, height)
     generation = to_generation(request, body, names, n=n, height=h, width=w, blank_prompt=blank_prompt)
     task = IMAGE_TO_IMAGE if inputs.mask is None else INPAINTING
@@ -126,13 +135,14 @@ async def edit_generation(
     generation.image = sized.image
     if sized.mask is not None:
         generation.mask_image = sized.mask
+        generation.mask_blur = mask_blur or 0
     return generation
 
 
 async def native_generation(request: Request, body: Any, names: dict[str, str], n: int) -> Any:
     """The generation of a native or job body: text-to-image as before, or an edit when it carries ``image``."""
     if body.image is None:
-        for field in ("mask_image", "strength"):
+        for field in ("mask_image", "strength", "mask_blur"):
             if getattr(body, field) is not None:
                 raise APIError(
                     400, f"{field}: applies to an edit; send an image too", param=field, code="invalid_value"
@@ -151,4 +161,5 @@ async def native_generation(request: Request, body: Any, names: dict[str, str], 
         width=body.width,
         height=body.height,
         strength=body.strength,
+        mask_blur=body.mask_blur,
     )

@@ -21,6 +21,11 @@ the event loop and the other requests on it.
 
 Masks: the engine's convention is diffusers' (an ``L`` image, white = repaint); ``native_mask`` takes any image in
 that convention, ``openai_mask`` converts OpenAI's (the fully transparent pixels, alpha 0, are the ones to edit).
+A mask is never read in the other API's convention: one with transparent pixels sent to the native API is refused
+(its brightness alone would be read, and the white-on-transparent strokes of a canvas mean the very opposite of
+OpenAI's transparent-is-edited, so its alpha cannot be followed safely either); one with no fully transparent pixel
+sent to OpenAI's edits (no alpha channel, or all of it opaque: a white-on-black mask) would edit nothing, and is
+refused too. Both refusals (code ``invalid_mask``) name the two conventions and where each goes.
 """
 
 from __future__ import annotations
@@ -108,19 +113,46 @@ def _is_16_bit(image: Any) -> bool:
     return any(";16" in str(tile.args) for tile in getattr(image, "tile", ()) or ())
 
 
-def native_mask(image: Any) -> Any:
-    """The engine's mask from one in diffusers' convention (white repaints, black keeps): its grey levels."""
+NATIVE_CONVENTION = (
+    "this API reads a mask by its brightness alone (diffusers' convention: white repaints, black keeps), so its "
+    "transparency would be lost. Send an opaque mask, white where the image is repainted; or send this mask to "
+    "/v1/images/edits, which follows OpenAI's convention (the fully transparent pixels, alpha 0, are edited)"
+)
+OPENAI_CONVENTION = (
+    "this API follows OpenAI's convention: the fully transparent pixels (alpha 0) are edited, every other pixel is "
+    "kept. Make the part to edit transparent; a white-on-black mask (diffusers' convention) goes to the native API's "
+    "mask_image (/api/diffusers/inference)"
+)
+
+
+def _alpha(image: Any) -> Any | None:
+    """The image's alpha channel (an alpha band, or a palette's or grey image's transparent colour); None: none."""
+    if "A" in image.getbands():
+        return image.getchannel("A")
+    if "transparency" in image.info:
+        return image.convert("RGBA").getchannel("A")
+    return None
+
+
+def native_mask(image: Any, param: str = "mask_image") -> Any:
+    """The engine's mask from one in diffusers' convention (white repaints, black keeps): its grey levels. A mask
+    with any transparent pixel is refused (see the module's notes); a fully opaque RGBA one is its brightness."""
+    alpha = _alpha(image)
+    if alpha is not None and alpha.getextrema()[0] < 255:
+        raise _bad(param, f"has transparent pixels (alpha below 255); {NATIVE_CONVENTION}", "invalid_mask")
     return image.convert("L")
 
 
 def openai_mask(image: Any, param: str) -> Any:
-    """The engine's mask from OpenAI's: the fully transparent pixels (alpha 0) are edited (white), the rest kept."""
-    if "A" in image.getbands():
-        alpha = image.getchannel("A")
-    elif "transparency" in image.info:
-        alpha = image.convert("RGBA").getchannel("A")
-    else:
-        raise _bad(param, "has no alpha channel; OpenAI's mask marks the pixels to edit as fully transparent")
+    """The engine's mask from OpenAI's: the fully transparent pixels (alpha 0) are edited (white), the rest kept.
+    A mask without any fully transparent pixel is refused (see the module's notes)."""
+    alpha = _alpha(image)
+    if alpha is None:
+        raise _bad(param, f"has no alpha channel; {OPENAI_CONVENTION}", "invalid_mask")
+    if alpha.getextrema()[0] > 0:
+        raise _bad(
+            param, f"has no fully transparent pixel, so nothing would be edited; {OPENAI_CONVENTION}", "invalid_mask"
+        )
     return alpha.point(lambda a: 255 if a == 0 else 0)
 
 
@@ -150,7 +182,7 @@ def _read(
                 "they must be the same size",
                 "invalid_value",
             )
-        inputs.mask = openai_mask(raw, names[1]) if convention == "openai" else native_mask(raw)
+        inputs.mask = openai_mask(raw, names[1]) if convention == "openai" else native_mask(raw, names[1])
     return inputs
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from api.schemas import OPENAI_MAX_N, OPENAI_MAX_PARTIAL_IMAGES
+from api.schemas import MAX_MASK_BLUR, OPENAI_MAX_N, OPENAI_MAX_PARTIAL_IMAGES
 
 __all__ = ["form_limits", "limit_messages", "max_side"]
 
@@ -36,6 +36,7 @@ def limit_messages(settings: Any, geometry: Any | None) -> dict[str, str]:
         "height": side,
         "width": side,
         "partial_images": f"must be between 0 and {OPENAI_MAX_PARTIAL_IMAGES}",
+        "mask_blur": f"must be between 0 and {MAX_MASK_BLUR} pixels (0: a hard edge)",
     }
 
 

@@ -49,6 +49,13 @@ def response_format_of(body: object) -> str:
         return chosen
     model = getattr(body, "model", None) or ""
     return "b64_json" if model.lower().startswith("gpt-image") else "url"
+MAX_MASK_BLUR = 64  # pixels: a band of up to ~3 x 64 px each side of the seam, already most of a 512 px image
+MaskBlur = Annotated[int, Field(ge=0, le=MAX_MASK_BLUR)]
+MASK_BLUR_DESCRIPTION = (
+    f"with a mask: a feather at the mask's edge, in pixels (0..{MAX_MASK_BLUR}; default 0, a hard edge): the "
+    "Gaussian blur's radius of the mask that blends the repainted image into the input, over a band of at most "
+    "3 x mask_blur pixels each side of the edge (A1111's mask_blur)"
+)
 
 
 class OutputOptions(BaseModel):
@@ -84,12 +91,16 @@ class InferenceRequest(OutputOptions):
         "scaled down to fit the largest side and rounded to the model's multiple",
     )
     mask_image: ImageString | None = Field(
-        None, description="with image: inpainting; the image's size, white repaints and black keeps (diffusers')"
+        None,
+        description="with image: inpainting; the image's size, white repaints and black keeps (diffusers'), every "
+        "other pixel is the image's own in the answer; a mask with transparent pixels is refused (that is OpenAI's "
+        "convention: send it to /v1/images/edits)",
     )
     strength: Strength | None = Field(
         None,
         description="with image: how much of the schedule runs, (0, 1] (default: image-to-image 0.6, inpainting 1)",
     )
+    mask_blur: MaskBlur | None = Field(None, description=MASK_BLUR_DESCRIPTION)
 
 
 class ResolvedParameters(BaseModel):
@@ -105,6 +116,7 @@ class ResolvedParameters(BaseModel):
     loras: list[LoraChoice] = Field(default_factory=list, description="the LoRA adapters used, in order")
     task: str = Field("text-to-image", description="text-to-image, image-to-image or inpainting")
     strength: float | None = Field(None, description="the strength used (edits only)")
+    mask_blur: int | None = Field(None, description="the feather used at the mask's edge, pixels (inpainting only)")
 
 
 class InferenceResponse(BaseModel):

@@ -10,7 +10,8 @@ same as with the threads strategy. What a slot thread does with it (``StepRunner
    generator seeded with the request's seed, with the pipeline's own ``prepare_latents`` (an init image is encoded
    here, in the slot thread);
 3. denoise: the request joins the loop (``DenoiseLoop``) and the slot thread waits while the loop steps it;
-4. decode: VAE decode and post-processing, in the slot thread again.
+4. decode: VAE decode and post-processing, in the slot thread again, then what the task makes of the decoded images
+   (``Task.finish_images``, as the threads runner does: inpainting puts the input's pixels back outside the mask).
 
 So the denoising worker never waits on text encoders or the VAE; it only runs transformer passes and scheduler
 steps. The math of each step is the pipeline's own (its ``__call__``), applied to each
@@ -256,7 +257,8 @@ class StepRunner:
         latents = self._loop_for(track).run(track)
         # The loop promised this decode a core when it finished the track (Cores.promise): taken here, first.
         with self.cores.decoding(promised=True) if self.cores else self._decoders:
-            return self._decode(task, track.view, latents)
+            images = self._decode(task, track.view, latents)
+        return task.finish_images(request, images)  # as the threads runner's: what the task makes of the decode
 
     def _prepare(
         self,

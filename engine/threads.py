@@ -55,7 +55,7 @@ def pipeline_runner(
             )
         with _adapters_bound(adapters, request):
             output = _call(pipelines.get(task.pipeline_class), request, callback, device, kwargs)
-        return list(output.images)
+        return task.finish_images(request, list(output.images))
 
     return run
 

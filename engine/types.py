@@ -89,11 +89,12 @@ class GenerationRequest:
     image: Any = None  # image-to-image, inpainting: the init image (PIL), resized to height x width
     # inpainting: PIL, the size of image; white = repaint, black = keep (diffusers' convention)
     mask_image: Any = None
-    # inpainting: the feather band at the mask's edge, in pixels (A1111's mask_blur; 0: a hard edge)
-    mask_blur: int = 0
     # image-to-image, inpainting: how much of the schedule runs, (0, 1] (None: the task's default, 0.6 and 1.0)
     strength: float | None = None
     loras: tuple[tuple[str, float], ...] = ()  # LoRA adapters (name, scale), in order (engine.adapters)
+    # inpainting: the feather at the mask's edge, pixels (A1111's mask_blur: the Gaussian blur's radius); 0 = a hard
+    # edge. The final images are the input outside the mask, blended across a band about the edge (engine.tasks).
+    mask_blur: int = 0
 
     def summary(self) -> str:
         """One line for the log: size, steps, images, seed and the prompt (truncated)."""

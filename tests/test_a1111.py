@@ -115,7 +115,6 @@ def test_img2img_maps_steps_and_denoising_strength_to_the_native_fields(server: 
     assert "Denoising strength: 0.5" in info["infotexts"][0]
 
 
-@pytest.mark.xfail(strict=False, reason="needs the edits branch: unmasked pixels kept")
 def test_img2img_with_a_mask_keeps_the_unmasked_pixels(server: LiveServer) -> None:
     mask = Image.new("L", (SIZE, SIZE), 0)
     mask.paste(255, (0, 0, SIZE // 2, SIZE))  # the left half repaints

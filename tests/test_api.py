@@ -100,6 +100,7 @@ def test_native_generation_answers_absolute_urls_of_pngs(make_server: Callable[.
         "output_compression": 10,
         "task": "text-to-image",
         "strength": None,
+        "mask_blur": None,
         "loras": [],
     }
     [url] = answer["response"]

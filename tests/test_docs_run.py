@@ -316,7 +316,8 @@ def test_the_masks_are_the_conventions_the_table_gives(workdir: Path) -> None:
 
 
 def test_both_mask_conventions_repaint_the_same_pixels(server: LiveServer, workdir: Path) -> None:
-    """The native request with mask-white.png and OpenAI's with mask-alpha.png, the same seed: the same image."""
+    """The native request with mask-white.png and OpenAI's with mask-alpha.png, the same seed: the same image, the
+    photo's own pixels outside the mask."""
     native = httpx.post(
         f"{server.url}/api/diffusers/inference",
         json={
@@ -341,6 +342,9 @@ def test_both_mask_conventions_repaint_the_same_pixels(server: LiveServer, workd
     assert edit.status_code == 200, edit.text
     openai_png = base64.b64decode(edit.json()["data"][0]["b64_json"])
     assert np.array_equal(_png(native_png), _png(openai_png))
+    # "What is kept": outside the rectangle, the photo's own pixels, exactly.
+    kept = np.asarray(Image.open(workdir / "mask-white.png")) == 0
+    assert np.array_equal(_png(native_png)[kept], _png((workdir / "photo.png").read_bytes())[kept])
 
 
 def _image(server: LiveServer, body: dict[str, Any]) -> np.ndarray:

@@ -20,8 +20,8 @@ import numpy as np
 import openai
 import pytest
 import torch
-from edits_helpers import EDITS, data_url, encoded, noise, openai_mask, white_repaints
-from http_helpers import NATIVE, fetch_png, open_png
+from edits_helpers import EDITS, VARIATIONS, data_url, encoded, noise, openai_mask, white_repaints
+from http_helpers import NATIVE, assert_envelope, fetch_png, open_png
 from PIL import Image
 
 from api import Settings, create_app
@@ -283,6 +283,24 @@ def test_a_variation_is_diffusers_image_to_image_with_an_empty_prompt(engines: A
 BOX = (8, 8, 24, 32)  # the part to repaint, on the latent grid (8 px); the rest is kept
 
 
+def _kept(decoded: list[Image.Image], image: Image.Image, box: tuple[int, int, int, int]) -> list[Image.Image]:
+    """An inpainting edit's answer (no feather): ``decoded`` (the pipeline's images) inside ``box``, ``image``'s
+    own pixels everywhere else."""
+    answers = []
+    for each in decoded:
+        answer = image.convert("RGB").copy()
+        answer.paste(each.convert("RGB").crop(box), box[:2])
+        answers.append(answer)
+    return answers
+
+
+def _outside(box: tuple[int, int, int, int], size: tuple[int, int], margin: int = 0) -> np.ndarray:
+    """The pixels (rows x columns) farther than ``margin`` from ``box``, whose right and bottom edges are open."""
+    rows, cols = np.mgrid[0 : size[1], 0 : size[0]]
+    left, top, right, bottom = box
+    return (cols < left - margin) | (cols >= right + margin) | (rows < top - margin) | (rows >= bottom + margin)
+
+
 def test_an_edit_with_a_mask_is_diffusers_inpainting(engines: Any, tiny_pipeline: Any) -> None:
     """OpenAI's mask (transparent = edit) through the client, diffusers' (white = repaint) through the native API
     and the JSON form: the same inpainting, and diffusers' own StableDiffusion3InpaintPipeline's pixels."""
@@ -309,6 +327,7 @@ def test_an_edit_with_a_mask_is_diffusers_inpainting(engines: Any, tiny_pipeline
         num_inference_steps=5,
         seed=17,
     )
+    expected = _kept(expected, image, BOX)  # the pipeline's inside the mask, the input's own pixels outside
     _assert_same(got, expected, engines.kind)
     native = {"prompt": "a red boat", "image": data_url(encoded(image)), **seed_steps}
     native["mask_image"] = data_url(encoded(white_repaints(image.size, BOX)))
@@ -350,3 +369,98 @@ def test_a_model_that_cannot_inpaint_says_why(make_server: Any, tiny_pipeline: A
     refused = httpx.post(live.url + NATIVE, json=native, timeout=60)
     assert refused.status_code == 400 and reason in refused.json()["error"]["message"]
     assert live.engine.stats["total"] == 0
+
+
+def _job_images(url: str, body: dict[str, Any]) -> list[Image.Image]:
+    created = httpx.post(url + "/api/jobs", json=body, timeout=60)
+    assert created.status_code == 202, created.text
+    deadline = time.monotonic() + 120
+    while (job := httpx.get(created.json()["status_url"], timeout=30).json())["status"] not in ("succeeded", "failed"):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.05)
+    assert job["status"] == "succeeded", job
+    return [open_png(fetch_png(each)) for each in job["result"]["response"]]
+
+
+def test_an_inpainting_edit_keeps_the_unmasked_pixels_exactly_on_every_route(engines: Any) -> None:
+    """Outside the mask every answer is the input's own pixels, exactly (the VAE's decode changes them all: the
+    engine puts them back), whichever route asked: the native API, a job, OpenAI's edits answered at once or
+    streamed (the final image); with an output smaller than the input, the input resized to it (Lanczos)."""
+    image, steps = noise(32, 32, seed=14), {"seed": 3, "num_inference_steps": 2}
+    native = {"prompt": "a boat", "image": data_url(encoded(image)), **steps}
+    native["mask_image"] = data_url(encoded(white_repaints(image.size, BOX)))
+    answer = httpx.post(engines.url + NATIVE, json=native, timeout=60).json()
+    got = {"native": open_png(fetch_png(answer["response"][0])), "job": _job_images(engines.url, native)[0]}
+    mask = encoded(openai_mask(image.size, BOX))
+    client = client_for(engines)
+    edit = client.images.edit(
+        image=encoded(image), mask=mask, prompt="a boat", response_format="b64_json", extra_body=steps
+    )
+    got["openai"] = decoded(edit.data[0].b64_json)
+    stream = list(client.images.edit(image=encoded(image), mask=mask, prompt="a boat", stream=True, extra_body=steps))
+    got["stream"] = decoded(stream[-1].b64_json)
+    kept = _outside(BOX, image.size)
+    for route, each in got.items():
+        assert np.array_equal(as_array(each)[kept], as_array(image)[kept]), route
+        assert not np.array_equal(as_array(each)[~kept], as_array(image)[~kept]), route  # and it did repaint
+    big = noise(64, 64, seed=15)  # answered at 32x32: "the input" is then the input resized to it
+    resized = {**native, "image": data_url(encoded(big)), "width": 32, "height": 32}
+    resized["mask_image"] = data_url(encoded(white_repaints(big.size, (16, 16, 48, 64))))
+    answer = httpx.post(engines.url + NATIVE, json=resized, timeout=60).json()
+    small = big.resize((32, 32), Image.Resampling.LANCZOS)
+    got_small = as_array(open_png(fetch_png(answer["response"][0])))
+    assert np.array_equal(got_small[kept], as_array(small)[kept])
+
+
+def test_mask_blur_feathers_the_seam_on_both_apis(engines: Any) -> None:
+    """mask_blur (pixels, both APIs; the answer reports it): beyond 3 x mask_blur pixels of the mask's edge the
+    input's pixels, exactly; nearer, a blend, unlike the hard edge of mask_blur 0 (the default)."""
+    image, steps = noise(48, 32, seed=16), {"seed": 8, "num_inference_steps": 2}
+    native = {"prompt": "a boat", "image": data_url(encoded(image)), **steps}
+    native["mask_image"] = data_url(encoded(white_repaints(image.size, BOX)))
+    hard = httpx.post(engines.url + NATIVE, json=native, timeout=60).json()
+    soft = httpx.post(engines.url + NATIVE, json={**native, "mask_blur": 2}, timeout=60).json()
+    assert (hard["parameters"]["mask_blur"], soft["parameters"]["mask_blur"]) == (0, 2)
+    hard_image, soft_image = (as_array(open_png(fetch_png(a["response"][0]))) for a in (hard, soft))
+    far = _outside(BOX, image.size, margin=6)
+    assert np.array_equal(soft_image[far], as_array(image)[far])
+    band = _outside(BOX, image.size) & ~far
+    assert not np.array_equal(soft_image[band], as_array(image)[band])  # the seam is feathered outwards
+    assert not np.array_equal(soft_image, hard_image)
+    edit = client_for(engines).images.edit(
+        image=encoded(image),
+        mask=encoded(openai_mask(image.size, BOX)),
+        prompt="a boat",
+        response_format="b64_json",
+        extra_body={**steps, "mask_blur": 2},
+    )
+    _assert_same([decoded(edit.data[0].b64_json)], [Image.fromarray(soft_image.astype(np.uint8))], "threads")
+
+
+@pytest.mark.parametrize(
+    ("parts", "code", "words"),
+    [
+        ({"files": [("image[]", (f"{i}.png", b"x", "image/png")) for i in range(9)]}, "too_many_files", "8 files"),
+        ({"data": {f"field{i}": "1" for i in range(201)}}, "too_many_fields", "200 text fields"),
+        ({"data": {"prompt": "x" * (1024 * 1024 + 1)}}, "part_too_large", "1024 KiB"),
+    ],
+    ids=["files", "fields", "part-size"],
+)
+def test_multipart_limits_answer_the_envelope_with_our_codes(
+    server: Any, parts: dict[str, Any], code: str, words: str
+) -> None:
+    """Starlette's multipart parser refuses a form past its limits with its own words and no code: answered here in
+    the envelope, with a code of ours and the limit, on edits and variations alike."""
+    before = server.engine.stats["total"]
+    for path in (EDITS, VARIATIONS):
+        files = parts.get("files") or [("image", ("a.png", encoded(noise(16, 16)), "image/png"))]
+        answer = httpx.post(server.url + path, files=files, data=parts.get("data", {"prompt": "a fox"}), timeout=60)
+        error = assert_envelope(answer, 400)
+        assert (error["type"], error["code"]) == ("invalid_request_error", code) and words in error["message"], error
+    assert server.engine.stats["total"] == before
+
+
+def test_a_body_that_is_not_multipart_is_invalid_multipart(server: Any) -> None:
+    headers = {"Content-Type": "multipart/form-data"}  # no boundary
+    error = assert_envelope(httpx.post(server.url + EDITS, content=b"prompt=x", headers=headers, timeout=60), 400)
+    assert error["code"] == "invalid_multipart" and "boundary" in error["message"], error

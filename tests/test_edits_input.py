@@ -120,11 +120,83 @@ def test_a_mask_must_be_the_images_size_and_have_alpha(untouched: Any) -> None:
     wrong_size = encoded(openai_mask((48, 32), (0, 0, 8, 8)))
     error = assert_envelope(edit(untouched, PNG_32, wrong_size), 400, "mask")
     assert "is 48x32 and the image 32x32: they must be the same size" in error["message"]
-    no_alpha = encoded(Image.new("RGB", (32, 32), "white"))
-    assert "no alpha channel" in assert_envelope(edit(untouched, PNG_32, no_alpha), 400, "mask")["message"]
     body = {"prompt": "x", "image": data_url(PNG_32), "mask_image": data_url(encoded(Image.new("L", (16, 32))))}
     error = assert_envelope(httpx.post(untouched.url + NATIVE, json=body, timeout=60), 400, "mask_image")
     assert "is 16x32 and the image 32x32" in error["message"]
+
+
+def _palette_with_transparency() -> bytes:
+    """A palette PNG whose colour 0 is transparent (a tRNS chunk): transparency without an alpha band."""
+    image = Image.new("P", (32, 32), 1)
+    image.putpalette([0, 0, 0, 255, 255, 255])
+    image.paste(0, (8, 8, 24, 24))
+    return encoded(image, transparency=0)
+
+
+def _white_on_transparent() -> bytes:
+    """White strokes on a transparent background, as a canvas exports them: white repaints in one convention,
+    transparent is edited in the other (the very opposite)."""
+    mask = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
+    mask.paste((255, 255, 255, 255), (8, 8, 24, 24))
+    return encoded(mask)
+
+
+NATIVE_SAYS = ("transparent pixels", "white repaints, black keeps", "/v1/images/edits", "alpha 0")
+OPENAI_SAYS = ("fully transparent pixels (alpha 0) are edited", "white-on-black", "/api/diffusers/inference")
+
+
+@pytest.mark.parametrize(
+    "mask",
+    [
+        encoded(openai_mask((32, 32), (8, 8, 24, 24))),
+        _white_on_transparent(),
+        encoded(Image.new("LA", (32, 32), (255, 128))),
+        _palette_with_transparency(),
+    ],
+    ids=["openai-mask", "white-on-transparent", "half-transparent-LA", "palette-tRNS"],
+)
+def test_the_native_api_refuses_a_mask_with_transparency(untouched: Any, mask: bytes) -> None:
+    """The native API reads a mask by its brightness: a transparent one would be misread (OpenAI's, sent here, was
+    read as all black and answered 200). Refused, with both conventions named, on the sync route and on jobs."""
+    for path in (NATIVE, "/api/jobs"):
+        body = {"prompt": "a fox", "image": data_url(PNG_32), "mask_image": data_url(mask), **FAST}
+        error = assert_envelope(httpx.post(untouched.url + path, json=body, timeout=60), 400, "mask_image")
+        assert error["code"] == "invalid_mask" and all(words in error["message"] for words in NATIVE_SAYS), error
+
+
+@pytest.mark.parametrize(
+    ("mask", "words"),
+    [
+        (encoded(Image.new("RGB", (32, 32), "white")), "has no alpha channel"),
+        (encoded(Image.new("L", (32, 32), 255)), "has no alpha channel"),
+        (encoded(Image.new("RGBA", (32, 32), (255, 255, 255, 255))), "has no fully transparent pixel"),
+        (encoded(Image.new("RGBA", (32, 32), (0, 0, 0, 254))), "has no fully transparent pixel"),
+    ],
+    ids=["rgb", "grey", "opaque-rgba", "almost-opaque-rgba"],
+)
+def test_openai_edits_refuse_a_mask_with_nothing_transparent(untouched: Any, mask: bytes, words: str) -> None:
+    """OpenAI's convention edits the fully transparent pixels: a mask with none (a white-on-black one, diffusers'
+    convention) would edit nothing. Refused, with both conventions named, in multipart and in JSON."""
+    error = assert_envelope(edit(untouched, PNG_32, mask), 400, "mask")
+    assert error["code"] == "invalid_mask" and words in error["message"], error
+    assert all(each in error["message"] for each in OPENAI_SAYS), error
+    body = {"prompt": "a fox", "images": [{"image_url": data_url(PNG_32)}], "mask": {"image_url": data_url(mask)}}
+    error = assert_envelope(httpx.post(untouched.url + EDITS, json=body, timeout=60), 400, "mask")
+    assert error["code"] == "invalid_mask" and words in error["message"], error
+
+
+def test_an_opaque_rgba_mask_is_read_by_its_brightness(server: Any) -> None:
+    """An RGBA mask with no transparent pixel carries nothing in its alpha: the native API reads its grey levels,
+    the same inpainting as the same mask in L."""
+    box = Image.new("L", (32, 32), 0)
+    box.paste(255, (8, 8, 24, 24))
+    answers = []
+    for mask in (box, box.convert("RGBA")):
+        body = {"prompt": "a fox", "image": data_url(PNG_32), "mask_image": data_url(encoded(mask)), "seed": 1, **FAST}
+        answer = httpx.post(server.url + NATIVE, json=body, timeout=60)
+        assert answer.status_code == 200 and answer.json()["parameters"]["task"] == "inpainting", answer.text
+        answers.append(httpx.get(answer.json()["response"][0], timeout=60).content)
+    assert Image.open(io.BytesIO(answers[0])).tobytes() == Image.open(io.BytesIO(answers[1])).tobytes()
 
 
 def test_uploads_have_their_own_body_limit(server: Any) -> None:
@@ -223,6 +295,9 @@ def test_bad_json_edits_are_400(untouched: Any, body: dict[str, Any], param: str
         ({"size": "100x100"}, "size", "multiple of 16"),
         ({"stream": "maybe"}, "stream", "boolean"),
         ({"prompt": ""}, "prompt", "at least 1 character"),
+        ({"mask_blur": "2"}, "mask_blur", "send mask too"),
+        ({"mask_blur": "65"}, "mask_blur", "must be between 0 and 64 pixels"),
+        ({"mask_blur": "1.5"}, "mask_blur", "integer"),
     ],
     ids=lambda v: v if isinstance(v, str) else None,
 )
@@ -255,8 +330,21 @@ def test_one_image_per_edit_and_the_media_types(untouched: Any) -> None:
         ({"image": data_url(PNG_32), "strength": 1.01}, "strength", "less than or equal to 1"),
         ({"image": data_url(PNG_32), "width": 40}, "width", "multiple of 16"),
         ({"image": "%%%"}, "image", "not valid base64"),
+        ({"mask_blur": 2}, "mask_blur", "send an image too"),
+        ({"image": data_url(PNG_32), "mask_blur": 2}, "mask_blur", "send mask_image too"),
+        ({"image": data_url(PNG_32), "mask_image": data_url(PNG_32), "mask_blur": -1}, "mask_blur", "between 0 and 64"),
     ],
-    ids=["mask-alone", "strength-alone", "strength-0", "strength-over-1", "width-40", "not-base64"],
+    ids=[
+        "mask-alone",
+        "strength-alone",
+        "strength-0",
+        "strength-over-1",
+        "width-40",
+        "not-base64",
+        "mask-blur-alone",
+        "mask-blur-without-mask",
+        "mask-blur-negative",
+    ],
 )
 def test_bad_native_edit_fields_are_400(untouched: Any, body: dict[str, Any], param: str, words: str) -> None:
     for path in (NATIVE, "/api/jobs"):

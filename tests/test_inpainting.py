@@ -1,11 +1,15 @@
 """Inpainting as a room of the engine (engine/tasks/inpainting.py), on both runners.
 
-- the threads runner calls diffusers' StableDiffusion3InpaintPipeline over the loaded weights: its images are that
-  pipeline's, bit for bit, for the same inputs and seed (strength 1.0, the task's default, and 0.5);
+- the threads runner calls diffusers' StableDiffusion3InpaintPipeline over the loaded weights: where the mask
+  repaints, its images are that pipeline's, bit for bit, for the same inputs and seed (strength 1.0, the task's
+  default, and 0.5); everywhere else they are the init image's own pixels, exactly (the pipeline's decode alters
+  them: the task puts them back after it);
 - the step runner prepares what that pipeline prepares and blends as it blends after each step: alone, the same
   images bit for bit; batched in the same transformer passes as text-to-image and image-to-image requests, within
   the step engine's tolerance of each image alone;
 - where the mask keeps the image, the final latents are the init image's, whatever the seed;
+- ``mask_blur`` feathers the mask's edge on both runners: a band at most 3 x mask_blur pixels either side of it
+  blends the two, and beyond the band each side is exactly the input or exactly the pipeline's image;
 - an inpainting model (a 33-channel transformer: mask and masked image beside the latents) inpaints on both runners
   as the pipeline does, and can run nothing else; a model whose transformer cannot inpaint says why
   (``available_tasks``), and both runners refuse the task with that reason before any work.
@@ -66,6 +70,33 @@ def _pixels(images: list[Any]) -> np.ndarray:
     return np.stack([np.asarray(im.convert("RGB")) for im in images])
 
 
+def _repaint(request: GenerationRequest) -> np.ndarray:
+    """Where the mask repaints, at the request's size: grey levels of one half and up, as the pipeline binarises."""
+    mask = request.mask_image.convert("L").resize((request.width, request.height), Image.Resampling.LANCZOS)
+    return np.asarray(mask) >= 128
+
+
+def _init(request: GenerationRequest) -> np.ndarray:
+    """The init image at the request's size (resized as diffusers' image processor does: Lanczos)."""
+    return np.asarray(request.image.convert("RGB").resize((request.width, request.height), Image.Resampling.LANCZOS))
+
+
+def _edited(reference: list[Any], request: GenerationRequest) -> np.ndarray:
+    """What an inpainting edit gives (no feather): diffusers' pixels where the mask repaints, the input's elsewhere."""
+    return np.where(_repaint(request)[None, :, :, None], _pixels(reference), _init(request)[None])
+
+
+def _run(pipe: Any, engine_kind: str, request: GenerationRequest) -> list[Any]:
+    scoped = RequestScopedPipeline(pipe)
+    if engine_kind == "threads":
+        return pipeline_runner(scoped, CPU)(request, NOOP)
+    runner = StepRunner(scoped, CPU, calibrate=False)  # one loop: calibration only sizes batches
+    try:
+        return runner(request, NOOP)
+    finally:
+        runner.close()
+
+
 def _reference(pipe: Any, request: GenerationRequest) -> list[Any]:
     """diffusers' own inpainting pipeline over the same weights (its own scheduler), for the same inputs and seed."""
     reference = StableDiffusion3InpaintPipeline(**{**pipe.components, "scheduler": copy.deepcopy(pipe.scheduler)})
@@ -119,7 +150,7 @@ def test_every_task_runs_on_sd3_itself(tiny_pipeline: Any) -> None:
 def test_inpainting_on_the_threads_engine_is_diffusers_own(tiny_pipeline: Any, strength: float | None) -> None:
     request = _request(strength=strength, n=2)
     got = pipeline_runner(RequestScopedPipeline(tiny_pipeline), CPU)(request, NOOP)
-    assert np.array_equal(_pixels(got), _pixels(_reference(tiny_pipeline, request)))
+    assert np.array_equal(_pixels(got), _edited(_reference(tiny_pipeline, request), request))
     # The mask changed the result: image-to-image of the same image, strength and seed is another image.
     plain = _request("image-to-image", image=_image(), strength=strength or 1.0, n=2)
     unmasked = pipeline_runner(RequestScopedPipeline(tiny_pipeline), CPU)(plain, NOOP)
@@ -134,7 +165,40 @@ def test_inpainting_alone_on_the_step_engine_is_diffusers_own(tiny_pipeline: Any
         got = runner(request, NOOP)
     finally:
         runner.close()
-    assert np.array_equal(_pixels(got), _pixels(_reference(tiny_pipeline, request)))
+    assert np.array_equal(_pixels(got), _edited(_reference(tiny_pipeline, request), request))
+
+
+@pytest.mark.parametrize("engine_kind", ["threads", "step"])
+def test_the_unmasked_pixels_are_the_inputs_exactly(tiny_pipeline: Any, engine_kind: str) -> None:
+    """Outside the mask the answer is the input, pixel for pixel, though the pipeline's VAE decode changes every
+    pixel; with an input of another size than the output, the input resized to it (as the pipeline resizes it)."""
+    big = Image.fromarray(np.random.default_rng(4).integers(0, 256, (40, 48, 3), dtype=np.uint8))
+    mask = _mask().resize((48, 40), Image.Resampling.NEAREST)
+    for request in (_request(steps=2), _request(steps=2, image=big, mask_image=mask)):
+        got, kept = _pixels(_run(tiny_pipeline, engine_kind, request)), ~_repaint(request)
+        assert kept.sum() > 0 and all(np.array_equal(image[kept], _init(request)[kept]) for image in got)
+        decoded = _pixels(_reference(tiny_pipeline, request))
+        assert not np.array_equal(decoded[:, kept], got[:, kept])  # the pipeline alone does not keep them
+        assert np.array_equal(got[:, ~kept], decoded[:, ~kept])  # the repainted part is the pipeline's
+
+
+@pytest.mark.parametrize("engine_kind", ["threads", "step"])
+def test_mask_blur_feathers_a_band_at_the_masks_edge(tiny_pipeline: Any, engine_kind: str) -> None:
+    """mask_blur 2: within 6 pixels of the mask's edge (3 x mask_blur) the input and the pipeline's image are
+    blended; beyond, outside the mask, the input exactly; deeper inside, the pipeline's image exactly. The mask
+    touches the left border: no band there (the blur extends the border)."""
+    request = _request(steps=2, mask_blur=2)
+    got = _pixels(_run(tiny_pipeline, engine_kind, request))[0].astype(int)
+    init, decoded = _init(request).astype(int), _pixels(_reference(tiny_pipeline, request))[0].astype(int)
+    rows, cols = np.mgrid[0:SIZE, 0:SIZE]
+    outside = (rows < 8 - 6) | (rows >= 24 + 6) | (cols >= 16 + 6)  # the mask: rows 8..23, columns 0..15
+    inside = (rows >= 8 + 6) & (rows < 24 - 6) & (cols < 16 - 6)
+    assert np.array_equal(got[outside], init[outside]) and np.array_equal(got[inside], decoded[inside])
+    low, high = np.minimum(init, decoded) - 1, np.maximum(init, decoded) + 1
+    assert ((got >= low) & (got <= high)).all()  # a blend of the two everywhere
+    band = ~outside & ~inside
+    blended = (got != init) & (got != decoded)
+    assert blended[band].mean() > 0.3, blended[band].mean()  # the band really is a blend
 
 
 def test_the_kept_region_ends_as_the_init_image_whatever_the_prompt(tiny_pipeline: Any) -> None:
@@ -194,7 +258,7 @@ def test_an_inpainting_model_inpaints_as_the_pipeline_does(inpainting_model: Any
     finally:
         if engine_kind == "step":
             runner.close()
-    assert np.array_equal(_pixels(got), _pixels(_reference(inpainting_model, request)))
+    assert np.array_equal(_pixels(got), _edited(_reference(inpainting_model, request), request))
 
 
 def test_an_inpainting_model_runs_nothing_else(inpainting_model: Any) -> None:

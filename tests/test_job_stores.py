@@ -220,8 +220,10 @@ def test_requeued_fields_reset_the_run() -> None:
 
 
 def test_a_stored_request_comes_back_whole_with_its_image_mask_and_adapters() -> None:
-    """What a durable store keeps of a job is enough to run it again exactly: every field, the init image and the
-    mask pixel for pixel (their modes too), the LoRA set with its order and scales."""
+    """What a durable store keeps of a job is enough to run it again exactly: every field (the inpainting feather,
+    mask_blur, among them), the init image and the mask pixel for pixel (their modes too), the LoRA set with its
+    order and scales."""
+    import dataclasses
     import json
 
     import numpy as np
@@ -245,12 +247,14 @@ def test_a_stored_request_comes_back_whole_with_its_image_mask_and_adapters() ->
         strength=0.8,
         loras=(("neon", 0.5), ("ink", 1.0)),
         preview_every=2,
+        mask_blur=3,
     )
     back = generation_of(json.loads(json.dumps(body_of(request))))
     assert back.loras == (("neon", 0.5), ("ink", 1.0))
     assert (back.image.mode, back.mask_image.mode) == ("RGB", "L")
     assert back.image.tobytes() == image.tobytes() and back.mask_image.tobytes() == mask.tobytes()
-    fields = ("prompt", "num_inference_steps", "num_images", "seed", "height", "width", "task", "strength")
-    assert all(getattr(back, name) == getattr(request, name) for name in (*fields, "preview_every"))
+    fields = [f.name for f in dataclasses.fields(GenerationRequest) if f.name not in ("image", "mask_image")]
+    assert {name: getattr(back, name) for name in fields} == {name: getattr(request, name) for name in fields}
+    assert back.mask_blur == 3
     plain = generation_of(json.loads(json.dumps(body_of(GenerationRequest("x", 2, 1, 3, 16, 16)))))
     assert (plain.image, plain.mask_image, plain.loras) == (None, None, ())

@@ -109,9 +109,12 @@ def test_pick_paint_erase_and_what_a_job_carries(server: Any, tmp_path: Path) ->
 
         browser.type("#strength", "0.7")
         assert browser.evaluate(FIELDS)["strength"] == 0.7
+        browser.type("#mask-blur", "4")
+        assert browser.evaluate(FIELDS)["mask_blur"] == 4
         screenshot(browser, tmp_path, "ui-edit.png")
         browser.click("#clear-mask")
-        assert browser.evaluate(MODE) == "image-to-image" and "mask_image" not in browser.evaluate(FIELDS)
+        assert browser.evaluate(MODE) == "image-to-image"
+        assert not {"mask_image", "mask_blur"} & set(browser.evaluate(FIELDS))  # a feather goes with a mask only
         browser.click("#remove-image")
         assert browser.evaluate(FIELDS) == {}
         assert browser.errors == []
@@ -149,7 +152,7 @@ def test_an_inpainting_job_is_followed_live_to_its_image(server: Any, tmp_path: 
         browser.evaluate(RECORD)
         _pick(browser, path)
         _drag(browser, _line(0.5, 0.2, 0.8))
-        fill(browser, prompt="a red boat", steps=6, seed=5, strength=0.7)
+        fill(browser, prompt="a red boat", steps=6, seed=5, strength=0.7, **{"mask-blur": 3})
         browser.click("#generate")
         assert wait_state(browser, "succeeded") == "Done: 1 image, seed 5."
         # Live progress, counted in the steps strength 0.7 of 6 really runs (5: the pipeline's own cut).
@@ -159,7 +162,7 @@ def test_an_inpainting_job_is_followed_live_to_its_image(server: Any, tmp_path: 
         job = httpx.get(f"{server.url}/api/jobs/{job_id(browser)}", timeout=30).json()
         assert src == job["result"]["response"][0] and (width, height) == SIZE
         parameters = job["result"]["parameters"]
-        assert (parameters["task"], parameters["strength"]) == ("inpainting", 0.7)
+        assert (parameters["task"], parameters["strength"], parameters["mask_blur"]) == ("inpainting", 0.7, 3)
         assert (parameters["width"], parameters["height"]) == SIZE
 
         browser.click("#clear-mask")

@@ -113,6 +113,7 @@ async def _answer(request: Request, form: EditForm, blank_prompt: bool) -> Respo
         width=width,
         height=height,
         strength=body.strength,
+        mask_blur=getattr(body, "mask_blur", None),  # edits only: a variation has no mask
         blank_prompt=blank_prompt,
     )
     return await openai_answer(request, generation, body, EDIT_EVENTS)

@@ -60,6 +60,7 @@ async def native_answer(
         "output_format": encoding.format,
         "output_compression": encoding.compression,
         "loras": [{"name": name, "scale": scale} for name, scale in generation.loras],
+        "mask_blur": generation.mask_blur if generation.mask_image is not None else None,
     }
     payload = InferenceResponse(
         response=[build_image_url(base, name) for name in names],

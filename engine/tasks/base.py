@@ -10,7 +10,10 @@ Both runners ask the request's task, and only it, what is particular to that tas
   beside the latents (``Start.condition``: an inpainting model's mask and masked image), and how its final latents
   go into the VAE (``vae_input``);
 - both: whether the loaded pipeline can run the task at all (``unavailable``: a reason, or None), asked before any
-  work, and answered for every task at once by ``engine.tasks.available_tasks`` (for ``/api/status``).
+  work, and answered for every task at once by ``engine.tasks.available_tasks`` (for ``/api/status``); and what the
+  decoded images become before they are handed out (``finish_images``: nothing for text-to-image or image-to-image;
+  for inpainting, the input's own pixels put back outside the mask). Every final image of either runner, whichever
+  API or job asked for it, passes there; previews do not.
 
 Everything else is shared by every task and stays in the runners: the prompt embeddings and their cache, guidance,
 the transformer passes and the scheduler steps, cancellation and progress, the VAE decode. Adding a task is adding
@@ -72,6 +75,11 @@ class Task(ABC):
         """What the final latents become before the VAE decodes them, as the task's pipeline does it (SD3's: undo
         the scaling and the shift its encoder applied)."""
         return latents / view.vae.config.scaling_factor + view.vae.config.shift_factor
+
+    def finish_images(self, request: GenerationRequest, images: list[Any]) -> list[Any]:
+        """The request's final images (PIL, decoded by the task's pipeline or the step runner's decode) as the
+        runners hand them out: by default as they were decoded."""
+        return images
 
     @abstractmethod
     def pipeline_arguments(self, request: GenerationRequest) -> dict[str, Any]:

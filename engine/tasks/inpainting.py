@@ -13,6 +13,15 @@ Two kinds of transformer can inpaint, as in the pipeline:
   the next timestep, replace the latents wherever the mask keeps the image (``Start.after_step``);
 - 33 input channels (an inpainting model): the mask and the masked image's latents go into the transformer beside
   the latents, every pass (``Start.condition``). Such a model can run no other task.
+
+What the pipeline answers is the VAE's decode of the whole image: the pixels the mask keeps come back through the
+VAE too, changed (a little with a real VAE, entirely with a random one). So, after decoding, ``finish_images`` puts
+the input's own pixels back wherever the mask keeps the image (as A1111's and InvokeAI's inpainting do, and as
+OpenAI's edits promise): the init image at the request's size (resized as the pipeline resizes it), the mask
+binarised as the pipeline binarises it. Inside the mask the pixels stay the pipeline's. ``request.mask_blur`` > 0
+feathers the seam: the binarised mask, Gaussian-blurred with that radius (PIL's ``GaussianBlur``: its support is
+at most 3 x radius pixels each side), is the blend's alpha; the band it spans about the edge mixes the two, and
+beyond it each side is exactly the input or exactly the pipeline's image.
 """
 
 from __future__ import annotations
@@ -20,12 +29,13 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
+from PIL import Image, ImageFilter
 
 from ..types import GenerationRequest
 from .base import AfterStep, Start
 from .image_to_image import ImageToImage
 
-__all__ = ["DEFAULT_STRENGTH", "Inpainting"]
+__all__ = ["DEFAULT_STRENGTH", "Inpainting", "repaint_alpha"]
 
 DEFAULT_STRENGTH = 1.0  # the default diffusers documents for this pipeline (see the module's docstring)
 BLEND_CHANNELS = 16  # the pipeline's mask-blend path: SD3's own transformer
@@ -87,9 +97,34 @@ class Inpainting(ImageToImage):
             )
         return Start(prepared[0], timesteps, condition=torch.cat([mask, masked], dim=1))
 
+    def finish_images(self, request: GenerationRequest, images: list[Any]) -> list[Any]:
+        """The decoded images with the input's own pixels wherever the mask keeps the image (see the module's
+        docstring); where it repaints, the decoded pixels as they are."""
+        self._check(request)
+        size = (request.width, request.height)
+        init = _at_size(request.image, size).convert("RGB")
+        alpha = repaint_alpha(request.mask_image, size, request.mask_blur)
+        return [Image.composite(image.convert("RGB"), init, alpha) for image in images]
+
     def _check(self, request: GenerationRequest) -> None:
         if request.image is None or request.mask_image is None:
             raise ValueError("inpainting needs an image and a mask image")
+        if request.mask_blur < 0:
+            raise ValueError(f"mask_blur must be 0 or more pixels, not {request.mask_blur}")
+
+
+def _at_size(image: Any, size: tuple[int, int]) -> Any:
+    """``image`` at ``size`` (width, height), resized as diffusers' image processors resize a PIL image (Lanczos)."""
+    return image if image.size == size else image.resize(size, Image.Resampling.LANCZOS)
+
+
+def repaint_alpha(mask: Any, size: tuple[int, int], blur: int = 0) -> Any:
+    """How much of the repainted image each pixel takes (``L``: 255 all of it, 0 none, the input's): ``mask`` at
+    ``size`` binarised at one half as the pipeline's mask processor does (resized, then grey), then blurred by a
+    Gaussian of radius ``blur`` pixels (0: none, a hard edge)."""
+    grey = _at_size(mask, size).convert("L")
+    alpha = grey.point(lambda level: 255 if level >= 128 else 0)  # level / 255 >= 0.5, the pipeline's binarize
+    return alpha.filter(ImageFilter.GaussianBlur(blur)) if blur > 0 else alpha
 
 
 def _latent_mask(

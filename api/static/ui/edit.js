@@ -1,7 +1,8 @@
 // The playground's edit mode: an image picked or dropped, a mask painted over it with a brush (and erased), and the
 // strength. ui.js asks `window.PlaygroundEdit.fields()` for what a job then carries: `image` (a PNG data: URL at
-// the form's width x height), `mask_image` (the same size: white where painted, to repaint; black, kept) when
-// anything is painted, and `strength` when set. No image: no fields, and the job is text-to-image as before.
+// the form's width x height), `mask_image` (the same size: white where painted, to repaint; black, kept) and the
+// feather `mask_blur` (when set) when anything is painted, and `strength` when set. No image: no fields, and the
+// job is text-to-image as before.
 // The image is decoded with createImageBitmap (no blob: URL, which the page's Content-Security-Policy refuses).
 (() => {
   "use strict";
@@ -10,7 +11,7 @@
   const els = {
     details: $("edit"), drop: $("drop"), status: $("edit-status"), file: $("edit-file"), canvases: $("canvases"),
     image: $("edit-image"), mask: $("edit-mask"), tools: $("edit-tools"), paint: $("tool-paint"),
-    brush: $("brush"), strength: $("strength"), mode: $("edit-mode"), clear: $("clear-mask"),
+    brush: $("brush"), strength: $("strength"), feather: $("mask-blur"), mode: $("edit-mode"), clear: $("clear-mask"),
     remove: $("remove-image"), width: $("width"), height: $("height"),
   };
   const PAINT = "#ff3d8b"; // how the painted area shows (the mask canvas is drawn half transparent over the image)
@@ -160,7 +161,11 @@
     if (!bitmap) return {};
     resize(); // the size the form says now
     const result = { image: els.image.toDataURL("image/png") };
-    if (painted()) result.mask_image = maskURL();
+    if (painted()) {
+      result.mask_image = maskURL();
+      // Only with a mask: the server refuses a feather without one.
+      if (els.feather.value.trim() !== "") result.mask_blur = Number(els.feather.value);
+    }
     if (els.strength.value.trim() !== "") result.strength = Number(els.strength.value);
     return result;
   }

@@ -249,7 +249,7 @@
       seed: numberOf(els.seed),
       guidance_scale: numberOf(els.guidance),
       preview_every: previewEvery,
-      ...window.PlaygroundEdit.fields(), // edit mode (edit.js): image, mask_image, strength; none without an image
+      ...window.PlaygroundEdit.fields(), // edit mode (edit.js): image, mask_image, mask_blur, strength; or none
       ...window.PlaygroundAdapters.fields(), // adapters.js: loras, the ticked adapters; none when none is ticked
     };
     return JSON.parse(JSON.stringify(body)); // drops the undefined fields: the server's defaults apply
