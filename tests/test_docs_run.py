@@ -158,6 +158,7 @@ def server(workdir: Path) -> Iterator[LiveServer]:
 
     [line] = [line for where, line in SERVER_LINES if where == "docs/features/lora.md"]
     args = _server_args(line, workdir) + ["--image-dir", str(workdir / "images"), "--default-steps", "2"]
+    args += ["--data-dir", str(workdir)]  # the default job store, jobs.db, there
     live = LiveServer(create_app(parse_settings(args)))
     try:
         wait_ready(live.url)

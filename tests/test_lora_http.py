@@ -48,6 +48,7 @@ def _serve(adapters: dict[str, Path], tmp: Path, **options: Any) -> LiveServer:
     settings = Settings(
         model="random:tiny",
         image_dir=str(tmp / "images"),
+        data_dir=str(tmp),
         lora=[f"ink={adapters['ink'].parent}", f"neon={adapters['neon']}"],
         lora_dir=str(adapters["clay"].parent),
         max_loras=3,
