@@ -30,6 +30,17 @@ def stored_jobs(live: Any) -> int:
         return int(db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0])
 
 
+def stored_statuses(live: Any) -> dict[str, str]:
+    """Every job a live server's store holds, by id, with its status (the memory store's, or its SQLite file's)."""
+    store = live.app.state.jobs
+    if hasattr(store, "ids"):
+        return {job: store.get(job).status for job in store.ids()}
+    url = live.app.state.settings.job_store
+    assert url.startswith("sqlite:///"), url
+    with contextlib.closing(sqlite3.connect(url.removeprefix("sqlite:///"))) as db:
+        return {str(job): str(status) for job, status in db.execute("SELECT id, status FROM jobs")}
+
+
 def read_events(response: httpx.Response) -> Any:
     """Yield (event, data) from an open SSE response; comment lines are skipped."""
     name, data = None, None
