@@ -12,7 +12,8 @@ what ``--lora`` and ``--lora-dir`` read. ``--out`` ending in ``.safetensors`` is
 ``pytorch_lora_weights.safetensors``. The adapter fits the model it was made for only, and is noise, not a style: it
 shows that adapters reach the image (docs/features/lora.md).
 
-Exit status: 0 when written; 2 for bad arguments, or a model that cannot be loaded (the reason and a hint on stderr).
+Exit status: 0 when written; 1 when it cannot be written; 2 for bad arguments, or a model that cannot be loaded (the
+reason and a hint on stderr).
 This is a command for people, beside ``serverasync.py``: it loads a model through ``Pipelines.py`` and runs no server.
 """
 
@@ -121,7 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     except ModelLoadError as exc:
         print(f"make_lora.py: error: {exc}", file=sys.stderr)
         return 2
-    target = make_lora(pipeline, args.out, rank=args.rank, strength=args.strength, seed=args.seed)
+    try:
+        target = make_lora(pipeline, args.out, rank=args.rank, strength=args.strength, seed=args.seed)
+    except OSError as exc:
+        print(f"make_lora.py: error: cannot write {args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     print(f"wrote {target}: a rank-{args.rank} LoRA for {args.model} (seed {args.seed}, strength {args.strength:g})")
     return 0
 
