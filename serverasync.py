@@ -18,6 +18,7 @@ import socket
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None, loader: Callable[[Settings], Any] | None
         check_job_store(settings.job_store)  # a file that cannot be a store ends the start here, not at the first job
     except ValueError as exc:
         sock.close()
-        print(f"serverasync.py: error: --job-store {settings.job_store}: {exc}", file=sys.stderr)  # noqa: T201
+        print(f"serverasync.py: error: {_store_option(settings)}: {exc}", file=sys.stderr)  # noqa: T201
         return EXIT_BAD_OPTION
     from Pipelines import ModelLoadError, preflight, quiet_library_logs
 
@@ -133,6 +134,13 @@ def main(argv: list[str] | None = None, loader: Callable[[Settings], Any] | None
         return EXIT_BAD_OPTION
     _log_start(settings, sock, device, dtype)
     return _serve(settings, sock, create_app(settings, loader))
+
+
+def _store_option(settings: Settings) -> str:
+    """The option that named the job store, as the user would look for it (the default: by the data directory)."""
+    if settings.job_store == f"sqlite:///{Path(settings.data_dir) / 'jobs.db'}":
+        return f"--job-store {settings.job_store} (the default: jobs.db in --data-dir {settings.data_dir})"
+    return f"--job-store {settings.job_store}"
 
 
 def check_adapters(settings: Settings) -> None:
@@ -210,6 +218,7 @@ def _log_start(settings: Settings, sock: socket.socket, device: Any, dtype: Any)
         host,
         port,
     )
+    logger.info("jobs kept in %s; images in %s", settings.job_store, settings.image_dir)
     if settings.host in ("0.0.0.0", "::", "") and not settings.api_key:
         logger.warning(
             "listening on all interfaces with no API key: anyone who can reach this machine can generate images; "

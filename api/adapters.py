@@ -94,15 +94,25 @@ def loras_of(request: Request, body: Any) -> tuple[tuple[str, float], ...]:
             message = f"loras[{i}]: adapter {lora.name!r} is named twice"
             raise APIError(400, message, param="loras", code="invalid_value")
         chosen.append((lora.name, float(lora.scale)))
+    if pool is not None:
+        try:
+            pool.check(tuple(chosen))  # a set the pool can never hold is refused now, not 503 for ever
+        except Exception as exc:
+            error = adapter_error(exc)
+            if error is None:
+                raise
+            raise error from None
     return tuple(chosen)
 
 
 def adapter_error(exc: Exception) -> APIError | None:
     """The envelope for the engine's adapter failures (None: not one of them)."""
-    from engine.adapters import AdapterPoolFull, AdapterUnloadable, UnknownAdapter
+    from engine.adapters import AdapterPoolFull, AdapterUnloadable, TooManyAdapters, UnknownAdapter
 
     if isinstance(exc, UnknownAdapter):
         return APIError(400, f"{exc}.", param="loras", code="unknown_adapter")
+    if isinstance(exc, TooManyAdapters):
+        return APIError(400, f"loras: {exc}.", param="loras", code="too_many_adapters")
     if isinstance(exc, AdapterPoolFull):
         return APIError(503, f"{exc}.", "overloaded_error", code="adapters_busy", headers={"Retry-After": "1"})
     if isinstance(exc, AdapterUnloadable):

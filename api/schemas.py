@@ -25,7 +25,9 @@ MAX_LORA_SCALE = 4.0  # |scale|: four times its trained strength is already far 
 class LoraChoice(BaseModel):
     """One LoRA adapter for one request (``GET /v1/models`` lists them)."""
 
-    model_config = ConfigDict(extra="forbid")
+    # strict, as the bodies that hold it: `true` and "1" are not a scale (a JSON integer is: 1 is 1.0). The multipart
+    # edits read their text fields leniently (api/edit_forms.py), so "0.5" from a form is still a scale there.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     name: Annotated[str, Field(min_length=1, max_length=64, description="an adapter's name (GET /v1/models)")]
     scale: Annotated[float, Field(ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE)] = Field(
@@ -49,6 +51,8 @@ def response_format_of(body: object) -> str:
         return chosen
     model = getattr(body, "model", None) or ""
     return "b64_json" if model.lower().startswith("gpt-image") else "url"
+
+
 MAX_MASK_BLUR = 64  # pixels: a band of up to ~3 x 64 px each side of the seam, already most of a 512 px image
 MaskBlur = Annotated[int, Field(ge=0, le=MAX_MASK_BLUR)]
 MASK_BLUR_DESCRIPTION = (

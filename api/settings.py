@@ -42,7 +42,12 @@ class Settings(BaseSettings):
         description="auto, float32 (fp32), bfloat16 (bf16) or float16 (fp16) "
         "(default: auto, which is bfloat16 on CUDA, float16 on MPS, float32 on CPU)",
     )
-    image_dir: str = Field("images", description="directory for generated images")
+    data_dir: str = Field(
+        ".",
+        description="the server's data directory, which must exist: it holds the images (images/, unless --image-dir) "
+        "and the jobs (jobs.db, unless --job-store) (default: the working directory)",
+    )
+    image_dir: str | None = Field(None, description="directory of generated images (default: the data dir's images/)")
     public_url: str | None = Field(
         None, description="base URL put in image links, e.g. https://img.example.com (default: the request's host)"
     )
@@ -120,11 +125,11 @@ class Settings(BaseSettings):
         description="seconds a succeeded or failed job is kept however full the store, so its client can fetch it; "
         "a full store of such jobs (and unfinished ones) refuses new jobs 503 (0: none)",
     )
-    job_store: str = Field(
-        "memory",
-        description="where jobs are kept: memory (this process), sqlite:///relative.db or sqlite:////absolute.db "
-        "(survives a restart; the file is opened and checked at start), redis://host:port/db (shared by every server "
-        "on it)",
+    job_store: str | None = Field(
+        None,
+        description="where jobs are kept: sqlite:///relative.db or sqlite:////absolute.db (a file: jobs survive a "
+        "restart; it is opened and checked at start), redis://host:port/db (shared by every server on it), or memory "
+        "(this process only: a restart loses them) (default: a SQLite file, jobs.db in the data directory)",
     )
     job_lease: float = Field(
         30.0,
@@ -197,8 +202,8 @@ class Settings(BaseSettings):
 
     @field_validator("job_store")
     @classmethod
-    def _check_job_store(cls, value: str) -> str:
-        if value == "memory" or re.match(r"^rediss?://", value):
+    def _check_job_store(cls, value: str | None) -> str | None:
+        if value is None or value == "memory" or re.match(r"^rediss?://", value):
             return value
         if value.startswith("sqlite:///") and len(value) > len("sqlite:///"):
             parent = Path(value.removeprefix("sqlite:///")).expanduser().resolve().parent
@@ -253,11 +258,11 @@ class Settings(BaseSettings):
         parse_lora_options(value)  # the files themselves are checked before loading (serverasync.check_adapters)
         return value
 
-    @field_validator("lora_dir")
+    @field_validator("lora_dir", "data_dir")
     @classmethod
-    def _check_lora_dir(cls, value: str | None) -> str | None:
+    def _check_directory(cls, value: str | None) -> str | None:
         if value and not Path(value).expanduser().is_dir():
-            raise ValueError(f"{value}: no such directory")
+            raise ValueError(f"{value}: no such directory (make it, or name another)")
         return value
 
     @field_validator("engine")
@@ -266,6 +271,16 @@ class Settings(BaseSettings):
         if value is not None and value.lower() not in ("threads", "step"):
             raise ValueError("engine must be 'threads' or 'step'")
         return value.lower() if value is not None else None
+
+    @model_validator(mode="after")
+    def _in_data_dir(self) -> Settings:
+        """The images and the job store the data directory holds, where they are not set on their own."""
+        data = Path(self.data_dir)
+        if self.image_dir is None:
+            self.image_dir = str(data / "images")
+        if self.job_store is None:
+            self.job_store = f"sqlite:///{data / 'jobs.db'}"
+        return self
 
     @model_validator(mode="after")
     def _check_steps(self) -> Settings:

@@ -242,17 +242,19 @@ def serve_app(settings: Settings, scale: Scale, metrics_port: int = 0) -> Any:
     # Every replica writes and serves images in one directory, so a URL from any replica is fetchable through any
     # other: an absolute path (a replica's working directory is Ray's, not ours), shared on a cluster (NFS, a volume).
     explicit = settings.model_dump(exclude_unset=True)
-    explicit["image_dir"] = str(Path(settings.image_dir).expanduser().resolve())
-    explicit.update(_absolute_store(settings))
+    explicit.update(_absolute_paths(settings))
     return SD3Server.options(**deployment_options(settings, scale)).bind(explicit, metrics_port)
 
 
-def _absolute_store(settings: Settings) -> dict[str, str]:
-    """A relative SQLite job store made absolute, as the image directory (a replica's working directory is Ray's).
-    Every replica gets the same ``--job-store``: Redis (``redis://host:port/db``) is the one for several machines."""
-    if not settings.job_store.startswith("sqlite:///") or settings.job_store.startswith("sqlite:////"):
-        return {}
-    return {"job_store": "sqlite:///" + str(Path(settings.job_store.removeprefix("sqlite:///")).expanduser().resolve())}
+def _absolute_paths(settings: Settings) -> dict[str, str]:
+    """The data directory, the image directory and a relative SQLite job store made absolute (a replica's working
+    directory is Ray's, not ours). Every replica gets the same ``--job-store``: Redis (``redis://host:port/db``) is the
+    one for several machines."""
+    paths = {name: str(Path(getattr(settings, name)).expanduser().resolve()) for name in ("data_dir", "image_dir")}
+    store = str(settings.job_store)
+    if store.startswith("sqlite:///") and not store.startswith("sqlite:////"):
+        paths["job_store"] = "sqlite:///" + str(Path(store.removeprefix("sqlite:///")).expanduser().resolve())
+    return paths
 
 
 _SCALE_NAMES = {f.name for f in fields(Scale)}
@@ -282,8 +284,7 @@ def serve_config(settings: Settings, scale: Scale, metrics_port: int = 0) -> Ser
     Serve twice, and the second start logs that "new http_options will not be applied".
     """
     args: dict[str, Any] = settings.model_dump(exclude_unset=True)
-    args["image_dir"] = str(Path(settings.image_dir).expanduser().resolve())  # as serve_app: the same directory
-    args.update(_absolute_store(settings))
+    args.update(_absolute_paths(settings))  # as serve_app: the same directories and store
     args.update({k: v for k, v in vars(scale).items() if v is not None})
     args["metrics_port"] = metrics_port
     app = {"name": APP_NAME, "route_prefix": "/", "import_path": "deploy.ray_serve:build_app", "args": args}

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .adapter_loading import ADAPTER_SUFFIX, adapter_file, quiet_load, read_adapter
 from .types import EngineError
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "AdapterPoolFull",
     "AdapterSet",
     "AdapterUnloadable",
+    "TooManyAdapters",
     "UnknownAdapter",
     "adapter_file",
     "read_adapter",
@@ -53,7 +55,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_SUFFIX = ".safetensors"
 # A request's adapters, in its order (the order diffusers' set_adapters sums them in): ((name, scale), ...).
 AdapterSet = tuple[tuple[str, float], ...]
 
@@ -79,46 +80,21 @@ class AdapterPoolFull(EngineError):
     """Every loaded adapter is held by a request in flight: none can be evicted for a new one now."""
 
 
-ERRORS = (UnknownAdapter, AdapterUnloadable, AdapterPoolFull)  # what a request with adapters may fail with
+class TooManyAdapters(EngineError):
+    """A request names more adapters of the directory than the pool can hold at once besides the start-up ones: it
+    could never run, however long it waited."""
 
-
-def adapter_file(path: Path) -> Path:
-    """The adapter's ``.safetensors`` file: ``path`` itself, or the one such file in the folder ``path`` (diffusers'
-    ``pytorch_lora_weights.safetensors`` when there are several). ValueError saying what is wrong otherwise."""
-    if path.is_file():
-        return path
-    if not path.is_dir():
-        raise ValueError(f"{path}: no such file or directory")
-    files = sorted(path.glob(f"*{ADAPTER_SUFFIX}"))
-    if len(files) == 1:
-        return files[0]
-    preferred = path / f"pytorch_lora_weights{ADAPTER_SUFFIX}"
-    if preferred in files:
-        return preferred
-    found = "none" if not files else ", ".join(f.name for f in files)
-    raise ValueError(f"{path}: a folder must hold one {ADAPTER_SUFFIX} file (found {found})")
-
-
-def read_adapter(pipeline_class: Any, path: Path) -> dict[str, Any]:
-    """The adapter's state dict in diffusers' layout (community formats converted by diffusers' ``lora_state_dict``).
-    ValueError with the reason when it cannot be read or holds more than transformer layers."""
-    try:
-        state = pipeline_class.lora_state_dict(str(adapter_file(path)))
-    except ValueError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - any reader failure is the file's: say which and why
-        raise ValueError(f"{path}: not a LoRA adapter diffusers can read ({type(exc).__name__}: {exc})") from None
-    if isinstance(state, tuple):  # some diffusers versions also return the network alphas / metadata
-        state = state[0]
-    if not state:
-        raise ValueError(f"{path}: holds no LoRA weights")
-    foreign = sorted({key.split(".", 1)[0] for key in state if not key.startswith("transformer.")})
-    if foreign:
-        raise ValueError(
-            f"{path}: has LoRA weights for {', '.join(foreign)}; only transformer adapters are supported "
-            "(text-encoder LoRA is not)"
+    def __init__(self, names: list[str], room: int, capacity: int, pinned: int) -> None:
+        listed = ", ".join(repr(name) for name in names)
+        super().__init__(
+            f"this request names {len(names)} adapters of the adapter directory ({listed}), but this server holds "
+            f"at most {room} of them at once (--max-loras {capacity}, less the {pinned} named with --lora); "
+            f"name at most {room}"
         )
-    return state
+        self.room = room
+
+
+ERRORS = (UnknownAdapter, AdapterUnloadable, AdapterPoolFull, TooManyAdapters)  # a request's adapters may fail so
 
 
 class AdapterGate:
@@ -244,11 +220,20 @@ class AdapterPool:
                 return candidate
         raise UnknownAdapter(name, self.names())
 
+    @property
+    def room(self) -> int:
+        """How many directory adapters can be loaded at once: the pool less the start-up ones, which never leave."""
+        return self.capacity - len(self.sources)
+
     def check(self, adapter_set: AdapterSet) -> None:
-        """UnknownAdapter for the first name in ``adapter_set`` that the server does not have."""
+        """UnknownAdapter for the first name in ``adapter_set`` that the server does not have; TooManyAdapters when it
+        names more directory adapters than the pool can ever hold at once (each is held while the request runs)."""
         for name, _ in adapter_set:
             if name not in self._loaded:
                 self._path_of(name)
+        directory = list(dict.fromkeys(name for name, _ in adapter_set if name not in self.sources))
+        if len(directory) > self.room:
+            raise TooManyAdapters(directory, self.room, self.capacity, len(self.sources))
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -335,7 +320,7 @@ class AdapterPool:
         """Loader thread (or start-up): read, make room, inject while no pass runs."""
         state = read_adapter(type(self.pipeline), path)
         self._make_room()
-        with self.gate.exclusive():
+        with self.gate.exclusive(), quiet_load(name):
             try:
                 self.pipeline.load_lora_weights(state, adapter_name=name)
             except Exception as exc:  # noqa: BLE001 - a mismatched file: say so, leave the modules as they were

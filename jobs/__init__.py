@@ -2,10 +2,11 @@
 server (``--job-store``).
 
 A durable queue, not HTTP: the routes (``api/routes/jobs.py``) call it, and it imports nothing from ``api/``. It sits
-above the engine, which runs each job's generation. The stores: ``memory.JobStore`` (this process; the default),
-and ``durable.DurableJobs`` (the job service over a backend: ``sqlite.SQLiteBackend`` for one machine,
-``redis_store.RedisBackend`` for several servers; leases, reaping, fenced ends), whose records are ``records``'. A job
-and its events are ``job``'s; the service's own failures ``errors``'.
+above the engine, which runs each job's generation. The stores: ``memory.JobStore`` (this process only:
+``--job-store memory``), and ``durable.DurableJobs`` (the job service over a backend: ``sqlite.SQLiteBackend`` for one
+machine, the default, ``jobs.db`` in the data directory; ``redis_store.RedisBackend`` for several servers; leases,
+reaping, fenced ends), whose records are ``records``'. A job and its events are ``job``'s; the service's own failures
+``errors``'.
 
 Both stores answer the same calls: ``start``, ``describe``, ``stop``, ``follow``, ``open``, ``close``.
 """

@@ -237,7 +237,9 @@ class DurableJobs:
         return "failed", None, StoreFailure()
 
     def _owned(self, job: StoredJob) -> dict[str, Any]:
-        body = {"num_inference_steps": job.generation.num_inference_steps, "seed": job.generation.seed}
+        generation = job.generation  # what the end's state reads of the body: its steps (as its task counts them), seed
+        body = {"num_inference_steps": generation.num_inference_steps, "seed": generation.seed}
+        body.update(task=generation.task, strength=generation.strength)
         return {
             "owner": self.server_id,
             "id": job.id,

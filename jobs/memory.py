@@ -1,4 +1,4 @@
-"""The jobs of one server, in its memory (``--job-store memory``, the default): bounded, with expiry and a grace.
+"""The jobs of one server, in its memory (``--job-store memory``): bounded, with expiry and a grace.
 
 The store is bounded (``--max-jobs``): when it is full, the oldest job that may go makes room; when none may, a new
 one is refused (``TooManyJobs``, answered 503 ``too_many_jobs``). A succeeded or failed job may go once its

@@ -17,6 +17,7 @@ import dataclasses
 import io
 import json
 import time
+from types import SimpleNamespace
 from typing import Any
 
 __all__ = [
@@ -149,6 +150,16 @@ def from_flat(flat: dict[Any, Any]) -> dict[str, Any]:
 # -- views ---------------------------------------------------------------------------------------------------------
 
 
+def total_steps(body: dict[str, Any]) -> int:
+    """The denoising steps a record's generation runs, as its task counts them (``jobs.job.Job.total_steps``): all
+    of them, or the part of the schedule an edit's strength leaves (read from the body, its images left as they are)."""
+    from engine.tasks import get_task
+
+    # What a task's ``steps`` reads of a request (its schedule and strength), not the whole GenerationRequest.
+    counted = SimpleNamespace(num_inference_steps=body["num_inference_steps"], strength=body.get("strength"))
+    return get_task(body.get("task") or "text-to-image").steps(counted)
+
+
 def _eta(record: dict[str, Any], total: int, now: float) -> float | None:
     step, elapsed, at = record.get("step") or 0, record.get("elapsed_s"), record.get("last_step_at")
     if record["status"] != "running" or not step or elapsed is None or at is None:
@@ -178,8 +189,8 @@ def state_of(record: dict[str, Any], now: float | None = None, stale_after: floa
         "created_at": round(record["created_at"], 3),
         "position": record.get("position") if record["status"] == "queued" else None,
         "step": record.get("step") or 0,
-        "total_steps": body["num_inference_steps"],
-        "eta_s": None if waiting else _eta(record, body["num_inference_steps"], now),
+        "total_steps": total_steps(body),
+        "eta_s": None if waiting else _eta(record, total_steps(body), now),
         "seed": body["seed"],
         "result": record.get("result"),
         "error": record.get("error"),
@@ -190,7 +201,7 @@ def state_of(record: dict[str, Any], now: float | None = None, stale_after: floa
 
 def _step_data(record: dict[str, Any]) -> dict[str, Any]:
     elapsed = record.get("elapsed_s")
-    total = record["body"]["num_inference_steps"]
+    total = total_steps(record["body"])
     return {"step": record["step"], "total": total, "elapsed_s": None if elapsed is None else round(elapsed, 3)}
 
 

@@ -53,6 +53,21 @@ import httpx  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _unclaimed_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The data directory (``SERVER_DATA_DIR``) of any server a test starts without one of its own: never the
+    working directory (the repository), where the default job store would make ``jobs.db``. The fixtures below give
+    each server its own, so that no two share a store by accident."""
+    path = tmp_path_factory.mktemp("unclaimed-data")
+    previous = os.environ.get("SERVER_DATA_DIR")
+    os.environ["SERVER_DATA_DIR"] = str(path)
+    yield path
+    if previous is None:
+        os.environ.pop("SERVER_DATA_DIR", None)
+    else:
+        os.environ["SERVER_DATA_DIR"] = previous
+
+
 def wait_ready(url: str, timeout: float = 120.0, proc: subprocess.Popen | None = None) -> None:
     """Poll GET /ready until it answers 200."""
     deadline = time.monotonic() + timeout
@@ -111,7 +126,10 @@ def make_server(tiny_pipeline, tmp_path) -> Iterator[Callable[..., LiveServer]]:
     servers: list[LiveServer] = []
 
     def make(loader: Callable[[Any], Any] | None = None, wait: bool = True, **overrides: Any) -> LiveServer:
-        options = {"model": "random:tiny", "image_dir": str(tmp_path / f"images{len(servers)}"), **overrides}
+        data = tmp_path / f"data{len(servers)}"  # its own job store (the default: data/jobs.db)
+        data.mkdir(exist_ok=True)
+        options = {"model": "random:tiny", "image_dir": str(tmp_path / f"images{len(servers)}"), "data_dir": str(data)}
+        options.update(overrides)
         if options.get("engine") == "step":
             # Two loops, as the calibration picks on a two-core machine, without its sweep of loop counts (about
             # 2.5 s of CPU per server, and the suite starts dozens). Tests of the automatic choice pass step_loops=0.
@@ -146,6 +164,10 @@ class ServerProcess:
             command += ["--model", "random:tiny"]
         if "--image-dir" not in args:
             command += ["--image-dir", str(tmp_path / "images")]
+        if "--data-dir" not in args:  # its own job store (the default: DATA_DIR/jobs.db)
+            data = tmp_path / f"data-{self.port}"
+            data.mkdir()
+            command += ["--data-dir", str(data)]
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [*command, *args],

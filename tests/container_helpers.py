@@ -1,12 +1,12 @@
 """Building the server's image with podman and running it, on machines that allow less than a laptop does.
 
-What the CI machines allow (measured): no base image can be pulled, so the base is made here with mmdebstrap from
-the Debian mirror apt is configured with; ``podman build`` needs ``--isolation chroot`` (no cgroup controllers); pip
-inside a build cannot verify the registry's certificate chain, so the build installs from a wheelhouse (the
-air-gapped path the documentation gives users); and ``podman run`` may be refused (the runtime may not set
-rlimits): then the image's own entrypoint runs from its exported file system under ``chroot``, with the image's
-environment, working directory and user. The commands of the documentation's container page
-(docs/operations/container.md) are the ones run here, with this machine's paths put in (``readme_command``).
+What the CI machines allow (measured): no base image can be pulled, so the base is made by the documented
+``deploy/container/base`` (mmdebstrap from the Debian mirror apt is configured with); ``podman build`` needs
+``--isolation chroot`` (no cgroup controllers); pip inside a build cannot verify the registry's certificate chain, so
+the build installs from a wheelhouse (the air-gapped path the documentation gives users); and ``podman run`` may be
+refused (the runtime may not set rlimits): then the image's own entrypoint runs from its exported file system under
+``chroot``, with the image's environment, working directory and user. The commands of the documentation's container
+page (docs/operations/container.md) are the ones run here, with this machine's paths put in (``readme_command``).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 CONTAINER_PAGE = REPO / "docs" / "operations" / "container.md"
-BASE_IMAGE = "localhost/sd3-server-test-base:bookworm"
+BASE_REPOSITORY = "localhost/sd3-server-test-base"
 TEST_IMAGE = "localhost/sd3-server:test"
 CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sd3-server"
 
@@ -72,29 +72,22 @@ def podman(*args: str, check: bool = True, timeout: float = 600) -> subprocess.C
     return result
 
 
-def debian_mirror() -> str:
-    """The Debian archive apt uses here (it must be reachable), else Debian's own."""
-    sources = sorted(Path("/etc/apt").glob("sources.list.d/*.sources")) + [Path("/etc/apt/sources.list")]
-    for path in sources:
-        text = path.read_text() if path.is_file() else ""
-        for uri in re.findall(r"^URIs:\s*(\S+)", text, flags=re.M) + re.findall(r"^deb\s+(\S+)", text, flags=re.M):
-            if uri.rstrip("/").endswith("/debian"):
-                return uri
-    return "http://deb.debian.org/debian"
-
-
 def local_base() -> str:
-    """A Debian base with Python, made with mmdebstrap and imported once (kept in podman's storage after)."""
-    if podman("image", "exists", BASE_IMAGE, check=False).returncode == 0:
-        return BASE_IMAGE
-    suite = "bookworm"  # its python3 is 3.11, this machine's: the wheelhouse's wheels fit it
-    command = (
-        f"mmdebstrap --quiet --variant=apt --include=python3,python3-venv,ca-certificates {suite} - "
-        f"{shlex.quote(debian_mirror())} | podman import - {BASE_IMAGE}"
-    )
-    result = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return BASE_IMAGE
+    """The base made by the page's ``deploy/container/base`` command, tagged by the script's hash: made once and kept
+    in podman's storage, made again (the older one removed) when the script changes."""
+    tag = hashlib.sha256((REPO / "deploy" / "container" / "base").read_bytes()).hexdigest()[:12]
+    image = f"{BASE_REPOSITORY}:{tag}"
+    if podman("image", "exists", image, check=False).returncode == 0:
+        return image
+    command = readme_command("deploy/container/base")
+    assert len(command) == 2, command  # the script and the image's name
+    result = subprocess.run([command[0], image], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    listed = podman("images", "--format", "{{.Repository}}:{{.Tag}}", BASE_REPOSITORY).stdout.split()
+    for old in set(listed) - {image}:  # 220 MB each: the ones an older script made (tagged by its hash too)
+        if re.fullmatch(rf"{BASE_REPOSITORY}:[0-9a-f]{{12}}", old):
+            podman("rmi", old, check=False)
+    return image
 
 
 def wheelhouse() -> Path:
@@ -122,9 +115,10 @@ def build_image() -> str:
     """The documented air-gapped build, from the local base and the cached wheelhouse; podman's log of it."""
     command = readme_command("podman build --format docker --build-context")
     command = replace_option(command, "--build-context", f"wheelhouse={wheelhouse()}")
+    command = replace_option(command, "--build-arg", f"BASE={local_base()}")
     command = replace_option(command, "-t", TEST_IMAGE)
     assert command[-1] == "."
-    machine = ["--isolation", "chroot", "--build-arg", f"BASE={local_base()}"]
+    machine = ["--isolation", "chroot"]
     before = podman("image", "inspect", "--format", "{{.Id}}", TEST_IMAGE, check=False).stdout.strip()
     result = podman(*command[1:-1], *machine, str(REPO), timeout=900)
     if before and before != podman("image", "inspect", "--format", "{{.Id}}", TEST_IMAGE).stdout.strip():
@@ -167,7 +161,7 @@ class Container:
         result = podman(*args, self.image, *self.server_args, check=False)
         if result.returncode == 0:
             self._cid = result.stdout.strip()
-            self.images = volumes["/data/images"]
+            self.images = volumes["/data"] / "images"
             self.way = "podman run"
             return True
         self.refusal = result.stderr.strip().splitlines()[-1:]

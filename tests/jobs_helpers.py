@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sqlite3
 import threading
 import time
 from collections import Counter
@@ -14,6 +16,29 @@ JOBS = "/api/jobs"
 FINAL = {"succeeded", "failed", "cancelled"}
 # A job that holds a slot until it is cancelled (minutes of work on the tiny model); needs max_steps=1000.
 BLOCKER = {"prompt": "hold the slot", "num_inference_steps": 1000, "height": 64, "width": 64, "seed": 1}
+
+
+def stored_jobs(live: Any) -> int:
+    """How many jobs a live server's store holds: the memory store's count, or the rows of its SQLite file (the
+    default store, ``DATA_DIR/jobs.db``)."""
+    store = live.app.state.jobs
+    if hasattr(store, "__len__"):
+        return len(store)
+    url = live.app.state.settings.job_store
+    assert url.startswith("sqlite:///"), url
+    with contextlib.closing(sqlite3.connect(url.removeprefix("sqlite:///"))) as db:
+        return int(db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0])
+
+
+def stored_statuses(live: Any) -> dict[str, str]:
+    """Every job a live server's store holds, by id, with its status (the memory store's, or its SQLite file's)."""
+    store = live.app.state.jobs
+    if hasattr(store, "ids"):
+        return {job: store.get(job).status for job in store.ids()}
+    url = live.app.state.settings.job_store
+    assert url.startswith("sqlite:///"), url
+    with contextlib.closing(sqlite3.connect(url.removeprefix("sqlite:///"))) as db:
+        return {str(job): str(status) for job, status in db.execute("SELECT id, status FROM jobs")}
 
 
 def read_events(response: httpx.Response) -> Any:

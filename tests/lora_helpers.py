@@ -1,5 +1,5 @@
-"""Random-weight LoRA adapters for the tiny model, made offline with ``peft`` and saved in diffusers' format (what
-``StableDiffusion3Pipeline.save_lora_weights`` writes), and diffusers' own reference for a set of them."""
+"""Random-weight LoRA adapters for the tiny model, made offline by ``make_lora.py`` (PEFT, saved in diffusers' format:
+what ``StableDiffusion3Pipeline.save_lora_weights`` writes), and diffusers' own reference for a set of them."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
 def fresh_tiny() -> Any:
@@ -22,21 +20,11 @@ def fresh_tiny() -> Any:
 def make_adapter(folder: Path, seed: int, rank: int = 4, scale: float = 1.0) -> Path:
     """Save one random LoRA (rank ``rank``, every attention projection) for random:tiny in ``folder``; its file.
 
-    ``init_lora_weights=False`` gives both matrices random values (PEFT's default zeroes B: no effect at all), and
-    ``scale`` multiplies B, so adapters change the image visibly, each differently."""
-    from diffusers import StableDiffusion3Pipeline
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
+    The shipped command's own maker (``make_lora.py``): both matrices random (PEFT's default zeroes B: no effect at
+    all), ``scale`` its ``--strength``, so adapters change the image visibly, each differently."""
+    from make_lora import make_lora
 
-    transformer = fresh_tiny().transformer
-    torch.manual_seed(seed)
-    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS, init_lora_weights=False)
-    transformer.add_adapter(config, adapter_name="made")
-    state = get_peft_model_state_dict(transformer, adapter_name="made")
-    state = {k: v * scale if "lora_B" in k else v for k, v in state.items()}
-    folder.mkdir(parents=True, exist_ok=True)
-    StableDiffusion3Pipeline.save_lora_weights(str(folder), transformer_lora_layers=state)
-    return folder / "pytorch_lora_weights.safetensors"
+    return make_lora(fresh_tiny(), folder, rank=rank, strength=scale, seed=seed)
 
 
 def reference_images(

@@ -48,6 +48,7 @@ class ServeProcess:
             str(REPO / "deploy" / "ray_serve.py"),
             *("--model", "random:tiny", "--num-replicas", "2", "--num-cpus", "0.5", "--ray-cpus", "2"),
             *("--host", "127.0.0.1", "--port", self.url.rsplit(":", 1)[1], "--image-dir", str(tmp / "images")),
+            *("--data-dir", str(tmp)),  # its own default job store, jobs.db there (unless --job-store)
             *("--max-queue", str(max_queue), "--default-steps", "2", "--shutdown-timeout", "10"),
             # Ray's proxy closes connections idle this long between requests (its keep_alive_timeout_s).
             *("--keep-alive-timeout", str(KEEP_ALIVE_S), "--metrics-port", str(self.metrics_ports[0])),

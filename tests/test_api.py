@@ -12,6 +12,7 @@ import httpx
 import pytest
 from diffusers import StableDiffusion3Pipeline
 from http_helpers import NATIVE, OPENAI, assert_envelope, fetch_png, open_png, openai_images, pixels
+from jobs_helpers import stored_jobs
 
 STEPS = 2  # denoising steps: enough to exercise the loop, cheap on the tiny model
 
@@ -402,7 +403,7 @@ def test_a_request_larger_than_the_pixel_budget_is_a_400_at_once_whichever_api(m
     ):
         error = assert_envelope(post(server.url, path, {"prompt": "x", **body}), 400, param)
         assert words in error["message"] and "--max-pixels-in-flight" in error["message"], error["message"]
-    assert len(server.app.state.jobs) == 0  # no job was made
+    assert stored_jobs(server) == 0  # no job was made
     assert len(generate(server.url, num_images_per_prompt=2)["response"]) == 2  # 2 x 64x64: exactly the budget
     status = httpx.get(server.url + "/api/status").json()
     assert (status["max_pixels_in_flight"], status["pixels_running"]) == (budget, 0)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from http_helpers import open_png
+from jobs_helpers import stored_jobs
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -122,7 +123,7 @@ def test_stream_shows_progress_then_downloads_the_same_images(make_server: Calla
     assert any("running" in line and "ETA" in line for line in lines), streamed.stderr
     assert lines[-1].startswith("[" + "#" * 24 + "] 8/8 steps") and "succeeded" in lines[-1], streamed.stderr
     assert len(lines) <= 12, streamed.stderr
-    assert len(server.app.state.jobs) == 1 and server.engine.stats["completed"] == 2
+    assert stored_jobs(server) == 1 and server.engine.stats["completed"] == 2
 
 
 def test_stream_with_concurrency_and_a_queue(make_server: Callable[..., Any], tmp_path: Path) -> None:
@@ -133,7 +134,7 @@ def test_stream_with_concurrency_and_a_queue(make_server: Callable[..., Any], tm
     assert result.returncode == 0, result.stderr
     assert len(printed_paths(result.stdout)) == 3 and "3 sent, 3 ok, 0 failed" in result.stdout
     assert "queued" in result.stderr and "3 succeeded" in result.stderr.splitlines()[-1], result.stderr
-    assert len(server.app.state.jobs) == 3 and server.engine.stats["completed"] == 3
+    assert stored_jobs(server) == 3 and server.engine.stats["completed"] == 3
 
     no_key = run_client(*common)
     assert no_key.returncode == 1 and "HTTP 401" in no_key.stderr

@@ -5,6 +5,7 @@ serves, generates and stops cleanly on SIGTERM."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -49,9 +50,11 @@ def server_option(variable: str) -> str:
 def test_the_containerfile_sets_real_options_and_runs_as_a_non_root_user() -> None:
     env = containerfile_env()
     variables = {name for name in env if name.startswith("SERVER_")}
-    assert variables >= {"SERVER_IMAGE_DIR", "SERVER_HOST", "SERVER_PORT"}
+    assert variables >= {"SERVER_DATA_DIR", "SERVER_HOST", "SERVER_PORT"}
     assert {server_option(v) for v in variables} <= set(Settings.model_fields), variables
-    assert env["HF_HOME"] in containerfile_volumes() and env["SERVER_IMAGE_DIR"] in containerfile_volumes()
+    # One volume holds what the server keeps: its images and jobs (the data directory's) and the model cache.
+    assert containerfile_volumes() == [env["SERVER_DATA_DIR"]] and env["HF_HOME"] == env["SERVER_DATA_DIR"] + "/hf"
+    assert "SERVER_IMAGE_DIR" not in env and "SERVER_JOB_STORE" not in env  # the data directory's defaults
     [user] = re.findall(r"^USER (\S+)$", CONTAINERFILE, flags=re.M)
     uid, gid = (int(part) for part in user.split(":"))
     assert uid != 0 and gid != 0
@@ -87,7 +90,7 @@ def test_compose_runs_the_server_with_redis_and_the_images_volumes() -> None:
     assert env["SERVER_MODEL"] == "${SERVER_MODEL:-random:tiny}" and "HF_TOKEN" in env
     mounts = dict(reversed(volume.split(":", 1)) for volume in server["volumes"])
     assert sorted(mounts) == sorted(containerfile_volumes())
-    assert mounts[containerfile_env()["SERVER_IMAGE_DIR"]] == "images"
+    assert mounts[containerfile_env()["SERVER_DATA_DIR"]] == "data"
     assert set(mounts.values()) <= set(COMPOSE["volumes"])
     assert server["depends_on"] == {"redis": {"condition": "service_healthy"}}
     assert services["redis"]["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
@@ -107,11 +110,62 @@ def test_the_gpu_override_asks_for_a_cuda_build_serve_knows_and_the_gpus() -> No
 def test_the_readmes_container_commands_are_the_files() -> None:
     build = readme_command("podman build --format docker --build-context")
     assert build[-3:] == ["-t", "sd3-server", "."] and "--build-context" in build
+    base = readme_command("deploy/container/base")
+    assert build[build.index("--build-arg") + 1] == f"BASE={base[1]}", (build, base)  # the base the page makes
     run = readme_command("podman run --rm -p")
     volumes = [run[i + 1].split(":")[1] for i, arg in enumerate(run) if arg == "-v"]
     assert sorted(volumes) == sorted(containerfile_volumes())
     assert run[run.index("-p") + 1] == f"8500:{containerfile_env()['SERVER_PORT']}"
     assert readme_command("deploy/container/wheelhouse") == ["deploy/container/wheelhouse", "wheelhouse"]
+
+
+def _podman_compose_config(*files: str) -> dict[str, Any]:
+    """What ``podman-compose config`` resolves from ``files`` (merged in order), as the page's check does."""
+    tool = shutil.which("podman-compose") or shutil.which("podman-compose", path=str(Path(sys.executable).parent))
+    if tool is None:
+        pytest.skip("needs podman-compose (requirements-test.txt; Debian: apt-get install podman-compose)")
+    args = [arg for name in files for arg in ("-f", name)]
+    env = {k: v for k, v in os.environ.items() if k not in ("SERVER_MODEL", "HF_TOKEN")}  # compose's defaults
+    result = subprocess.run(
+        [tool, *args, "config"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return yaml.safe_load(result.stdout)
+
+
+def test_podman_compose_reads_the_compose_files_as_the_page_says() -> None:
+    """The page's podman route: ``podman-compose config`` (it needs no image, makes nothing) on compose.yaml alone
+    and with the GPU override resolves the server the files mean: built from the Containerfile, Redis as its store,
+    its data on the named volume, the model from SERVER_MODEL's default."""
+    plain = _podman_compose_config("compose.yaml")
+    server = plain["services"]["server"]
+    assert server["build"]["dockerfile"] == "Containerfile" and Path(server["build"]["context"]) == REPO
+    assert server["environment"]["SERVER_JOB_STORE"] == "redis://redis:6379/0"
+    assert server["environment"]["SERVER_MODEL"] == "random:tiny"
+    assert server["volumes"] == [f"data:{containerfile_env()['SERVER_DATA_DIR']}"] and "data" in plain["volumes"]
+    assert plain["services"]["redis"]["image"] == COMPOSE["services"]["redis"]["image"]
+    gpu = _podman_compose_config("compose.yaml", "compose.gpu.yaml")["services"]["server"]
+    assert gpu["build"]["args"] in (["TORCH=cu128"], {"TORCH": "cu128"}) and gpu["image"] == "sd3-server:cu128"
+    assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
+    assert gpu["volumes"] == server["volumes"]  # the override adds the GPUs, nothing else
+
+
+def test_the_base_script_says_what_it_needs_and_refuses_unknown_options(tmp_path: Path) -> None:
+    """``deploy/container/base`` (the registry-free base of the air-gapped build; the container test runs it for
+    real) explains itself before doing anything."""
+    script = str(REPO / "deploy" / "container" / "base")
+    shown = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=30, check=False)
+    assert shown.returncode == 0 and "--build-arg BASE=IMAGE" in shown.stdout, shown
+    wrong = subprocess.run([script, "--bogus"], capture_output=True, text=True, timeout=30, check=False)
+    assert wrong.returncode == 2 and "unknown option --bogus" in wrong.stderr, wrong
+    (tmp_path / "bin").mkdir()  # a PATH with bash and coreutils' tools but no mmdebstrap
+    for tool in ("bash", "sed", "cat", "grep", "head", "tr", "awk"):
+        found = shutil.which(tool)
+        if found:
+            (tmp_path / "bin" / tool).symlink_to(found)
+    env = {"PATH": str(tmp_path / "bin")}
+    missing = subprocess.run([script], env=env, capture_output=True, text=True, timeout=30, check=False)
+    assert missing.returncode == 2 and "needs mmdebstrap" in missing.stderr, missing
 
 
 def run_healthcheck(port: int) -> int:

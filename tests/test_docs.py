@@ -8,6 +8,7 @@ import argparse
 import importlib.util
 import json
 import re
+import sys
 from collections import Counter
 from pathlib import Path
 from types import ModuleType
@@ -212,6 +213,49 @@ def test_the_client_examples_run_in_the_servers_virtual_environment() -> None:
     for where, body in runs:
         lines = [line for line in body.splitlines() if line.strip()]
         assert lines[0] == ". .venv/bin/activate" and lines[1].startswith("python test.py"), (where, lines)
+
+
+def _script_options(script: str) -> dict[str, Any]:
+    """A script's options as its own parser (made and run by its ``parse_args``) declares them: {flag: default},
+    ``--help`` left out. The script is loaded from its file (``test.py`` would be the standard library's
+    ``test`` package by name)."""
+    spec = importlib.util.spec_from_file_location(f"script_{Path(script).stem}", REPO / script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    with mock.patch.dict(sys.modules, {spec.name: module}):  # its dataclasses look their module up there
+        spec.loader.exec_module(module)
+    parsers: list[argparse.ArgumentParser] = []
+
+    def capture(self: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> argparse.Namespace:
+        parsers.append(self)
+        raise SystemExit(0)
+
+    with mock.patch.object(argparse.ArgumentParser, "parse_args", capture), pytest.raises(SystemExit):
+        module.parse_args([])
+    [parser] = parsers
+    return {
+        flag: action.default
+        for action in parser._actions
+        for flag in action.option_strings
+        if flag.startswith("--") and flag != "--help"
+    }
+
+
+@pytest.mark.parametrize(
+    ("script", "where"), [("test.py", "getting-started/first-requests.md"), ("make_lora.py", "features/lora.md")]
+)
+def test_every_option_of_the_scripts_for_people_is_in_its_pages_table(script: str, where: str) -> None:
+    """Each option of ``test.py`` (``--url`` among them: a server on another port or machine) and of ``make_lora.py``
+    has a row in its page's table, with its default where it has a plain one, so no one has to read ``--help``."""
+    rows = [line for line in page(where).splitlines() if line.startswith("| `--")]
+    options = _script_options(script)
+    assert "--url" in options or script != "test.py"
+    for flag, default in options.items():
+        [row] = [row for row in rows if re.search(rf"`{flag}[ `]", row.split("|")[1])]
+        default_cell = row.split("|")[2]
+        if isinstance(default, (str, int, float)) and not isinstance(default, bool):
+            shown = f"{default:g}" if isinstance(default, float) else str(default)
+            assert shown in default_cell, (flag, row)
 
 
 def test_the_request_examples_are_sized_for_the_machine_they_run_on() -> None:

@@ -20,7 +20,8 @@ HEALTH_OPERATION = "#operations-default-health_health_get"
 def docs_server(tiny_pipeline: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     """One server for this module's tests (they only read); with a key, which the docs must not need."""
     image_dir = tmp_path_factory.mktemp("docs-images")
-    settings = Settings(model="random:tiny", image_dir=str(image_dir), api_key="sesame")
+    data_dir = str(tmp_path_factory.mktemp("docs-data"))
+    settings = Settings(model="random:tiny", image_dir=str(image_dir), data_dir=data_dir, api_key="sesame")
     live = LiveServer(create_app(settings, loader=tiny_loader(tiny_pipeline)))
     wait_ready(live.url)
     yield live

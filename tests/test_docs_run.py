@@ -1,8 +1,8 @@
 """Every documented command works: the README's and the site's commands and snippets, run against a real server.
 
 One server for the module, started as the LoRA page starts it (``python serverasync.py --model random:tiny --lora
-... --lora-dir ...``, parsed by the server's own CLI parser) on adapters made by the page's own script, so every
-example finds what it names. Then, with ``http://localhost:8500`` replaced by that server's URL and every
+... --lora-dir ...``, parsed by the server's own CLI parser) on adapters made by the page's ``make_lora.py`` lines, so
+every example finds what it names. Then, with ``http://localhost:8500`` replaced by that server's URL and every
 ``num_inference_steps`` cut to two: each ``curl`` command answers 2xx, with the keys of the JSON answer the page
 shows beside it; each Python snippet (the ``openai`` client, httpx, the request-scoped view) runs; each
 ``python test.py`` command exits 0; each ``python serverasync.py`` / ``./serve`` command line is valid options. The
@@ -22,7 +22,6 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import httpx
 import numpy as np
@@ -64,17 +63,13 @@ def _shell_blocks() -> list[tuple[str, int, str, tuple[str, str] | None]]:
 
 
 def _python_snippets() -> list[tuple[str, int, str]]:
-    """Every Python block but the two the fixtures run (the LoRA script, the masks)."""
+    """Every Python block but the one the fixtures run (the masks)."""
     return [
         (where, i, body)
         for where, text in everything().items()
         for i, (lang, body) in enumerate(code_blocks(text))
-        if lang == "python" and not _is_lora_script(body) and not _is_mask_snippet(body)
+        if lang == "python" and not _is_mask_snippet(body)
     ]
-
-
-def _is_lora_script(body: str) -> bool:
-    return body.startswith('"""make_lora.py')
 
 
 def _is_mask_snippet(body: str) -> bool:
@@ -108,7 +103,8 @@ def _environment() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder with the pages' files: photo.png (any picture), the masks the edits page's snippet makes from it,
-    and the adapters the LoRA page's script makes."""
+    and the adapters the LoRA page's ``make_lora.py`` commands make (its own ``main``, in this process: each run as
+    a subprocess would cost seconds of importing torch)."""
     root = tmp_path_factory.mktemp("docs")
     y, x = np.mgrid[0:64, 0:64]
     picture = np.stack([x * 4, y * 4, (x + y) * 2], axis=-1).astype(np.uint8)
@@ -117,18 +113,23 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         body for _, text in everything().items() for _, body in code_blocks(text, "python") if _is_mask_snippet(body)
     ]
     subprocess.run([sys.executable, "-c", masks], cwd=root, check=True, timeout=60)
-    lora = page("features/lora.md")
-    [script] = [body for _, body in code_blocks(lora, "python") if _is_lora_script(body)]
-    code = compile(script, "make_lora.py", "exec")
+    import make_lora
+
     runs = [
-        line for _, body in code_blocks(lora, "bash") for line in _lines(body) if line.startswith("python make_lora.py")
+        line
+        for _, body in code_blocks(page("features/lora.md"), "bash")
+        for line in _lines(body)
+        if line.startswith("python make_lora.py")
     ]
     assert len(runs) == 3, runs
     for line in runs:
-        _, _, out, *rest = shlex.split(line)
-        with mock.patch.object(sys, "argv", ["make_lora.py", str(root / out), *rest]):
-            exec(code, {"__name__": "__main__"})  # the page's script, as a user runs it
-        assert (root / out).is_file(), out
+        args = shlex.split(line)[2:]
+        out = args.index("--out") + 1
+        args[out] = str(root / args[out])
+        assert make_lora.main(args) == 0, line
+        written = Path(args[out])
+        written = written if written.suffix == ".safetensors" else written / "pytorch_lora_weights.safetensors"
+        assert written.is_file(), line
     return root
 
 
@@ -157,6 +158,7 @@ def server(workdir: Path) -> Iterator[LiveServer]:
 
     [line] = [line for where, line in SERVER_LINES if where == "docs/features/lora.md"]
     args = _server_args(line, workdir) + ["--image-dir", str(workdir / "images"), "--default-steps", "2"]
+    args += ["--data-dir", str(workdir)]  # the default job store, jobs.db, there
     live = LiveServer(create_app(parse_settings(args)))
     try:
         wait_ready(live.url)
@@ -354,13 +356,13 @@ def _image(server: LiveServer, body: dict[str, Any]) -> np.ndarray:
 
 
 def test_the_adapters_made_offline_change_the_image(server: LiveServer) -> None:
-    """The LoRA page's script gives adapters that do something (a fresh PEFT adapter would not), each its own."""
+    """The LoRA page's ``make_lora.py`` commands give adapters that do something (a fresh PEFT adapter would not),
+    each its own, the one at --strength 0.5 too."""
     models = httpx.get(f"{server.url}/v1/models", timeout=30).json()
     assert {"ink", "neon", "clay"} <= {model["id"] for model in models["data"]}
     body = {"prompt": "a lighthouse", "seed": 7, "num_inference_steps": 2}
     base = _image(server, body)
-    ink = _image(server, {**body, "loras": [{"name": "ink"}]})
-    clay = _image(server, {**body, "loras": [{"name": "clay"}]})
-    assert np.abs(ink.astype(int) - base).mean() > 1 and np.abs(clay.astype(int) - base).mean() > 1
-    assert not np.array_equal(ink, clay)
+    made = {name: _image(server, {**body, "loras": [{"name": name}]}) for name in ("ink", "neon", "clay")}
+    assert all(np.abs(image.astype(int) - base).mean() > 1 for image in made.values())
+    assert not np.array_equal(made["ink"], made["clay"]) and not np.array_equal(made["ink"], made["neon"])
     assert np.array_equal(_image(server, body), base)  # the base model is untouched by the adapters' use

@@ -34,7 +34,8 @@ def server(tiny_pipeline: Any, tmp_path_factory: pytest.TempPathFactory) -> Iter
     """One threads-engine server for the module (the largest side 64, so that fitting to the limits shows)."""
     from conftest import LiveServer, tiny_loader, wait_ready
 
-    settings = Settings(model="random:tiny", image_dir=str(tmp_path_factory.mktemp("edit-images")), max_image_size=64)
+    images, data = (str(tmp_path_factory.mktemp(name)) for name in ("edit-images", "edit-data"))
+    settings = Settings(model="random:tiny", image_dir=images, data_dir=data, max_image_size=64)
     live = LiveServer(create_app(settings, loader=tiny_loader(tiny_pipeline)))
     wait_ready(live.url)
     yield live
@@ -189,9 +190,8 @@ def _reference(live: Any, pipeline: Any, class_name: str, **call: Any) -> list[I
 def engines(request: Any, tiny_pipeline: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     from conftest import LiveServer, tiny_loader, wait_ready
 
-    settings = Settings(
-        model="random:tiny", image_dir=str(tmp_path_factory.mktemp(f"eq-{request.param}")), engine=request.param
-    )
+    images, data = (str(tmp_path_factory.mktemp(f"eq-{request.param}-{name}")) for name in ("images", "data"))
+    settings = Settings(model="random:tiny", image_dir=images, data_dir=data, engine=request.param)
     live = LiveServer(create_app(settings, loader=tiny_loader(tiny_pipeline)))
     wait_ready(live.url)
     live.kind = request.param

@@ -46,6 +46,7 @@ def server(tiny_pipeline: Any, tmp_path_factory: pytest.TempPathFactory) -> Iter
     settings = Settings(
         model="random:tiny",
         image_dir=str(tmp_path_factory.mktemp("edit-input-images")),
+        data_dir=str(tmp_path_factory.mktemp("edit-input-data")),
         max_upload_bytes=UPLOAD_LIMIT,
         max_input_side=MAX_INPUT_SIDE,
     )

@@ -13,7 +13,18 @@ from typing import Any
 import httpx
 import pytest
 from http_helpers import NATIVE, assert_envelope, fetch_png, open_png, pixels
-from jobs_helpers import BLOCKER, JOBS, count_steps, follow, read_events, submit, wait_final, wait_for, wait_idle
+from jobs_helpers import (
+    BLOCKER,
+    JOBS,
+    count_steps,
+    follow,
+    read_events,
+    stored_jobs,
+    submit,
+    wait_final,
+    wait_for,
+    wait_idle,
+)
 
 BODY = {"prompt": "a lighthouse at dusk", "num_inference_steps": 4, "height": 64, "width": 64, "seed": 11}
 
@@ -178,7 +189,7 @@ def test_invalid_bodies_are_answered_before_a_job_exists(make_server: Callable[.
         assert assert_envelope(client.post(JOBS, json={**BODY, "height": 72}), 400, "height")
         assert assert_envelope(client.post(JOBS, json={**BODY, "preview_every": -1}), 400, "preview_every")
         assert assert_envelope(client.post(JOBS, json={**BODY, "typo": 1}), 400, "typo")
-    assert len(live.app.state.jobs) == 0 and live.engine.stats["total"] == 0
+    assert stored_jobs(live) == 0 and live.engine.stats["total"] == 0
 
 
 def test_full_engine_is_503_at_once_and_no_job_is_made(make_server: Callable[..., Any]) -> None:
@@ -193,7 +204,7 @@ def test_full_engine_is_503_at_once_and_no_job_is_made(make_server: Callable[...
     error = assert_envelope(refused, 503)
     assert (error["type"], error["code"]) == ("overloaded_error", "queue_full") and refused.headers["retry-after"]
     assert assert_envelope(sync, 503)["code"] == "queue_full"
-    assert len(live.app.state.jobs) == 2
+    assert stored_jobs(live) == 2
 
 
 def test_store_full_of_unfinished_jobs_is_503(make_server: Callable[..., Any]) -> None:
@@ -216,19 +227,19 @@ def test_store_keeps_its_bound_oldest_finished_first(make_server: Callable[..., 
         for seed in range(5):
             jobs.append(submit(client, {**BODY, "num_inference_steps": 1, "seed": seed}))
             wait_final(client, jobs[-1])
-            assert len(live.app.state.jobs) <= 3
+            assert stored_jobs(live) <= 3
         statuses = [client.get(f"{JOBS}/{job}").status_code for job in jobs]
     assert statuses == [404, 404, 200, 200, 200]
 
 
 def test_finished_jobs_expire_after_the_ttl(make_server: Callable[..., Any]) -> None:
-    live = make_server(job_ttl=1, job_grace=1)
+    live = make_server(job_ttl=1, job_grace=1, job_lease=2)  # a durable store prunes at its tick: lease / 3
     with httpx.Client(base_url=live.url, timeout=60) as client:
         job = submit(client, {**BODY, "num_inference_steps": 1})
         state = wait_final(client, job)
         assert state["status"] == "succeeded"
-        # Nobody asks for it: the periodic prune (every second for this TTL) drops it from memory.
-        wait = wait_for_len(live.app.state.jobs, 0, timeout=30)
+        # Nobody asks for it: the periodic prune drops it from the store.
+        wait = wait_for_len(live, 0, timeout=30)
         assert wait, "the expired job was never pruned"
         assert_envelope(client.get(f"{JOBS}/{job}"), 404)
         # The images follow their own retention (--image-ttl), not the job's.
@@ -268,9 +279,9 @@ def test_a_finished_job_may_make_room_once_its_grace_has_passed(make_server: Cal
     assert admitted.status_code == 202 and statuses == [404, 200]
 
 
-def wait_for_len(store: Any, n: int, timeout: float) -> bool:
+def wait_for_len(live: Any, n: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
-    while len(store) != n:
+    while stored_jobs(live) != n:
         if time.monotonic() > deadline:
             return False
         time.sleep(0.1)
@@ -290,7 +301,8 @@ def test_jobs_need_the_api_key(make_server: Callable[..., Any]) -> None:
 
 
 def test_a_job_stopped_by_the_drain_fails_with_the_draining_envelope(spawn_server: Callable[..., Any]) -> None:
-    server = spawn_server("--shutdown-timeout", "1", "--max-steps", "1000").wait_ready()
+    """The memory store's drain (a durable store hands the job back instead: tests/test_job_stores.py)."""
+    server = spawn_server("--job-store", "memory", "--shutdown-timeout", "1", "--max-steps", "1000").wait_ready()
     with httpx.Client(base_url=server.url, timeout=60) as client:
         job = submit(client, BLOCKER)
         events = []
@@ -351,7 +363,7 @@ def test_an_idle_event_stream_outlasts_the_connection_timeouts(make_server: Call
 
 
 def test_head_on_a_running_jobs_events_answers_headers_and_ends(make_server: Callable[..., Any]) -> None:
-    live = make_server(max_steps=1000)
+    live = make_server(max_steps=1000, job_store="memory")  # its subscribers are looked at below
     with httpx.Client(base_url=live.url, timeout=60) as client:
         job = submit(client, BLOCKER)  # runs for minutes unless cancelled
         wait_for(client, job, lambda state: state["step"] >= 1)

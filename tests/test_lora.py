@@ -6,8 +6,10 @@ gets one). Adapters are random-weight ones made with peft here, in diffusers' fo
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -18,11 +20,13 @@ import torch
 from lora_helpers import fresh_tiny, make_adapter, reference_images
 
 from engine import GenerationRequest
+from engine.adapter_loading import quiet_load
 from engine.adapters import (
     AdapterGate,
     AdapterPool,
     AdapterPoolFull,
     AdapterUnloadable,
+    TooManyAdapters,
     UnknownAdapter,
     read_adapter,
 )
@@ -157,6 +161,76 @@ def test_an_adapter_in_use_is_never_evicted(adapter_files, tmp_path) -> None:
     pool.release((("ink", 1.0),))
     pool.acquire((("neon", 1.0),)).result()
     assert pool.stats()["loaded"] == ["neon"]
+
+
+def test_a_set_of_more_directory_adapters_than_the_pool_can_hold_is_refused_before_any_load(
+    adapter_files, tmp_path
+) -> None:
+    """Each adapter of a set is held while its request runs: a set of more directory adapters than the pool has room
+    for (capacity less the start-up ones) could never load; it is refused at once, not as a full pool."""
+    for name in ("neon", "clay"):
+        (tmp_path / f"{name}.safetensors").write_bytes(adapter_files[name].read_bytes())
+    pool = AdapterPool(fresh_tiny(), {"ink": adapter_files["ink"]}, directory=tmp_path, capacity=2)
+    assert pool.room == 1
+    with pytest.raises(TooManyAdapters, match=r"'neon', 'clay'.*at most 1 of them at once \(--max-loras 2, less the 1"):
+        pool.acquire((("ink", 1.0), ("neon", 1.0), ("clay", 0.5)))
+    assert pool.stats()["loaded"] == ["ink"] and pool.misses == 0
+    pool.acquire((("ink", 1.0), ("clay", 1.0))).result()  # the start-up one and one more fit
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_loading_adapters_logs_none_of_the_warnings_it_expects_and_every_other_one(adapter_files, tmp_path) -> None:
+    """diffusers' "No LoRA keys associated to CLIPTextModelWithProjection ... open an issue" and PEFT's "Already found
+    a `peft_config` ... Make sure to know what you are doing!" come with every load of a further adapter, as does
+    diffusers' "missing keys" for a name found inside other keys (``b`` in ``transformer_blocks``): none is logged.
+    The same messages outside a load, and other warnings during one, still are."""
+    (tmp_path / "b.safetensors").write_bytes(adapter_files["clay"].read_bytes())
+    records = _Records()
+    logging.getLogger("diffusers").addHandler(records)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            files = {"ink": adapter_files["ink"], "neon": adapter_files["neon"]}
+            pool = AdapterPool(fresh_tiny(), files, directory=tmp_path, capacity=3)
+            pool.acquire((("b", 1.0),)).result()  # on the loader thread
+        assert pool.stats()["loaded"] == ["ink", "neon", "b"]
+        assert records.messages == [], records.messages
+        assert [str(w.message) for w in caught] == []
+
+        lora_base = logging.getLogger("diffusers.loaders.lora_base")
+        peft_utils = logging.getLogger("diffusers.utils.peft_utils")
+        text_encoder = "No LoRA keys associated to CLIPTextModelWithProjection found with the prefix='text_encoder'."
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            lora_base.warning(text_encoder)  # not loading: shown
+            warnings.warn("Already found a `peft_config` attribute in the model.", UserWarning, stacklevel=1)
+            with quiet_load("ink"):
+                lora_base.warning(
+                    "No LoRA keys associated to SD3Transformer2DModel found with the prefix='transformer'"
+                )
+                peft_utils.warning(
+                    "Loading adapter weights from state_dict led to missing keys in the model: "
+                    "transformer_blocks.0.attn.to_q.lora_A.ink.weight."
+                )
+                warnings.warn("another library's warning", UserWarning, stacklevel=1)
+                lora_base.warning(text_encoder)  # loading: left out
+                warnings.warn("Already found a `peft_config` attribute in the model.", UserWarning, stacklevel=1)
+        assert len(records.messages) == 3 and records.messages[0] == text_encoder, records.messages
+        assert "prefix='transformer'" in records.messages[1] and "lora_A.ink" in records.messages[2]
+        assert [str(w.message) for w in caught] == [
+            "Already found a `peft_config` attribute in the model.",
+            "another library's warning",
+        ]
+    finally:
+        logging.getLogger("diffusers").removeHandler(records)
 
 
 def test_unknown_and_unreadable_adapters_say_which_and_why(adapter_files, tmp_path) -> None:

@@ -37,6 +37,8 @@ def adapters(tmp_path_factory) -> dict[str, Path]:
     directory.mkdir()
     files["clay"] = directory / "clay.safetensors"
     files["clay"].write_bytes(make_adapter(root / "clay", seed=3).read_bytes())
+    files["moss"] = directory / "moss.safetensors"  # clay's weights: a second name in the directory is enough
+    files["moss"].write_bytes(files["clay"].read_bytes())
     return files
 
 
@@ -46,6 +48,7 @@ def _serve(adapters: dict[str, Path], tmp: Path, **options: Any) -> LiveServer:
     settings = Settings(
         model="random:tiny",
         image_dir=str(tmp / "images"),
+        data_dir=str(tmp),
         lora=[f"ink={adapters['ink'].parent}", f"neon={adapters['neon']}"],
         lora_dir=str(adapters["clay"].parent),
         max_loras=3,
@@ -98,10 +101,10 @@ def _native(server: LiveServer, prompt: str, seed: int, loras: list[dict[str, An
 
 def test_models_list_the_adapters_under_the_base_and_status_shows_the_pool(server: LiveServer) -> None:
     models = httpx.get(server.url + "/v1/models").json()["data"]
-    assert [m["id"] for m in models] == ["random:tiny", "ink", "neon", "clay"]
+    assert [m["id"] for m in models] == ["random:tiny", "ink", "neon", "clay", "moss"]
     assert all(m["parent"] == "random:tiny" for m in models[1:]) and "parent" not in models[0]
     pool = httpx.get(server.url + "/api/status").json()["adapters"]
-    assert pool["capacity"] == 3 and pool["available"] == ["ink", "neon", "clay"]
+    assert pool["capacity"] == 3 and pool["available"] == ["ink", "neon", "clay", "moss"]
     assert set(pool["loaded"]) >= {"ink", "neon"}  # the start-up ones are loaded before the server is ready
 
 
@@ -185,7 +188,7 @@ def test_an_edit_takes_adapters_from_the_openai_clients_multipart_extra_body(ser
 
 def test_unknown_adapters_and_bad_scales_are_400_naming_them(server: LiveServer) -> None:
     error = assert_envelope(_native(server, "a fox", 1, [{"name": "nope"}]), 400, "loras[0].name")
-    assert "unknown LoRA adapter 'nope'" in error["message"] and "ink, neon, clay" in error["message"]
+    assert "unknown LoRA adapter 'nope'" in error["message"] and "ink, neon, clay, moss" in error["message"]
     assert error["code"] == "unknown_adapter"
     assert_envelope(_native(server, "a fox", 1, [{"name": "ink", "scale": 9}]), 400)
     assert_envelope(_native(server, "a fox", 1, [{"name": "ink"}, {"name": "ink"}]), 400, "loras")
@@ -193,6 +196,46 @@ def test_unknown_adapters_and_bad_scales_are_400_naming_them(server: LiveServer)
         server.url + OPENAI, json={"prompt": "a fox", "loras": [{"name": "../ink"}], "size": "32x32"}, timeout=60
     )
     assert_envelope(openai, 400, "loras[0].name")
+
+
+def test_a_scale_is_a_json_number_not_a_string_or_a_boolean(server: LiveServer) -> None:
+    """As strict as the rest of the body: "1" and true are refused on every JSON route; an integer is a number."""
+    for scale in ("1", True, "0.5"):
+        chosen = [{"name": "ink", "scale": scale}]
+        assert_envelope(_native(server, "a fox", 1, chosen), 400, "loras.0.scale")
+        job = httpx.post(server.url + "/api/jobs", json={"prompt": "a fox", "loras": chosen}, timeout=60)
+        assert_envelope(job, 400, "loras.0.scale")
+        body = {"prompt": "a fox", "size": f"{SIZE}x{SIZE}", "loras": chosen}
+        assert_envelope(httpx.post(server.url + OPENAI, json=body, timeout=60), 400, "loras.0.scale")
+    response = _native(server, "a fox", 1, [{"name": "ink", "scale": 1}])
+    assert response.status_code == 200, response.text
+    assert response.json()["parameters"]["loras"] == [{"name": "ink", "scale": 1.0}]
+
+
+def test_more_directory_adapters_than_the_pool_can_ever_hold_is_400_naming_the_room(server: LiveServer) -> None:
+    """--max-loras 3 less the two --lora ones leaves room for one directory adapter: a request naming two could
+    never run (not 503 and retry for ever), on every route that takes adapters."""
+    two = [{"name": "clay"}, {"name": "moss"}]
+    png = io.BytesIO()
+    Image.new("RGB", (SIZE, SIZE), (90, 120, 150)).save(png, format="PNG")
+    form = {"prompt": "a boat", "loras[][name]": "moss"}
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        answers = {
+            "native": _native(server, "a fox", 1, two),
+            "jobs": client.post("/api/jobs", json={"prompt": "a fox", "loras": two}),
+            "openai model": client.post(OPENAI, json={"prompt": "a fox", "model": "clay", "loras": two[1:]}),
+            "edits": client.post(
+                "/v1/images/edits", data={**form, "model": "clay"}, files={"image": ("in.png", png.getvalue())}
+            ),
+        }
+    for route, response in answers.items():
+        error = assert_envelope(response, 400, "loras")
+        assert error["code"] == "too_many_adapters", (route, error)
+        assert "'clay', 'moss'" in error["message"] and "at most 1 of them" in error["message"], (route, error)
+        assert "--max-loras 3, less the 2 named with --lora" in error["message"], (route, error)
+        assert "retry-after" not in response.headers, route
+    # One directory adapter with the two start-up ones fits: not refused.
+    assert _native(server, "a fox", 1, [{"name": "ink"}, {"name": "neon"}, {"name": "moss"}]).status_code == 200
 
 
 def test_jobs_take_adapters_and_metrics_count_them_by_name(server: LiveServer, adapters) -> None:

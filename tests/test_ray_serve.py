@@ -132,7 +132,7 @@ def test_startup_ends_once_the_model_has_loaded_and_fails_with_the_load(tiny_pip
         raise OSError("the weights are gone")
 
     async def start(loader: Any) -> bool:
-        app = create_app(Settings(model="random:tiny", image_dir=str(tmp_path)), loader=loader)
+        app = create_app(Settings(model="random:tiny", image_dir=str(tmp_path), data_dir=str(tmp_path)), loader=loader)
         hold_until_loaded(app)
         async with app.router.lifespan_context(app):
             return app.state.engine is not None and app.state.engine.ready_reason is None

@@ -26,7 +26,7 @@ FIELDS = "window.PlaygroundAdapters.fields()"
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     root = tmp_path_factory.mktemp("ui-loras")
     loras = [f"ink={make_adapter(root / 'ink', seed=1)}", f"neon={make_adapter(root / 'neon', seed=2)}"]
-    settings = Settings(model="random:tiny", image_dir=str(root / "images"), lora=loras)
+    settings = Settings(model="random:tiny", image_dir=str(root / "images"), data_dir=str(root), lora=loras)
     live = LiveServer(create_app(settings, loader=tiny_loader(fresh_tiny())))
     wait_ready(live.url)
     yield live

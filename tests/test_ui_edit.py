@@ -70,7 +70,8 @@ def _line(y: float, x0: float, x1: float) -> list[tuple[float, float]]:
 @pytest.fixture(scope="module")
 def server(tiny_pipeline: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     """One server for this module's tests."""
-    settings = Settings(model="random:tiny", image_dir=str(tmp_path_factory.mktemp("edit-images")))
+    images, data = (str(tmp_path_factory.mktemp(name)) for name in ("edit-images", "edit-data"))
+    settings = Settings(model="random:tiny", image_dir=images, data_dir=data)
     live = LiveServer(create_app(settings, loader=tiny_loader(tiny_pipeline)))
     wait_ready(live.url)
     yield live

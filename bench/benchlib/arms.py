@@ -169,8 +169,8 @@ class ServerArm:
             "127.0.0.1",
             "--port",
             str(port),
-            "--image-dir",
-            str(self.workdir / "images"),
+            "--data-dir",  # its images and its jobs (the default store, jobs.db) in its own folder
+            str(self.workdir),
             "--log-level",
             "warning",
             # The reference has no deadline; a slow shared machine must not turn waits into 504s in either arm.
@@ -213,10 +213,10 @@ class ServerArm:
     def describe(self) -> str:
         """The server's command line as run (environment overrides first), for the report."""
         env = " ".join(f"{k}={shlex.quote(v)}" for k, v in self.env.items())
-        # The port and the temporary image directory change from run to run: placeholders read better.
+        # The port and the temporary data directory change from run to run: placeholders read better.
         shown = ["python", "serverasync.py"]
         for previous, value in zip(self.command[1:], self.command[2:], strict=False):
-            shown.append({"--port": "PORT", "--image-dir": "TMPDIR"}.get(previous, value))
+            shown.append({"--port": "PORT", "--data-dir": "TMPDIR"}.get(previous, value))
         line = shlex.join(shown)
         return f"{env} {line}".strip()
 
