@@ -20,6 +20,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -141,7 +142,10 @@ class SQLiteBackend:
     def __init__(self, url: str) -> None:
         self.path = Path(url.removeprefix("sqlite:///")).expanduser()
         self._db = _open(self.path)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the one connection, one call at a time (also from the opening thread)
+        # One thread of its own: the calls are serial anyway, and on the event loop's shared pool a burst of them
+        # would hold its threads waiting on the lock (the pool also encodes images) and grow it under load.
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="job-store-sqlite")
 
     async def _run(self, work: Callable[[sqlite3.Connection], Any]) -> Any:
         def locked() -> Any:
@@ -151,7 +155,7 @@ class SQLiteBackend:
                 except sqlite3.Error as exc:
                     raise _classified(exc) from exc
 
-        return await asyncio.to_thread(locked)
+        return await asyncio.get_running_loop().run_in_executor(self._thread, locked)
 
     async def _transaction(self, work: Callable[[sqlite3.Connection], Any]) -> Any:
         def atomic(db: sqlite3.Connection) -> Any:
@@ -299,3 +303,4 @@ class SQLiteBackend:
 
     async def close(self) -> None:
         await self._run(lambda db: db.close())
+        self._thread.shutdown(wait=False)
