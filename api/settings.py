@@ -12,6 +12,7 @@ from typing import Annotated, Any
 from pydantic import AliasChoices, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from api.settings_memory import MemorySettings
 from models.dtypes import DTYPE_ALIASES
 
 __all__ = ["ENV_PREFIX", "Settings", "SettingsError", "max_image_bytes", "parse_settings"]
@@ -20,8 +21,9 @@ ENV_PREFIX = "SERVER_"
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d{1,3})?)$")
 
 
-class Settings(BaseSettings):
-    """Server configuration. CLI flags override environment variables, which override defaults."""
+class Settings(MemorySettings, BaseSettings):
+    """Server configuration. CLI flags override environment variables, which override defaults. The small-memory
+    options (quantization, T5, the encoders' device, tiled decoding, memory admission) are ``MemorySettings``'."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", populate_by_name=True)
 
@@ -352,9 +354,11 @@ def parse_settings(argv: list[str] | None = None, environ: Mapping[str, str] | N
         if "(default:" not in help_text:  # one default per flag: the description's own, or this one
             help_text += f" (default: {'none' if info.default is None else info.default})"
         if info.annotation is bool:  # a switch: --compile (SERVER_COMPILE=1 in the environment)
-            parser.add_argument(_flag(name), dest=name, action="store_true", default=None, help=help_text)
+            # One that is on by default also has its --no- form: --no-memory-admission.
+            action: Any = argparse.BooleanOptionalAction if info.default is True else "store_true"
+            parser.add_argument(_flag(name), dest=name, action=action, default=None, help=help_text)
             continue
-        if name == "lora":  # repeatable: --lora a=x.safetensors --lora b=y
+        if info.annotation == list[str]:  # repeatable: --lora a=x.safetensors --lora b=y, --quantize ...
             parser.add_argument(_flag(name), dest=name, action="append", default=None, help=help_text)
             continue
         parser.add_argument(_flag(name), dest=name, default=None, help=help_text)
