@@ -208,8 +208,8 @@ def build_engine(settings: Settings, pipeline: Any, device: Any) -> tuple[Any, A
 
 def memory_admission(settings: Settings, pipeline: Any, device: Any) -> Any:
     """Admission by measured memory (engine.memory_admission), its costs measured on the loaded model now; None when
-    turned off (--no-memory-admission) or when the measurement failed (the pixel budget and the slots still hold)."""
-    if not settings.memory_admission:
+    turned off (--memory-admission off) or when the measurement failed (the pixel budget and the slots still hold)."""
+    if settings.memory_admission == "off":
         return None
     from engine.memory_admission import MemoryAdmission, measure_costs
     from engine.memory_meter import MemoryMeter

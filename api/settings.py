@@ -354,9 +354,7 @@ def parse_settings(argv: list[str] | None = None, environ: Mapping[str, str] | N
         if "(default:" not in help_text:  # one default per flag: the description's own, or this one
             help_text += f" (default: {'none' if info.default is None else info.default})"
         if info.annotation is bool:  # a switch: --compile (SERVER_COMPILE=1 in the environment)
-            # One that is on by default also has its --no- form: --no-memory-admission.
-            action: Any = argparse.BooleanOptionalAction if info.default is True else "store_true"
-            parser.add_argument(_flag(name), dest=name, action=action, default=None, help=help_text)
+            parser.add_argument(_flag(name), dest=name, action="store_true", default=None, help=help_text)
             continue
         if info.annotation == list[str]:  # repeatable: --lora a=x.safetensors --lora b=y, --quantize ...
             parser.add_argument(_flag(name), dest=name, action="append", default=None, help=help_text)

@@ -42,10 +42,10 @@ class MemorySettings(BaseSettings):
     vae_tiling_above: int = Field(
         1024 * 1024, ge=1, description="--vae-tiling auto: images of more pixels than this (width x height) are tiled"
     )
-    memory_admission: bool = Field(
-        True,
-        description="admit requests by their measured memory: a pass's and a decode's peak, measured at start-up "
-        "and as requests run alone, must fit the free memory less --memory-reserve (off: slots and pixels only)",
+    memory_admission: str = Field(
+        "on",
+        description="on: admit requests by their measured memory (a pass's and a decode's peak, measured at start-up "
+        "and as requests run alone, must fit the free memory less --memory-reserve); off: slots and pixels only",
     )
     memory_budget: int = Field(
         0, ge=0, description="bytes the running requests may take (0: the free memory measured after the load)"
@@ -85,6 +85,13 @@ class MemorySettings(BaseSettings):
     def _check_vae_tiling(cls, value: str) -> str:
         if value.lower() not in ("on", "off", "auto"):
             raise ValueError("vae_tiling must be on, off or auto")
+        return value.lower()
+
+    @field_validator("memory_admission")
+    @classmethod
+    def _check_memory_admission(cls, value: str) -> str:
+        if value.lower() not in ("on", "off"):
+            raise ValueError("memory_admission must be on or off")
         return value.lower()
 
     @model_validator(mode="after")

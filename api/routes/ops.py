@@ -70,7 +70,7 @@ async def status(request: Request) -> dict[str, Any]:
         "images_stored": len(state.store),
         "adapters": _adapter_info(engine),
         "model_load": _load_info(settings, loaded),
-        "memory_admission": engine.memory.status() if engine is not None and engine.memory is not None else None,
+        "memory_admission": _memory_admission(engine),
     }
 
 
@@ -93,6 +93,14 @@ def _engine_info(engine: Any, settings: Any, cache: Any) -> dict[str, Any]:
         info.update(max_batch_size=settings.max_batch_size, batching=runner_stats)
     info["prompt_cache"] = cache.stats() if cache is not None else None
     return info
+
+
+def _memory_admission(engine: Any) -> dict[str, Any] | None:
+    """The measured-memory estimate and budget, and what the running requests hold (None: not admitting by it)."""
+    memory = getattr(engine, "memory", None)
+    if memory is None:
+        return None
+    return {**memory.status(), "held_bytes": engine.memory_held}
 
 
 def _load_info(settings: Any, loaded: Any) -> dict[str, Any]:
