@@ -265,13 +265,14 @@ class TextToImagePipelineSD3:
         arguments: dict[str, Any] = {"dtype": dtype}
         if not self.options.t5:
             arguments.update(text_encoder_3=None, tokenizer_3=None)  # SD3's documented way to run without T5
-        if self.options.quantize:
-            from models.quantize import pipeline_config, trim_heap
+        from models.quantize import pipeline_config, quiet_deprecation, trim_heap
 
+        if self.options.quantize:
             # No memory map: a live one keeps the full-precision pages it was read through (models/quantize.py).
             arguments.update(quantization_config=pipeline_config(self.options.quantize), disable_mmap=True)
         try:
-            pipeline = StableDiffusion3Pipeline.from_pretrained(source, **arguments)
+            with quiet_deprecation():
+                pipeline = StableDiffusion3Pipeline.from_pretrained(source, **arguments)
         except Exception as exc:
             raise self._explain(exc) from exc
         if self.options.quantize:

@@ -20,18 +20,27 @@ freed fp32 pages are handed back to the system (``malloc_trim``), which glibc's 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import logging
 import tempfile
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["component_config", "device_problem", "pipeline_config", "quantize_components", "trim_heap"]
+__all__ = [
+    "component_config",
+    "device_problem",
+    "pipeline_config",
+    "quantize_components",
+    "quiet_deprecation",
+    "trim_heap",
+]
 
 _QUANTO_WEIGHTS = {"int8": "int8", "fp8": "float8"}
 FP8_CAPABILITY = (8, 9)  # Ada (8.9) and Hopper (9.0) and later have fp8 units
@@ -53,13 +62,23 @@ def device_problem(spec: Mapping[str, str], device: torch.device) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def quiet_deprecation() -> Iterator[None]:
+    """diffusers 0.42 warns at every quanto config and load that its quanto integration goes in 1.0; requirements.txt
+    keeps diffusers below 1.0, so the warning asks nothing of an operator. Only that warning is silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*Quanto.*deprecated", category=FutureWarning)
+        yield
+
+
 def component_config(component: str, kind: str) -> Any:
     """The quantization config diffusers' pipeline loader hands ``component``'s own ``from_pretrained``."""
     weights = _QUANTO_WEIGHTS[kind]
     if component == "transformer":
         from diffusers import QuantoConfig
 
-        return QuantoConfig(weights_dtype=weights)
+        with quiet_deprecation():
+            return QuantoConfig(weights_dtype=weights)
     from transformers import QuantoConfig as TextQuantoConfig
 
     return TextQuantoConfig(weights=weights)
@@ -100,7 +119,8 @@ def _load(cls: type, folder: str, config: Any, dtype: torch.dtype) -> Any:
     # diffusers' models take torch_dtype, transformers' take dtype (torch_dtype is deprecated there).
     dtype_kwarg = "torch_dtype" if issubclass(cls, ModelMixin) else "dtype"
     arguments = {"quantization_config": config, dtype_kwarg: dtype, "disable_mmap": True}
-    module = cls.from_pretrained(folder, **arguments)  # type: ignore[attr-defined]
+    with quiet_deprecation():
+        module = cls.from_pretrained(folder, **arguments)  # type: ignore[attr-defined]
     module.eval()
     module.requires_grad_(False)
     return module

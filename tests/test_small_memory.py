@@ -244,3 +244,23 @@ def test_fp8_on_a_cpu_is_refused_before_loading_with_exit_2(capsys: pytest.Captu
     assert main(argv) == EXIT_BAD_OPTION
     error = capsys.readouterr().err
     assert "fp8 (transformer) needs a CUDA GPU" in error and "int8" in error
+
+
+def test_lora_adapters_work_on_a_quantized_transformer(
+    make_server: Callable[..., Any], tiny_dir: Path, tmp_path: Path
+) -> None:
+    """PEFT wraps quanto's quantized linear layers like any linear layer: a request's adapter changes its image, as
+    diffusers' own quantized pipeline with the adapter loaded gives it."""
+    from lora_helpers import make_adapter
+
+    from models.quantize import pipeline_config
+
+    adapter = make_adapter(tmp_path / "a", seed=3)
+    live = _server(make_server, tiny_dir, "threads", quantize=["transformer=int8"], lora=[f"a={adapter}"])
+    got = _served(live, loras=[{"name": "a", "scale": 1.0}])
+    assert not np.array_equal(got[0], _served(live)[0])
+    reference = _load(tiny_dir, quantization_config=pipeline_config({"transformer": "int8"}), disable_mmap=True)
+    reference.load_lora_weights(str(adapter), adapter_name="a")
+    reference.set_adapters(["a"], [1.0])
+    want = _reference(reference, _threads(live), prompt=BODY["prompt"], num_inference_steps=2, seed=11)
+    _assert_images(got, want, "threads")
