@@ -9,7 +9,8 @@ a GPU, the process's on a CPU):
 - as requests run (``observe``): the peak of a request that ran alone. A request never costs less than one that ran
   alone with as many pixels or fewer (a floor), and one that ran alone at least as large as the start-up measurement
   and took more than the estimate scales every estimate up by that ratio (activations that grow faster than the
-  pixels, a backend's workspace). Small requests do not teach ratios: their fixed overheads are noise per pixel.
+  pixels, a backend's workspace). Requests estimated under 64 MiB teach no ratio: their fixed overheads (a thread
+  pool started, an allocator's arena grown) are noise per pixel.
 
 The budget is ``--memory-budget``, or the free memory measured while the engine is idle (after the load, and again
 each time it falls idle), less ``--memory-reserve``. The engine admits while the running requests' costs and the
@@ -34,6 +35,9 @@ logger = logging.getLogger(__name__)
 __all__ = ["MemoryAdmission", "measure_costs"]
 
 OBSERVED = 16  # the recent requests that ran alone, which correct the estimate
+# A request teaches a ratio only if it was estimated at this much or more: below it, what else the process did (a
+# thread pool started, an allocator's arena grew) outweighs the request's own activations.
+TEACHING_BYTES = 64 * 2**20
 OUTPUT_BYTES = 12  # a decoded image's float32 RGB tensor, per pixel, which a tiled decode still holds whole
 
 
@@ -89,7 +93,8 @@ class MemoryAdmission:
     def scale(self) -> float:
         """How much more than the estimate large requests that ran alone took (1: no more)."""
         smallest = (self.measured_at[0] * self.measured_at[1]) if self.measured_at else 0
-        ratios = [peak / model for pixels, peak, model in self._observed if pixels >= smallest and model > 0]
+        teaching = [(peak, model) for pixels, peak, model in self._observed if pixels >= smallest]
+        ratios = [peak / model for peak, model in teaching if model >= TEACHING_BYTES]
         return max([1.0, *ratios])
 
     def cost(self, width: int, height: int, images: int, guided: bool = True) -> int:

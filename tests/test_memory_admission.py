@@ -154,6 +154,16 @@ def test_a_request_that_ran_alone_teaches_the_estimate_its_measured_peak() -> No
     assert memory.status()["observed_runs"] == 1
 
 
+def test_a_large_request_that_took_more_than_estimated_scales_the_estimates_a_small_one_does_not() -> None:
+    memory = _admission(16 * 2**30, 100.0)  # a guided 1024x1024 image: 200 MiB estimated
+    small = memory.cost(512, 512, 1)
+    memory.observe(_req("small", side=64), 300 * MB)  # far over its 0.8 MiB estimate: noise, no ratio
+    assert memory.scale == 1.0 and memory.cost(512, 512, 1) == 300 * MB  # the floor: larger requests cost as much
+    memory.observe(_req("large", side=1024), 400 * MB)  # twice its estimate
+    assert memory.scale == 2.0 and memory.cost(2048, 2048, 1) == 2 * _admission(16 * 2**30, 100.0).cost(2048, 2048, 1)
+    assert memory.cost(512, 512, 1) == max(2 * small, 300 * MB)
+
+
 def test_the_server_measures_at_start_up_and_refuses_what_can_never_fit(make_server: Callable[..., Any]) -> None:
     live = make_server(memory_budget=64 * MB, memory_reserve=0, default_steps=2)
     status = httpx.get(live.url + "/api/status").json()["memory_admission"]
