@@ -40,7 +40,8 @@ def pipeline_runner(
     pipeline's own encoding would hand the encoders inputs on the wrong device.
     """
     pipelines = TaskPipelines(scoped)
-    elsewhere = device is not None and encoders_device(scoped.pipeline) not in (None, torch.device(device))
+    encoders = encoders_device(scoped.pipeline)
+    elsewhere = device is not None and encoders is not None and not _same_device(encoders, torch.device(device))
     if elsewhere and (prompt_cache is None or prompt_cache.capacity == 0):
         prompt_cache = PromptCache(0)
     # Encodes cache misses in the calling slot thread; its tokenizers are locked, so slots may share it.
@@ -70,6 +71,11 @@ def pipeline_runner(
         return list(output.images)
 
     return run
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` and ``cuda:0`` are one device (a module's parameters name the index, a resolved device may not)."""
+    return a.type == b.type and (a.index or 0) == (b.index or 0)
 
 
 def _call(pipeline: Any, request: GenerationRequest, callback: Any, device: Any, kwargs: dict[str, Any]) -> Any:
