@@ -18,6 +18,8 @@ allocator's (allocated after the load, peak while generating), the process's res
     python bench/small_memory.py                       # random:small on this CPU, 256x256, 4 steps
     python bench/small_memory.py --model random:sd3.5-medium --device cuda --dtype bfloat16 --size 1024 \\
         --configs full,int8,fp8,encoders-cpu,no-t5      # bench/gpu.sh
+
+A configuration that fails (fp8 where the GPU has none) is a row saying why, and the exit status is 1.
 """
 
 from __future__ import annotations
@@ -70,12 +72,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _load(args: argparse.Namespace, config: dict[str, Any]) -> tuple[Any, Any]:
     from models.options import LoadOptions
-    from Pipelines import TextToImagePipelineSD3
+    from Pipelines import TextToImagePipelineSD3, preflight
 
     naive = config.get("naive")
     options = LoadOptions(
         quantize=config.get("quantize", {}), t5=config.get("t5", True), encoders_device=config.get("encoders_device")
     )
+    preflight(args.model, args.device, args.dtype, options)  # as the server refuses (fp8 without fp8 units)
     loaded = TextToImagePipelineSD3(args.model, device=args.device, dtype=args.dtype, options=options).start()
     keep = None
     if naive:
@@ -150,12 +153,12 @@ def child(args: argparse.Namespace) -> None:
     pipe("warm-up", generator=torch.Generator().manual_seed(99), **call)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    images, started = [], time.perf_counter()
+    images, started, cpu = [], time.perf_counter(), time.process_time()
     for seed in range(args.images):
         images.append(
             pipe(f"a picture, number {seed}", generator=torch.Generator().manual_seed(seed), **call).images[0]
         )
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
     np.save(Path(args.work) / f"{args.child}.npy", np.stack(images))
     result = {
         "config": args.child,
@@ -164,6 +167,8 @@ def child(args: argparse.Namespace) -> None:
         "while_generating": _memory(device),
         "transformer_bytes": weight_bytes,
         "images_per_s": args.images / seconds,
+        # CPU seconds an image took, all threads together: the work, whatever else the machine runs meanwhile.
+        "cpu_s_per_image": cpu / args.images,
     }
     if args.decode_size and args.child == "full":
         result["decode"] = _decode_peaks(pipe, device, args.decode_size)
@@ -181,7 +186,9 @@ def run_child(args: argparse.Namespace, name: str, work: str) -> dict[str, Any]:
     done = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not lines:
-        raise RuntimeError(f"{name} failed ({done.returncode}): {done.stderr[-2000:]}")
+        error = [line for line in done.stderr.strip().splitlines() if line.strip()][-1:] or ["no output"]
+        print(done.stderr[-3000:], file=sys.stderr)
+        return {"config": name, "failed": f"exit {done.returncode}: {error[0][:200]}"}
     return json.loads(lines[-1].removeprefix("RESULT "))
 
 
@@ -210,11 +217,14 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]], work: str) -
     lines = [
         f"### {args.model}, {args.device}, {args.size}x{args.size}, {args.steps} steps, {args.images} images",
         "",
-        f"| config | transformer weights (MiB) | {what} | images/s | vs {first['config']}: mean / max pixel diff, "
-        "PSNR |",
-        "|---|---|---|---|---|",
+        f"| config | transformer weights (MiB) | {what} | images/s | CPU s per image | vs {first['config']}: mean / "
+        "max pixel diff, PSNR |",
+        "|---|---|---|---|---|---|",
     ]
     for result in results:
+        if "failed" in result:
+            lines.append(f"| {result['config']} | failed: {result['failed'].replace('|', '/')} | | | | |")
+            continue
         memory = (
             result["after_load"]["allocated" if cuda else "rss"],
             result["while_generating"]["peak_allocated" if cuda else "hwm"],
@@ -224,7 +234,8 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]], work: str) -
             f"| {result['config']} | {result['transformer_bytes'] / mb:.0f} "
             f"({result['transformer_bytes'] / first['transformer_bytes']:.2f}x) | {memory[0] / mb:.0f} / "
             f"{memory[1] / mb:.0f} | {result['images_per_s']:.2f} "
-            f"({result['images_per_s'] / first['images_per_s']:.2f}x) | {dev['mean']:.2f} / {dev['max']:.0f}, "
+            f"({result['images_per_s'] / first['images_per_s']:.2f}x) | {result['cpu_s_per_image']:.1f} "
+            f"({result['cpu_s_per_image'] / first['cpu_s_per_image']:.2f}x) | {dev['mean']:.2f} / {dev['max']:.0f}, "
             f"{dev['psnr']:.1f} dB |"
         )
     decode = first.get("decode")
@@ -247,12 +258,15 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.configs.split(","):
             print(f"== {name}", file=sys.stderr, flush=True)
             results.append(run_child(args, name, work))
+        if "failed" in results[0]:
+            print(f"the first configuration ({results[0]['config']}) failed: nothing to compare with", file=sys.stderr)
+            return 1
         text = report(args, results, work)
     print(text)
     if args.markdown:
         with open(args.markdown, "a") as out:
             out.write("\n" + text)
-    return 0
+    return 1 if any("failed" in result for result in results) else 0
 
 
 if __name__ == "__main__":
