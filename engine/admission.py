@@ -9,15 +9,14 @@ an immediate overload error, before any work is done.
 Cost as well as count: with a pixel budget (``max_pixels``), the requests running hold at most that many pixels
 (width x height x images, what their memory grows with). A request waits in the FIFO queue until a slot and its
 pixels are free, the head holding the ones behind it (a large request is never starved by small ones); one larger
-than the whole budget is refused at once (``TooLarge``). With ``memory``, they hold at most its budget of measured
-memory too (``engine.memory_gate``: refusals, and what a request running alone teaches the estimate).
+than the whole budget is refused at once (``TooLarge``). Measured memory, with ``memory``: ``engine.memory_gate``.
 
 A request that times out or whose client went away is stopped at its next denoising step (the step callback raises
 ``GenerationCancelled``); a queued one never runs. Its slot is released when the worker thread has really stopped.
 
 Execution sits behind one seam, the runner a slot thread calls: ``engine.threads.pipeline_runner`` or
-``engine.step.StepRunner``. Admission does not know which one it runs, nor they which task (``engine.tasks``).
-A request's LoRA adapters are loaded (``engine.adapters``) before it takes a slot.
+``engine.step.StepRunner``; admission knows neither, nor they which task (``engine.tasks``). A request's LoRA
+adapters are loaded (``engine.adapters``) before it takes a slot.
 
 Progress: ``submit(..., progress=callback)`` reports what happens to one request as events (``ProgressEvent``),
 always called on the event loop thread: ``queued`` (with the 1-based queue position, again whenever it moves),
@@ -165,10 +164,11 @@ class Engine(MemoryGate):
     # -- admission --------------------------------------------------------------------------------------
 
     def _fits(self, ticket: Ticket) -> bool:
-        pixels = ticket.request.pixels
-        if self._active >= self.max_concurrency or (self.max_pixels and self._pixels + pixels > self.max_pixels):
+        over = self.max_pixels and self._pixels + ticket.request.pixels > self.max_pixels
+        if self._active >= self.max_concurrency or over:
             return False
-        return self.memory is None or self.memory_held + ticket.cost <= self.memory.budget
+        # Alone, a request runs: it fitted on arrival, and a budget shrunk since by other processes never grows back.
+        return self.memory is None or not self._running or self.memory_held + ticket.cost <= self.memory.budget
 
     def _take(self, ticket: Ticket) -> None:
         self._active += 1

@@ -112,6 +112,26 @@ def test_requests_wait_while_the_memory_they_need_is_held() -> None:
     asyncio.run(main())
 
 
+def test_a_waiting_request_runs_once_alone_even_if_the_budget_shrank_meanwhile() -> None:
+    memory = _admission(5 * MB, 400.0)  # a guided 64x64 request: 3.1 MiB; one at a time
+
+    async def main() -> None:
+        runner = HeldRunner()
+        engine = _engine(runner, memory)
+        first = asyncio.ensure_future(engine.submit(_req("first")))
+        second = asyncio.ensure_future(engine.submit(_req("second")))
+        while engine.queued < 1:
+            await asyncio.sleep(0.005)
+        memory.meter._free = 2 * MB  # type: ignore[attr-defined]  # other processes took memory meanwhile
+        memory.refresh()
+        runner.release.set()
+        await first
+        assert (await asyncio.wait_for(second, 10)).images == ["second"]  # alone, it runs: nothing else would free
+        engine.close()
+
+    asyncio.run(main())
+
+
 def test_a_request_that_would_wait_too_long_for_memory_is_refused_with_a_retry_time() -> None:
     # One request holds the memory; it stepped once in 50 ms or more of its 40 steps: ~2 s or more to go.
     memory = _admission(4 * MB, 400.0, max_wait=0.5)
