@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -67,6 +68,8 @@ class MemoryAdmission:
         self.measured_at: tuple[int, int] | None = None  # the measuring size (width, height)
         # (pixels, peak bytes, the estimate then) of recent requests that ran alone
         self._observed: deque[tuple[int, int, int]] = deque(maxlen=OBSERVED)
+        # Protects _observed: a worker thread appends what a request measured, the event loop reads estimates.
+        self._lock = threading.Lock()
         self.free_idle = meter.free()
 
     @property
@@ -76,7 +79,8 @@ class MemoryAdmission:
         return max(0, free - self.reserve)
 
     def refresh(self) -> None:
-        """Measure the free memory again (the engine is idle: nothing of a request's is in it)."""
+        """Measure the free memory again (the engine is idle: nothing of a request's is in it). From a worker thread:
+        one attribute, written whole, which the event loop reads."""
         self.free_idle = self.meter.free()
 
     def _model(self, width: int, height: int, images: int, guided: bool) -> int:
@@ -93,14 +97,14 @@ class MemoryAdmission:
     def scale(self) -> float:
         """How much more than the estimate large requests that ran alone took (1: no more)."""
         smallest = (self.measured_at[0] * self.measured_at[1]) if self.measured_at else 0
-        teaching = [(peak, model) for pixels, peak, model in self._observed if pixels >= smallest]
+        teaching = [(peak, model) for pixels, peak, model in self._seen() if pixels >= smallest]
         ratios = [peak / model for peak, model in teaching if model >= TEACHING_BYTES]
         return max([1.0, *ratios])
 
     def cost(self, width: int, height: int, images: int, guided: bool = True) -> int:
         """The estimated peak bytes of a request of ``images`` images of ``width`` x ``height``."""
         pixels = width * height * images
-        floor = max((peak for seen, peak, _ in self._observed if seen <= pixels), default=0)
+        floor = max((peak for seen, peak, _ in self._seen() if seen <= pixels), default=0)
         return int(max(self._model(width, height, images, guided) * self.scale, floor))
 
     def request_cost(self, request: Any) -> int:
@@ -113,7 +117,12 @@ class MemoryAdmission:
         from .prompt_cache import is_guided
 
         model = self._model(request.width, request.height, request.num_images, is_guided(request))
-        self._observed.append((request.width * request.height * request.num_images, peak, model))
+        with self._lock:
+            self._observed.append((request.width * request.height * request.num_images, peak, model))
+
+    def _seen(self) -> list[tuple[int, int, int]]:
+        with self._lock:
+            return list(self._observed)
 
     def fits_alone(self, cost: int) -> bool:
         return cost <= self.budget
@@ -167,7 +176,7 @@ class MemoryAdmission:
             "measured_at": f"{width}x{height}" if self.measured_at else None,
             "pass_bytes_per_pixel": round(self.pass_per_pixel, 2),
             "decode_bytes_per_pixel": round(self.decode_per_pixel, 2),
-            "observed_runs": len(self._observed),
+            "observed_runs": len(self._seen()),
             "observed_scale": round(self.scale, 3),
             "max_wait_s": self.max_wait or None,
         }
