@@ -179,7 +179,12 @@ class MemoryAdmission:
             "observed_runs": len(self._seen()),
             "observed_scale": round(self.scale, 3),
             "max_wait_s": self.max_wait or None,
+            # What one guided image costs now, at the model's default size (twice the measured side) and the largest.
+            "image_cost_bytes": {f"{side}x{side}": self.cost(side, side, 1) for side in self._sides(width)},
         }
+
+    def _sides(self, measured: int) -> list[int]:
+        return sorted({side for side in (2 * measured, self.max_side) if side})
 
 
 def _mb(n: float) -> str:
