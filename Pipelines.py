@@ -19,12 +19,14 @@ from typing import Any
 import torch
 
 from models.dtypes import DTYPE_ALIASES
+from models.options import LoadOptions
 from models.random_build import RANDOM_PRESETS, build_random_pipeline, is_random_preset, parameter_counts
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "DTYPES",
+    "LoadOptions",
     "ModelLoadError",
     "ModelPipelineInitializer",
     "PresetModels",
@@ -102,12 +104,12 @@ def resolve_dtype(requested: str | torch.dtype | None, device: torch.device) -> 
     return torch.float32
 
 
-def required_bytes(model: str, dtype: torch.dtype) -> int | None:
-    """Peak bytes of building the model's weights in ``dtype``; None where that is unknown before loading (hub ids,
-    local directories: their size is only known once downloaded)."""
+def required_bytes(model: str, dtype: torch.dtype, t5: bool = True) -> int | None:
+    """Peak bytes of building the model's weights in ``dtype`` (without T5: ``t5=False``); None where that is unknown
+    before loading (hub ids, local directories: their size is only known once downloaded)."""
     if model not in RANDOM_PRESETS:
         return None
-    counts = parameter_counts(model).values()
+    counts = [n for name, n in parameter_counts(model).items() if t5 or name != "text_encoder_3"]
     # A random preset initialises each component in float32, then casts it: the largest one briefly holds 4 bytes
     # a weight while the components before it already hold ``dtype``.
     return sum(counts) * dtype.itemsize + max(counts) * max(0, 4 - dtype.itemsize)
@@ -136,9 +138,9 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.1f} GB"
 
 
-def check_memory(model: str, device: torch.device, dtype: torch.dtype) -> None:
+def check_memory(model: str, device: torch.device, dtype: torch.dtype, t5: bool = True) -> None:
     """Refuse, with the figures and what to change, a model whose weights cannot fit; before allocating any."""
-    need = required_bytes(model, dtype)
+    need = required_bytes(model, dtype, t5)
     if need is None:
         return
     have = available_bytes(device)
@@ -157,12 +159,22 @@ def check_memory(model: str, device: torch.device, dtype: torch.dtype) -> None:
     )
 
 
-def preflight(model: str, device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
-    """Everything about the model that can be checked before loading it: the device exists, the dtype is known and
-    the weights fit. Raises ``ModelLoadError`` with a hint."""
+def preflight(
+    model: str, device: str | None, dtype: str | None, options: LoadOptions | None = None
+) -> tuple[torch.device, torch.dtype]:
+    """Everything about the model that can be checked before loading it: the devices exist, the dtype is known, the
+    quantization runs there and the weights fit. Raises ``ModelLoadError`` with a hint."""
+    options = options or LoadOptions()
     resolved_device = resolve_device(device)
     resolved_dtype = resolve_dtype(dtype, resolved_device)
-    check_memory(model, resolved_device, resolved_dtype)
+    if options.encoders_device:
+        resolve_device(options.encoders_device)
+    from models.quantize import device_problem
+
+    problem = device_problem(options.quantize, resolved_device)
+    if problem:
+        raise ModelLoadError(f"--quantize: {problem}", "use --quantize COMPONENT=int8, which runs on any device")
+    check_memory(model, resolved_device, resolved_dtype, options.t5)
     return resolved_device, resolved_dtype
 
 
@@ -193,10 +205,17 @@ def _check_local_dir(path: Path) -> None:
 class TextToImagePipelineSD3:
     """Loads one SD3 / SD3.5 text-to-image pipeline; ``start()`` does the work, once."""
 
-    def __init__(self, model_path: str | None = None, device: str | None = None, dtype: str | None = None) -> None:
+    def __init__(
+        self,
+        model_path: str | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
+        options: LoadOptions | None = None,
+    ) -> None:
         self.model_path = model_path or os.environ.get("MODEL_PATH") or PresetModels.SD3_5_MEDIUM
         self.requested_device = device
         self.requested_dtype = dtype
+        self.options = options or LoadOptions()
         self.pipeline: Any | None = None
         self.device: torch.device | None = None
         self.dtype: torch.dtype | None = None
@@ -208,13 +227,21 @@ class TextToImagePipelineSD3:
         device = resolve_device(self.requested_device)
         dtype = resolve_dtype(self.requested_dtype, device)
         logger.debug("loading %s on %s as %s", self.model_path, device, dtype)  # the server logs its own line
+        options = self.options
+        encoders = resolve_device(options.encoders_device) if options.encoders_device else device
         if is_random_preset(self.model_path):
             try:
-                pipeline = build_random_pipeline(self.model_path, device=device, dtype=dtype)
+                pipeline = build_random_pipeline(
+                    self.model_path, device=device, dtype=dtype, t5=options.t5, encoders_device=encoders
+                )
             except ValueError as exc:
                 raise ModelLoadError(str(exc), f"use one of: {', '.join(RANDOM_PRESETS)}") from exc
+            if options.quantize:
+                from models.quantize import quantize_components
+
+                quantize_components(pipeline, options.quantize, dtype)
         else:
-            pipeline = self._from_pretrained(dtype).to(device)
+            pipeline = _place(self._from_pretrained(dtype), device, encoders)
         # tqdm bars from concurrent requests interleave into noise on stderr; the server logs instead.
         pipeline.set_progress_bar_config(disable=True)
         self.pipeline, self.device, self.dtype = pipeline, device, dtype
@@ -235,10 +262,22 @@ class TextToImagePipelineSD3:
             source = str(path)
         else:
             source = self.model_path
+        arguments: dict[str, Any] = {"dtype": dtype}
+        if not self.options.t5:
+            arguments.update(text_encoder_3=None, tokenizer_3=None)  # SD3's documented way to run without T5
+        from models.quantize import pipeline_config, quiet_deprecation, trim_heap
+
+        if self.options.quantize:
+            # No memory map: a live one keeps the full-precision pages it was read through (models/quantize.py).
+            arguments.update(quantization_config=pipeline_config(self.options.quantize), disable_mmap=True)
         try:
-            return StableDiffusion3Pipeline.from_pretrained(source, dtype=dtype)
+            with quiet_deprecation():
+                pipeline = StableDiffusion3Pipeline.from_pretrained(source, **arguments)
         except Exception as exc:
             raise self._explain(exc) from exc
+        if self.options.quantize:
+            trim_heap()
+        return pipeline
 
     def _explain(self, exc: Exception) -> ModelLoadError:
         # The useful signal is often in a chained cause (huggingface_hub errors wrapped in an OSError).
@@ -267,6 +306,18 @@ class TextToImagePipelineSD3:
         return ModelLoadError(f"cannot load model {self.model_path!r}: {type(exc).__name__}: {first_line}", hint)
 
 
+_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+def _place(pipeline: Any, device: torch.device, encoders: torch.device) -> Any:
+    """Each component on its device, once, at load: the text encoders on ``encoders``, the rest on ``device``. No
+    offload hooks: nothing moves while requests run (diffusers' hooks keep state on the shared modules)."""
+    for name, module in pipeline.components.items():
+        if isinstance(module, torch.nn.Module):
+            module.to(encoders if name in _ENCODERS else device)
+    return pipeline
+
+
 class ModelPipelineInitializer:
     """Picks the loader for ``type_models`` (only ``t2im``, text-to-image, today)."""
 
@@ -276,11 +327,13 @@ class ModelPipelineInitializer:
         type_models: str = "t2im",
         device: str | None = None,
         dtype: str | None = None,
+        options: LoadOptions | None = None,
     ) -> None:
         self.model = model or os.environ.get("MODEL_PATH") or PresetModels.SD3_5_MEDIUM
         self.type_models = type_models
         self.device = device
         self.dtype = dtype
+        self.options = options
 
     def initialize_pipeline(self) -> TextToImagePipelineSD3:
         """Return the (not yet started) loader for the configured model."""
@@ -289,4 +342,4 @@ class ModelPipelineInitializer:
                 f"unsupported type_models {self.type_models!r}",
                 f"use one of: {', '.join(SUPPORTED_TYPES)} (text-to-image with SD3 / SD3.5)",
             )
-        return TextToImagePipelineSD3(self.model, device=self.device, dtype=self.dtype)
+        return TextToImagePipelineSD3(self.model, device=self.device, dtype=self.dtype, options=self.options)

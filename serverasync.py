@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None, loader: Callable[[Settings], Any] | None
 
     quiet_library_logs()
     try:
-        device, dtype = preflight(settings.model, settings.device, settings.dtype)
+        device, dtype = preflight(settings.model, settings.device, settings.dtype, settings.load_options)
         check_adapters(settings)
     except (ModelLoadError, ValueError) as exc:
         sock.close()

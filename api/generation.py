@@ -97,9 +97,9 @@ def to_generation(
         message = _size_problem(value, max_side(settings, geometry), geometry.size_multiple, limits[field])
         if message:
             raise bad(field, message)
-    budget = getattr(request.app.state.engine, "max_pixels", 0)
-    if budget and n * width * height > budget:
-        raise bad("n", _too_large(n, width, height, budget))
+    problem = _over_budget(request.app.state.engine, n, width, height, body.guidance_scale)
+    if problem:
+        raise bad("n", problem)
     return GenerationRequest(
         prompt=prompt,
         negative_prompt=negative_prompt,
@@ -131,6 +131,15 @@ def _size_problem(value: int, max_size: int, multiple: int, limit: str) -> str |
         options = " or ".join(str(v) for v in (lower, lower + multiple) if v <= max_size)
         return f"must be a multiple of {multiple}; try {options}"
     return None
+
+
+def _over_budget(engine: Any, n: int, width: int, height: int, guidance: float | None) -> str | None:
+    """Why the engine could never run these images at once (None: it could): its pixel budget, its memory budget."""
+    budget = getattr(engine, "max_pixels", 0)
+    if budget and n * width * height > budget:
+        return _too_large(n, width, height, budget)
+    memory = getattr(engine, "memory", None)
+    return memory.refusal(width, height, n, guidance is None or guidance > 1) if memory is not None else None
 
 
 def _too_large(n: int, width: int, height: int, budget: int) -> str:
@@ -176,11 +185,21 @@ def log_generation(generation: GenerationRequest) -> None:
 
 
 def as_api_error(exc: EngineError, engine: Any, request_timeout: float) -> APIError:
-    from engine import GenerationTimeout, NotReady, OutOfMemory, Overloaded, TooLarge
+    from engine import GenerationTimeout, MemoryWait, NotReady, OutOfMemory, Overloaded, TooLarge, TooLargeForMemory
 
     adapters = adapter_error(exc)
     if adapters is not None:
         return adapters
+    if isinstance(exc, TooLargeForMemory):  # as for TooLarge: the edits' routes meet it here
+        return APIError(400, f"Too large: {exc.message}.", "invalid_request_error", code="invalid_value")
+    if isinstance(exc, MemoryWait):
+        return APIError(
+            503,
+            f"The memory this request needs is taken by the requests running now ({exc}). Retry later.",
+            "overloaded_error",
+            code="memory_wait",
+            headers={"Retry-After": str(exc.retry_after)},
+        )
     if isinstance(exc, TooLarge):  # the API checks this first (to_generation); here for any other caller
         return APIError(400, f"Too large: {exc}.", "invalid_request_error", code="invalid_value")
     if isinstance(exc, Overloaded):

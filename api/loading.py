@@ -25,6 +25,7 @@ __all__ = [
     "compile_blocks",
     "default_concurrency",
     "default_engine",
+    "default_loader",
     "engine_kind",
     "load_model",
     "usable_cores",
@@ -85,14 +86,23 @@ class ModelGeometry:
         return cls(multiple, default, int(pos_max) * multiple if pos_max else None)
 
 
+def default_loader(settings: Settings) -> Any:
+    """The loader of the model ``settings`` name, loaded with their options (one ``LoadOptions`` per load)."""
+    from Pipelines import ModelPipelineInitializer
+
+    initializer = ModelPipelineInitializer(
+        settings.model,
+        settings.type_models,
+        device=settings.device,
+        dtype=settings.dtype,
+        options=settings.load_options,
+    )
+    return initializer.initialize_pipeline()
+
+
 async def load_model(app: FastAPI, settings: Settings, loader: Callable[[Settings], Any] | None) -> None:
     """Load the model off the event loop, then build the engine and publish both on ``app.state``."""
     from utils.requestscopedpipeline import default_guidance_scale
-
-    def default_loader(s: Settings) -> Any:
-        from Pipelines import ModelPipelineInitializer
-
-        return ModelPipelineInitializer(s.model, s.type_models, device=s.device, dtype=s.dtype).initialize_pipeline()
 
     def load_and_build() -> tuple[Any, Any, Any, Any]:
         loaded = _start((loader or default_loader)(settings))
@@ -159,8 +169,7 @@ def build_engine(settings: Settings, pipeline: Any, device: Any) -> tuple[Any, A
     kind = engine_kind(settings, device.type)
     adapters = adapter_pool(settings, pipeline)
     scoped = RequestScopedPipeline(pipeline)
-    dtype = getattr(getattr(pipeline, "text_encoder", None), "dtype", None)
-    cache = PromptCache(settings.prompt_cache_size, identity=(settings.model, str(dtype), str(device)))
+    cache = PromptCache(settings.prompt_cache_size, identity=cache_identity(settings, pipeline))
     cores = usable_cores() if device.type == "cpu" else None
     if kind == "step":
         if settings.compile:
@@ -168,10 +177,17 @@ def build_engine(settings: Settings, pipeline: Any, device: Any) -> tuple[Any, A
         # A compiled module must have one caller: one loop then (the calibration measures no other count).
         loops = 1 if settings.compile else settings.step_loops
         runner: Any = StepRunner(
-            scoped, device, settings.max_batch_size, cache, cpu_threads=cores, loops=loops, adapters=adapters
+            scoped,
+            device,
+            settings.max_batch_size,
+            cache,
+            cpu_threads=cores,
+            loops=loops,
+            adapters=adapters,
+            tiles=settings.tiles,
         )
     else:
-        runner = pipeline_runner(scoped, device, cache, adapters)
+        runner = pipeline_runner(scoped, device, cache, adapters, tiles=settings.tiles)
     previewer = LatentPreviewer(pipeline.vae, pipeline.vae_scale_factor)
     previewer.fit()  # at load, so that no request waits for it (bench/RESULTS.md: its cost)
     engine = Engine(
@@ -185,8 +201,50 @@ def build_engine(settings: Settings, pipeline: Any, device: Any) -> tuple[Any, A
         log_interval=settings.progress_log_interval,
         max_pixels=pixel_budget(settings, ModelGeometry.of(pipeline)),
         adapters=adapters,
+        memory=memory_admission(settings, pipeline, device),
     )
     return engine, scoped, cache
+
+
+def memory_admission(settings: Settings, pipeline: Any, device: Any) -> Any:
+    """Admission by measured memory (engine.memory_admission), its costs measured on the loaded model now; None when
+    turned off (--memory-admission off) or when the measurement failed (the pixel budget and the slots still hold)."""
+    if settings.memory_admission == "off":
+        return None
+    from engine.memory_admission import MemoryAdmission, measure_costs
+    from engine.memory_meter import MemoryMeter
+
+    geometry = ModelGeometry.of(pipeline)
+    tile = getattr(pipeline.vae, "tile_sample_min_size", 0)
+    tile = tile[0] * tile[1] if isinstance(tile, (tuple, list)) else int(tile or 0) ** 2
+    admission = MemoryAdmission(
+        MemoryMeter(device),
+        reserve=settings.memory_reserve,
+        budget=settings.memory_budget,
+        max_wait=settings.memory_wait or settings.request_timeout,
+        tiles=settings.tiles,
+        tile_pixels=tile,
+        size_multiple=geometry.size_multiple,
+        max_side=max_side(settings, geometry),
+    )
+    try:
+        measure_costs(admission, pipeline, device)
+    except Exception as exc:  # noqa: BLE001 - without a measurement the server still runs, on its other limits
+        logger.warning("memory per request could not be measured (%s): admission by slots and pixels only", exc)
+        return None
+    return admission
+
+
+def cache_identity(settings: Settings, pipeline: Any) -> tuple[Any, ...]:
+    """What produced a cached embedding besides its text: the model, the encoders' dtype and device, whether T5 is
+    loaded and how the encoders are quantized (a server cannot change them while it runs; the key still says them)."""
+    from engine.prompt_cache import encoders_device
+
+    dtype = getattr(getattr(pipeline, "text_encoder", None), "dtype", None)
+    options = settings.load_options
+    quantized = tuple(sorted((c, k) for c, k in options.quantize.items() if c != "transformer"))
+    t5 = getattr(pipeline, "text_encoder_3", None) is not None
+    return (settings.model, str(dtype), str(encoders_device(pipeline)), ("t5", t5), ("quantized", quantized))
 
 
 def adapter_pool(settings: Settings, pipeline: Any) -> Any:

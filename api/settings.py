@@ -12,6 +12,8 @@ from typing import Annotated, Any
 from pydantic import AliasChoices, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from api.settings_jobs import JobSettings
+from api.settings_memory import MemorySettings
 from models.dtypes import DTYPE_ALIASES
 
 __all__ = ["ENV_PREFIX", "Settings", "SettingsError", "max_image_bytes", "parse_settings"]
@@ -20,8 +22,9 @@ ENV_PREFIX = "SERVER_"
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d{1,3})?)$")
 
 
-class Settings(BaseSettings):
-    """Server configuration. CLI flags override environment variables, which override defaults."""
+class Settings(MemorySettings, JobSettings, BaseSettings):
+    """Server configuration. CLI flags override environment variables, which override defaults. The small-memory
+    options (quantization, T5, the encoders' device, tiled decoding, memory admission) are ``MemorySettings``'."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", populate_by_name=True)
 
@@ -111,36 +114,6 @@ class Settings(BaseSettings):
     image_grace: float = Field(
         300.0, ge=1, description="seconds a new image is kept whatever the caps, so every returned URL can be fetched"
     )
-    max_jobs: int = Field(
-        1000,
-        ge=1,
-        le=1_000_000,
-        description="jobs kept (POST /api/jobs); the oldest that may go (see --job-grace) go first; else 503",
-    )
-    job_ttl: float = Field(3600.0, ge=0, description="seconds a finished job is kept (0: until --max-jobs evicts it)")
-    job_grace: float = Field(
-        60.0,
-        ge=0,
-        le=86_400,
-        description="seconds a succeeded or failed job is kept however full the store, so its client can fetch it; "
-        "a full store of such jobs (and unfinished ones) refuses new jobs 503 (0: none)",
-    )
-    job_store: str | None = Field(
-        None,
-        description="where jobs are kept: sqlite:///relative.db or sqlite:////absolute.db (a file: jobs survive a "
-        "restart; it is opened and checked at start), redis://host:port/db (shared by every server on it), or memory "
-        "(this process only: a restart loses them) (default: a SQLite file, jobs.db in the data directory)",
-    )
-    job_lease: float = Field(
-        30.0,
-        ge=1,
-        le=3600,
-        description="sqlite/redis stores: seconds a server's claim on a job lasts unless renewed (every third of "
-        "it); a job whose server stopped renewing is run again after this",
-    )
-    job_max_attempts: int = Field(
-        3, ge=1, le=100, description="sqlite/redis stores: runs a job gets before a server loss fails it"
-    )
     served_model_name: str | None = Field(
         None, description="model name shown to clients (default: the hub id or preset; a local path's last part)"
     )
@@ -199,20 +172,6 @@ class Settings(BaseSettings):
         if value and not info.data.get("api_key"):
             raise ValueError("needs --api-key (SERVER_API_KEY): there is no key to guard /metrics with")
         return value
-
-    @field_validator("job_store")
-    @classmethod
-    def _check_job_store(cls, value: str | None) -> str | None:
-        if value is None or value == "memory" or re.match(r"^rediss?://", value):
-            return value
-        if value.startswith("sqlite:///") and len(value) > len("sqlite:///"):
-            parent = Path(value.removeprefix("sqlite:///")).expanduser().resolve().parent
-            if not parent.is_dir():
-                raise ValueError(f"the SQLite file's directory {parent} does not exist")
-            return value
-        raise ValueError(
-            "job_store must be memory, sqlite:///path.db (sqlite:////absolute/path.db) or redis://host:port/db"
-        )
 
     @field_validator("type_models")
     @classmethod
@@ -369,7 +328,7 @@ def parse_settings(argv: list[str] | None = None, environ: Mapping[str, str] | N
         if info.annotation is bool:  # a switch: --compile (SERVER_COMPILE=1 in the environment)
             parser.add_argument(_flag(name), dest=name, action="store_true", default=None, help=help_text)
             continue
-        if name == "lora":  # repeatable: --lora a=x.safetensors --lora b=y
+        if info.annotation == list[str]:  # repeatable: --lora a=x.safetensors --lora b=y, --quantize ...
             parser.add_argument(_flag(name), dest=name, action="append", default=None, help=help_text)
             continue
         parser.add_argument(_flag(name), dest=name, default=None, help=help_text)

@@ -2,7 +2,10 @@
 # The whole GPU suite of bench/RESULTS.md in one command: both engines (threads = the `ours` arm, `step`), the step
 # engine with and without --compile (`step-compile`), the in-process pipeline (`serial`, the compute limit), on
 # random weights with the exact shapes of SD3.5-medium at 1024x1024 and 512x512, 28 steps, bf16. On CUDA every table
-# comes with the GPU memory table (idle = one copy of the weights; peak against N) and the floor table.
+# comes with the GPU memory table (idle = one copy of the weights; peak against N) and the floor table. Then, on a
+# GPU only, running in small memory (bench/small_memory.py): bf16 against the transformer in int8 and in fp8, the
+# text encoders on the CPU (--encoders-device cpu) and no T5, each in its own process, at 1024x1024; and the VAE's
+# decode of a 2048x2048 image with and without tiles (about 5 more minutes).
 #
 #   bench/gpu.sh                  on a GPU machine (planned for under 8 minutes on one H100/H200)
 #   bench/gpu.sh --smoke          the same path on a CPU with random:tiny, tiny sizes and 2 steps (about a minute)
@@ -28,16 +31,17 @@ while [ $# -gt 0 ]; do
     --out) out="${2:?--out needs a file}"; shift ;;
     --results) results="${2:?--results needs a file}"; shift ;;
     --python) python="${2:?--python needs an interpreter}"; shift ;;
-    -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "bench/gpu.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
 done
 
 # What the GPU machine's image lacks (it has torch, transformers, accelerate, numpy, pillow, psutil, httpx,
-# prometheus-client, h11): the server's web stack and diffusers, for its Python (3.12, x86-64 manylinux).
+# prometheus-client, h11): the server's web stack, diffusers and optimum-quanto (--quantize), for its Python (3.12,
+# x86-64 manylinux).
 WHEELS="diffusers fastapi fastapi-offline starlette uvicorn pydantic pydantic-core pydantic-settings python-dotenv
-annotated-types typing-inspection annotated-doc importlib-metadata"
+annotated-types typing-inspection annotated-doc importlib-metadata optimum-quanto ninja"
 if [ "$fetch" = 1 ]; then
   mkdir -p .whl
   for name in $WHEELS; do
@@ -51,7 +55,7 @@ if [ "$fetch" = 1 ]; then
   exit 0
 fi
 
-if ! "$python" -c "import diffusers, fastapi, fastapi_offline, uvicorn, pydantic_settings" 2>/dev/null; then
+if ! "$python" -c "import diffusers, fastapi, fastapi_offline, uvicorn, pydantic_settings, optimum.quanto" 2>/dev/null; then
   if ls .whl/*.whl >/dev/null 2>&1; then
     "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gpu-site \
       .whl/*.whl || exit 1
@@ -91,6 +95,14 @@ started=$(date +%s)
 run "${large}x${large}: serial, threads (ours), step, step --compile" \
   --size "$large" --arms serial,ours,step,step-compile
 run "${small}x${small}: threads (ours), step, step --compile" --size "$small" --arms ours,step,step-compile
+if [ "$smoke" = 0 ]; then  # not in the smoke run: five more model loads (tests/test_bench_small_memory.py runs it)
+  echo "== bench/gpu.sh: small memory: bf16, int8, fp8, encoders on the CPU, no T5" >&2
+  {
+    printf '\n## Run: small memory (bench/small_memory.py)\n\n'
+    "$python" bench/small_memory.py --model "$model" --device "$device" --dtype "$dtype" --size "$large" \
+      --steps "$steps" --images 4 --decode-size $((2 * large)) --configs full,int8,fp8,encoders-cpu,no-t5
+  } >>"$out" || status=1
+fi
 elapsed=$(( $(date +%s) - started ))
 
 device_name=$("$python" - "$device" <<'PY'

@@ -8,6 +8,7 @@ Rooms (arrows run downward only: the engine imports ``utils`` and diffusers, nev
   shared denoising loop);
 - ``tasks``: one room per task (text-to-image), what each runner asks of a task;
 - ``prompt_cache``, ``previews``, ``memory``: what the runners share;
+- ``memory_meter``, ``memory_admission``: memory measured on the device, and admission by it;
 - ``types``: what goes in and comes out (re-exported here).
 """
 
@@ -21,6 +22,7 @@ from .types import (
     GenerationResult,
     GenerationTimeout,
     Listener,
+    MemoryWait,
     NotReady,
     OutOfMemory,
     Overloaded,
@@ -30,6 +32,7 @@ from .types import (
     Runner,
     StepCallback,
     TooLarge,
+    TooLargeForMemory,
 )
 
 __all__ = [
@@ -41,6 +44,7 @@ __all__ = [
     "GenerationResult",
     "GenerationTimeout",
     "Listener",
+    "MemoryWait",
     "NotReady",
     "OutOfMemory",
     "Overloaded",
@@ -50,6 +54,7 @@ __all__ = [
     "Runner",
     "StepCallback",
     "TooLarge",
+    "TooLargeForMemory",
     "is_oom",
     "release_memory",
 ]

@@ -9,14 +9,14 @@ an immediate overload error, before any work is done.
 Cost as well as count: with a pixel budget (``max_pixels``), the requests running hold at most that many pixels
 (width x height x images, what their memory grows with). A request waits in the FIFO queue until a slot and its
 pixels are free, the head holding the ones behind it (a large request is never starved by small ones); one larger
-than the whole budget is refused at once (``TooLarge``).
+than the whole budget is refused at once (``TooLarge``). Measured memory, with ``memory``: ``engine.memory_gate``.
 
 A request that times out or whose client went away is stopped at its next denoising step (the step callback raises
 ``GenerationCancelled``); a queued one never runs. Its slot is released when the worker thread has really stopped.
 
 Execution sits behind one seam, the runner a slot thread calls: ``engine.threads.pipeline_runner`` or
-``engine.step.StepRunner``. Admission does not know which one it runs, nor they which task (``engine.tasks``).
-A request's LoRA adapters are loaded (``engine.adapters``) before it takes a slot.
+``engine.step.StepRunner``; admission knows neither, nor they which task (``engine.tasks``). A request's LoRA
+adapters are loaded (``engine.adapters``) before it takes a slot.
 
 Progress: ``submit(..., progress=callback)`` reports what happens to one request as events (``ProgressEvent``),
 always called on the event loop thread: ``queued`` (with the 1-based queue position, again whenever it moves),
@@ -48,7 +48,9 @@ import torch
 
 from .adapters import AdapterPool
 from .memory import is_oom, release_memory
-from .progress import Ticket, notify, tell_listeners
+from .memory_admission import MemoryAdmission
+from .memory_gate import MemoryGate
+from .progress import Ticket, counter_of, notify, tell_listeners
 from .types import (
     ClientGone,
     GenerationCancelled,
@@ -63,7 +65,6 @@ from .types import (
     Progress,
     ProgressEvent,
     Runner,
-    TooLarge,
 )
 
 logger = logging.getLogger(__name__)
@@ -71,19 +72,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["Engine"]
 
 
-def _counter_of(exc: Exception, gone: asyncio.Event) -> str:
-    """The ``Engine.stats`` counter a failed ``submit`` counts in."""
-    if isinstance(exc, ClientGone):
-        # A ``gone`` that says it is a cancel (a job's DELETE) is not a client that left.
-        return "cancelled" if getattr(gone, "cancelled", False) else "disconnected"
-    if isinstance(exc, (Overloaded, TooLarge, NotReady)):
-        return "rejected"  # refused without work, or stopped by the end of a drain
-    if isinstance(exc, GenerationTimeout):
-        return "timed_out"
-    return "out_of_memory" if isinstance(exc, OutOfMemory) else "failed"
-
-
-class Engine:
+class Engine(MemoryGate):
     """Runs ``runner(request, on_step)`` in worker threads under admission control.
 
     ``runner`` must call ``on_step(step_index, latents)`` after every denoising step; that call raises
@@ -103,6 +92,7 @@ class Engine:
         log_interval: float = 0,
         max_pixels: int = 0,
         adapters: AdapterPool | None = None,
+        memory: MemoryAdmission | None = None,
     ) -> None:
         if max_concurrency < 1 or max_queue < 0 or max_pixels < 0:
             raise ValueError("max_concurrency must be >= 1, max_queue and max_pixels >= 0")
@@ -123,10 +113,13 @@ class Engine:
         )
         self.max_pixels = max_pixels  # pixels running at once (0: no budget, slots alone)
         self.adapters = adapters  # an AdapterPool: a request's LoRA adapters are loaded before it takes a slot
+        self.memory = memory  # admission by measured memory (None: slots and pixels only)
         self._active = 0
         self._pixels = 0  # what the running requests hold of max_pixels
+        self._running: set[Ticket] = set()  # their tickets: the memory they hold, their steps
+        self._epoch = 0  # counts starts: a request that saw none but its own during its run ran alone
         self._waiters: deque[asyncio.Future[None]] = deque()
-        self._waiting_pixels: dict[asyncio.Future[None], int] = {}  # each waiter's cost, for the hand-over
+        self._waiting: dict[asyncio.Future[None], Ticket] = {}  # each waiter's ticket (its cost), for the hand-over
         self._positions: dict[asyncio.Future[None], Progress] = {}  # waiters that asked for progress
         # Held while idle-time memory is released. A generation passes through it before starting, and a release
         # only runs if no slot is taken once it holds it, so a release never overlaps (and stalls) a generation.
@@ -170,25 +163,29 @@ class Engine:
 
     # -- admission --------------------------------------------------------------------------------------
 
-    def _fits(self, pixels: int) -> bool:
-        return self._active < self.max_concurrency and (not self.max_pixels or self._pixels + pixels <= self.max_pixels)
+    def _fits(self, ticket: Ticket) -> bool:
+        over = self.max_pixels and self._pixels + ticket.request.pixels > self.max_pixels
+        if self._active >= self.max_concurrency or over:
+            return False
+        # Alone, a request runs: it fitted on arrival, and a budget shrunk since by other processes never grows back.
+        return self.memory is None or not self._running or self.memory_held + ticket.cost <= self.memory.budget
 
-    def _take(self, pixels: int) -> None:
+    def _take(self, ticket: Ticket) -> None:
         self._active += 1
-        self._pixels += pixels
+        self._pixels += ticket.request.pixels
+        self._running.add(ticket)
+        self._epoch += 1
 
     async def _acquire(self, ticket: Ticket, gone: asyncio.Event, deadline: float | None) -> None:
-        pixels = ticket.request.pixels
-        if self.max_pixels and pixels > self.max_pixels:
-            raise TooLarge(pixels, self.max_pixels)
-        if not self._waiters and self._fits(pixels):
-            self._take(pixels)
+        self._refuse_early(ticket)
+        if not self._waiters and self._fits(ticket):
+            self._take(ticket)
             return
         if len(self._waiters) >= self.max_queue:
             raise Overloaded
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
-        self._waiting_pixels[waiter] = pixels
+        self._waiting[waiter] = ticket
         if ticket.progress is not None:
             self._positions[waiter] = ticket.progress
             notify(ticket.progress, ProgressEvent("queued", position=len(self._waiters)))
@@ -196,7 +193,7 @@ class Engine:
             await self._race(waiter, gone, deadline)
         except BaseException:
             if waiter.done() and not waiter.cancelled():
-                self._release_slot(pixels)  # the slot was handed to us as we gave up: pass it on
+                self._release_slot(ticket)  # the slot was handed to us as we gave up: pass it on
             else:
                 waiter.cancel()
                 with contextlib.suppress(ValueError):
@@ -206,7 +203,7 @@ class Engine:
             raise
         finally:
             self._positions.pop(waiter, None)
-            self._waiting_pixels.pop(waiter, None)
+            self._waiting.pop(waiter, None)
 
     def _announce_positions(self) -> None:
         """Tell every waiter that asked for progress its new place in the queue (the queue moved)."""
@@ -221,16 +218,17 @@ class Engine:
             if progress is not None:
                 notify(progress, ProgressEvent("queued", position=position))
 
-    def _thread_done(self, pixels: int, future: asyncio.Future[Any]) -> None:
+    def _thread_done(self, ticket: Ticket, future: asyncio.Future[Any]) -> None:
         if not future.cancelled():
             # Retrieve it: after a timeout or a disconnect nobody awaits this future, and asyncio would log
             # "exception was never retrieved" for every abandoned request.
             future.exception()
-        self._release_slot(pixels)
+        self._release_slot(ticket)
 
-    def _release_slot(self, pixels: int) -> None:
+    def _release_slot(self, ticket: Ticket) -> None:
         self._active -= 1
-        self._pixels -= pixels
+        self._pixels -= ticket.request.pixels
+        self._running.discard(ticket)
         if self._start_waiting():
             self._announce_positions()
         if self._active == 0:
@@ -246,11 +244,11 @@ class Engine:
             if waiter.done():  # it gave up and is on its way out
                 self._waiters.popleft()
                 continue
-            pixels = self._waiting_pixels[waiter]
-            if not self._fits(pixels):
+            ticket = self._waiting[waiter]
+            if not self._fits(ticket):
                 break
             self._waiters.popleft()
-            self._take(pixels)
+            self._take(ticket)
             waiter.set_result(None)
             started = True
         return started
@@ -262,6 +260,8 @@ class Engine:
                 return
             try:
                 self.release()
+                if self.memory is not None:
+                    self.memory.refresh()  # idle: the free memory holds nothing of a request's
             except Exception:  # noqa: BLE001 - clean-up must never take the engine down
                 logger.exception("memory release failed")
 
@@ -313,7 +313,7 @@ class Engine:
             async with self._adapters_held(request, gone, deadline):
                 return await self._admit_and_run(ticket, gone, deadline)
         except Exception as exc:
-            self.stats[_counter_of(exc, gone)] += 1
+            self.stats[counter_of(exc, gone)] += 1
             raise
 
     def _adapters_held(self, request: GenerationRequest, gone: asyncio.Event, deadline: float | None) -> Any:
@@ -321,7 +321,7 @@ class Engine:
         ends (``AdapterPool.hold``, which refuses names it lacks); a full queue still refuses at once."""
         if not request.loras:
             return contextlib.nullcontext()
-        if len(self._waiters) >= self.max_queue and not self._fits(request.pixels):
+        if len(self._waiters) >= self.max_queue and not self._fits(Ticket(request)):
             raise Overloaded
         pool = self.adapters or AdapterPool.refuse(request.loras)
         return pool.hold(request.loras, lambda loading: self._race(loading, gone, deadline))
@@ -332,7 +332,7 @@ class Engine:
         admitted = time.monotonic()
         future = asyncio.wrap_future(self._executor.submit(self._run, ticket))
         # The slot is released when the thread is done, not when we stop waiting for it.
-        future.add_done_callback(functools.partial(self._thread_done, request.pixels))
+        future.add_done_callback(functools.partial(self._thread_done, ticket))
         try:
             images = await self._race(future, gone, deadline)
         except BaseException:
@@ -354,7 +354,7 @@ class Engine:
         ticket.started_at = time.monotonic()
         ticket.report(ProgressEvent("started"))
         try:
-            return self.runner(ticket.request, ticket.step_callback(self.previewer, self.log_interval))
+            return self._measured(ticket)
         except BaseException as exc:
             if not is_oom(exc):
                 raise

@@ -21,18 +21,24 @@ from typing import Any
 
 from .tasks import get_task
 from .types import (
+    ClientGone,
     GenerationCancelled,
     GenerationRequest,
     GenerationResult,
+    GenerationTimeout,
+    NotReady,
+    OutOfMemory,
+    Overloaded,
     Previewer,
     Progress,
     ProgressEvent,
     StepCallback,
+    TooLarge,
 )
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Ticket", "notify", "tell_listeners"]
+__all__ = ["Ticket", "counter_of", "notify", "tell_listeners"]
 
 
 def notify(progress: Progress, event: ProgressEvent) -> None:
@@ -62,7 +68,19 @@ def tell_listeners(submit: Submit) -> Submit:
     return submit_and_tell
 
 
-@dataclass
+def counter_of(exc: Exception, gone: asyncio.Event) -> str:
+    """The ``Engine.stats`` counter a failed ``submit`` counts in."""
+    if isinstance(exc, ClientGone):
+        # A ``gone`` that says it is a cancel (a job's DELETE) is not a client that left.
+        return "cancelled" if getattr(gone, "cancelled", False) else "disconnected"
+    if isinstance(exc, (Overloaded, TooLarge, NotReady)):
+        return "rejected"  # refused without work, or stopped by the end of a drain
+    if isinstance(exc, GenerationTimeout):
+        return "timed_out"
+    return "out_of_memory" if isinstance(exc, OutOfMemory) else "failed"
+
+
+@dataclass(eq=False)  # hashed by identity: the engine keeps its running tickets in a set
 class Ticket:
     """An admitted (or queued) request: what stops it, when it arrived, started and first stepped, who listens."""
 
@@ -73,6 +91,15 @@ class Ticket:
     started_at: float | None = None
     progress: Progress | None = None
     loop: asyncio.AbstractEventLoop | None = None
+    cost: int = 0  # its estimated peak memory (bytes) while it runs, held against the memory budget
+    steps_done: int = 0
+    total_steps: int = 0
+
+    def seconds_left(self, now: float) -> float | None:
+        """Its denoising time left, at the pace of its steps so far (None: it has not stepped yet)."""
+        if not self.steps_done or self.started_at is None:
+            return None
+        return (now - self.started_at) / self.steps_done * (self.total_steps - self.steps_done)
 
     def report(self, event: ProgressEvent) -> None:
         """From a worker thread: hand ``event`` to the progress callback on the event loop."""
@@ -90,6 +117,7 @@ class Ticket:
         def on_step(step: int, latents: Any = None) -> None:
             nonlocal logged_at
             now = time.monotonic()
+            self.steps_done, self.total_steps = step + 1, total
             if self.first_step_at is None:
                 self.first_step_at = now
             if self.cancel.is_set():

@@ -4,7 +4,11 @@ One entry per *text* (a prompt or a negative prompt), not per (prompt, negative 
 negative prompt with the same encoders and the same code as the prompt (``encode_prompt``), so the embedding of a
 text does not depend on which side of the guidance it stands on. Keyed per text, the empty negative prompt that
 most requests share is encoded once. The key also holds everything else that changes an embedding: the maximum
-T5 sequence length and the identity of the encoders (model, dtype, device).
+T5 sequence length and the identity of the encoders (model, dtype, device, whether T5 is loaded, how the encoders
+are quantized): what produced the embeddings.
+
+The text encoders may live on another device than the transformer (``--encoders-device``): texts are encoded there,
+cached there, and each request's embeddings move to the transformer's device (``request_embeddings``).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["PromptCache", "TextEmbedding", "encode_texts", "is_guided", "request_embeddings"]
+__all__ = ["PromptCache", "TextEmbedding", "encode_texts", "encoders_device", "is_guided", "request_embeddings"]
 
 
 @dataclass(frozen=True)
@@ -29,16 +33,26 @@ class TextEmbedding:
     pooled: torch.Tensor
 
 
+def encoders_device(pipe: Any) -> torch.device | None:
+    """The device the pipeline's text encoders are on (None: it has none)."""
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        module = getattr(pipe, name, None)
+        if module is not None:
+            return next(module.parameters()).device
+    return None
+
+
 def encode_texts(
     pipe: Any, texts: Sequence[str], device: Any = None, max_sequence_length: int = 256
 ) -> list[TextEmbedding]:
-    """Encode ``texts`` in one batch with the pipeline's own ``encode_prompt`` (so the math is diffusers')."""
+    """Encode ``texts`` in one batch with the pipeline's own ``encode_prompt`` (so the math is diffusers'), on the
+    encoders' device (``device`` is where the transformer is: the embeddings move there per request)."""
     with torch.no_grad():
         embeds, _, pooled, _ = pipe.encode_prompt(
             prompt=list(texts),
             prompt_2=None,
             prompt_3=None,
-            device=device,
+            device=encoders_device(pipe) or device,
             num_images_per_prompt=1,
             do_classifier_free_guidance=False,
             max_sequence_length=max_sequence_length,
@@ -53,13 +67,15 @@ def is_guided(request: Any) -> bool:
 
 
 def request_embeddings(
-    positive: TextEmbedding, negative: TextEmbedding | None, num_images: int
+    positive: TextEmbedding, negative: TextEmbedding | None, num_images: int, device: Any = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A request's transformer conditioning, laid out as the pipeline lays it out: ``num_images`` copies of the
-    negative half first (only when guiding), then ``num_images`` copies of the prompt."""
+    negative half first (only when guiding), then ``num_images`` copies of the prompt; on ``device`` when given."""
     halves = ([negative] if negative is not None else []) + [positive]
     embeds = torch.cat([h.embeds.expand(num_images, -1, -1) for h in halves])
     pooled = torch.cat([h.pooled.expand(num_images, -1) for h in halves])
+    if device is not None:
+        embeds, pooled = embeds.to(device), pooled.to(device)
     return embeds, pooled
 
 

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from utils.requestscopedpipeline import default_guidance_scale
+from utils.wrappers import TiledVAE
 
 from .adapters import AdapterPool
 from .calibrate import Calibration, PassInputs, calibrate
@@ -45,7 +46,7 @@ from .costs import CostModel
 from .loop import DenoiseLoop, Track
 from .prompt_cache import PromptCache, TextEmbedding, encode_texts, is_guided, request_embeddings
 from .tasks import Task, TaskPipelines, get_task, refuse_unavailable
-from .types import GenerationCancelled, GenerationRequest
+from .types import GenerationCancelled, GenerationRequest, Tiling, no_tiling
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +145,8 @@ class StepRunner:
         costs: the cost model (None: a new one, learning from every pass).
         calibrate: measure the loaded model at start-up (else the cost model learns from the first passes alone).
         transformer: what the loops call (None: the pipeline's transformer); a wrapper of it, for instance.
+        adapters: the LoRA pool (None: no adapters).
+        tiles: whether a request's image size is decoded in tiles (diffusers' tiled decode, per request).
     """
 
     def __init__(
@@ -158,8 +161,10 @@ class StepRunner:
         calibrate: bool = True,
         transformer: Any = None,
         adapters: AdapterPool | None = None,
+        tiles: Tiling = no_tiling,
     ) -> None:
         self.scoped = scoped
+        self.tiles = tiles  # tiles(width, height): a request's decode runs in tiles (--vae-tiling)
         self.adapters = adapters
         self.pipelines = TaskPipelines(scoped)  # each task's pipeline class, over the same weights
         self.device = torch.device(device) if device is not None else torch.device("cpu")
@@ -257,7 +262,7 @@ class StepRunner:
         latents = self._loop_for(track).run(track)
         # The loop promised this decode a core when it finished the track (Cores.promise): taken here, first.
         with self.cores.decoding(promised=True) if self.cores else self._decoders:
-            images = self._decode(task, track.view, latents)
+            images = self._decode(task, track.view, latents, self.tiles(request.width, request.height))
         return task.finish_images(request, images)  # as the threads runner's: what the task makes of the decode
 
     def _prepare(
@@ -290,10 +295,11 @@ class StepRunner:
         )
 
     @staticmethod
-    def _decode(task: Task, view: Any, latents: torch.Tensor) -> list[Any]:
+    def _decode(task: Task, view: Any, latents: torch.Tensor, tiled: bool = False) -> list[Any]:
         if latents is None:
             raise GenerationCancelled
         with torch.no_grad():
             latents = task.vae_input(view, latents)
-            image = view.vae.decode(latents, return_dict=False)[0]
+            vae = TiledVAE(view.vae) if tiled else view.vae  # per request: the shared VAE's flag is never set
+            image = vae.decode(latents, return_dict=False)[0]
             return list(view.image_processor.postprocess(image, output_type="pil"))

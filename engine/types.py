@@ -18,6 +18,7 @@ __all__ = [
     "GenerationResult",
     "GenerationTimeout",
     "Listener",
+    "MemoryWait",
     "NotReady",
     "OutOfMemory",
     "Overloaded",
@@ -26,7 +27,10 @@ __all__ = [
     "ProgressEvent",
     "Runner",
     "StepCallback",
+    "Tiling",
     "TooLarge",
+    "TooLargeForMemory",
+    "no_tiling",
 ]
 
 
@@ -53,6 +57,24 @@ class TooLarge(EngineError):
         super().__init__(f"{pixels} pixels, more than the budget of {budget}")
         self.pixels = pixels
         self.budget = budget
+
+
+class TooLargeForMemory(TooLarge):
+    """One request's measured memory cost is more than the budget of the requests running at once; ``message`` says
+    what would fit."""
+
+    def __init__(self, message: str, cost: int, budget: int) -> None:
+        EngineError.__init__(self, message)
+        self.message, self.pixels, self.budget = message, cost, budget
+
+
+class MemoryWait(Overloaded):
+    """The memory a request needs will not be free for longer than the server lets it wait; retry after
+    ``retry_after`` seconds."""
+
+    def __init__(self, wait: float, retry_after: int) -> None:
+        super().__init__(f"memory for this request frees in about {wait:.0f}s")
+        self.wait, self.retry_after = wait, retry_after
 
 
 class GenerationTimeout(EngineError):
@@ -144,3 +166,10 @@ StepCallback = Callable[..., None]
 Runner = Callable[[GenerationRequest, StepCallback], list[Any]]
 Previewer = Callable[[Any], list[Any]]
 Listener = Callable[[GenerationRequest, "GenerationResult | BaseException"], None]
+# tiles(width, height): whether an image of that size is decoded in tiles (--vae-tiling).
+Tiling = Callable[[int, int], bool]
+
+
+def no_tiling(width: int, height: int) -> bool:
+    """The default ``Tiling``: never."""
+    return False

@@ -16,6 +16,12 @@ Presets:
     16 up to 1024x1024 works. For unit tests, CI and CPU-only development of the
     server: a 20-step 128x128 generation takes well under a second on a laptop CPU.
 
+``random:small``
+    A mid-size stand-in for measuring memory and speed on a CPU: a 58M-parameter transformer (the SD3.5 block
+    design at 512 wide, 6 blocks; 233 MB in fp32), a 4M-parameter VAE whose tiles are 256x256 (so tiled decoding
+    matters from 512x512 up), and small text encoders. Default size 256x256. Big enough that its weights, not the
+    interpreter, dominate the process's memory (bench/small_memory.py measures quantization on it).
+
 ``random:sd3.5-medium``
     The exact shapes of stabilityai/stable-diffusion-3.5-medium: MMDiT-X with 2.24B
     parameters (2.47B weights counting its fixed position-embedding table, the
@@ -52,7 +58,7 @@ __all__ = [
 ]
 
 RANDOM_PREFIX = "random:"
-RANDOM_PRESETS: tuple[str, ...] = ("random:tiny", "random:sd3.5-medium")
+RANDOM_PRESETS: tuple[str, ...] = ("random:tiny", "random:small", "random:sd3.5-medium")
 
 # Per-preset component configs. Entries that depend on the tokenizers (vocab sizes and
 # special token ids) are filled in by the builder.
@@ -114,6 +120,54 @@ PRESET_CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
             "num_heads": 4,
             "num_layers": 2,
         },
+    },
+    "random:small": {
+        "transformer": {
+            # 32 latent pixels * VAE factor 8 -> 256x256 default image size.
+            "sample_size": 32,
+            "patch_size": 2,
+            "in_channels": 16,
+            "out_channels": 16,
+            "num_layers": 6,
+            "attention_head_dim": 64,
+            "num_attention_heads": 8,
+            "joint_attention_dim": 256,
+            "caption_projection_dim": 512,
+            "pooled_projection_dim": 128,
+            # 96 patches of 16 image pixels: up to 1536x1536.
+            "pos_embed_max_size": 96,
+            "dual_attention_layers": (0, 1),
+            "qk_norm": "rms_norm",
+        },
+        "vae": {
+            "in_channels": 3,
+            "out_channels": 3,
+            "down_block_types": ("DownEncoderBlock2D",) * 4,
+            "up_block_types": ("UpDecoderBlock2D",) * 4,
+            "block_out_channels": (32, 64, 128, 128),
+            "layers_per_block": 1,
+            "latent_channels": 16,
+            "norm_num_groups": 16,
+            # The tile diffusers' tiled decoding cuts: 256x256 pixels.
+            "sample_size": 256,
+        },
+        "clip_l": {
+            "hidden_size": 64,
+            "intermediate_size": 256,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "projection_dim": 64,
+            "hidden_act": "quick_gelu",
+        },
+        "clip_g": {
+            "hidden_size": 128,
+            "intermediate_size": 512,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "projection_dim": 64,
+            "hidden_act": "gelu",
+        },
+        "t5": {"d_model": 256, "d_ff": 1024, "d_kv": 32, "num_heads": 8, "num_layers": 4},
     },
     "random:sd3.5-medium": {
         # stabilityai/stable-diffusion-3.5-medium transformer/config.json

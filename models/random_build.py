@@ -25,6 +25,7 @@ __all__ = ["RANDOM_PRESETS", "build_random_pipeline", "is_random_preset", "param
 # Fixed order of components; the index selects the component's RNG stream so that each
 # component's weights depend only on (preset, seed), not on what was built before it.
 _COMPONENT_ORDER: tuple[str, ...] = ("transformer", "vae", "clip_l", "clip_g", "t5")
+_ENCODERS: tuple[str, ...] = ("clip_l", "clip_g", "t5")
 
 
 def _component_seed(seed: int, index: int) -> int:
@@ -92,37 +93,59 @@ def _factories(configs: dict[str, dict[str, Any]], tokenizers: tuple[Any, Any, A
     }
 
 
+def _build_modules(
+    factories: dict[str, Factory],
+    device: torch.device,
+    placed: dict[str, torch.device],
+    seed: int,
+    t5: bool,
+    dtype: torch.dtype,
+) -> dict[str, torch.nn.Module]:
+    """Each component (T5 only with ``t5``) built on its device (``placed``, else ``device``) from its own seed."""
+    modules: dict[str, torch.nn.Module] = {}
+    with _private_rng(device):
+        for index, component in enumerate(_COMPONENT_ORDER):
+            if component == "t5" and not t5:
+                continue
+            where = placed.get(component, device)
+            _seed(where, _component_seed(seed, index))
+            # Allocating and initialising on the target device avoids a slow CPU init
+            # and a host-to-device copy of the multi-GB presets.
+            with torch.device(where):
+                module = factories[component]()
+            modules[component] = _finish(module, dtype)
+
+    return modules
+
+
 def build_random_pipeline(
     name: str,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
+    t5: bool = True,
+    encoders_device: str | torch.device | None = None,
 ) -> StableDiffusion3Pipeline:
     """Build the ``random:`` preset ``name`` with seeded random weights.
 
     Modules are constructed directly on ``device`` (``"meta"`` allocates nothing) and
     then cast to ``dtype``. The same preset, seed and device type always give the same
-    weights; the caller's global RNG state is preserved.
+    weights; the caller's global RNG state is preserved. ``t5=False`` leaves the T5 encoder and its tokenizer out
+    (``text_encoder_3=None, tokenizer_3=None``, as diffusers documents for SD3); the other components keep their
+    weights (each has its own RNG stream). ``encoders_device``: the text encoders are built there instead.
     """
     # Imported here so that importing this module (for is_random_preset) stays cheap.
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
     check_preset(name)
     device = torch.device(device)
+    placed = {name: torch.device(encoders_device) for name in _ENCODERS} if encoders_device else {}
     tokenizer = build_clip_tokenizer(pad_token="<|endoftext|>")
     # SD3 ships CLIP-G's tokenizer padding with "!" (id 0), as OpenCLIP does.
     tokenizer_2 = build_clip_tokenizer(pad_token="!")
     tokenizer_3 = build_t5_tokenizer()
     factories = _factories(PRESET_CONFIGS[name], (tokenizer, tokenizer_2, tokenizer_3))
-    modules: dict[str, torch.nn.Module] = {}
-    with _private_rng(device):
-        for index, component in enumerate(_COMPONENT_ORDER):
-            _seed(device, _component_seed(seed, index))
-            # Allocating and initialising on the target device avoids a slow CPU init
-            # and a host-to-device copy of the multi-GB presets.
-            with torch.device(device):
-                module = factories[component]()
-            modules[component] = _finish(module, dtype)
+    modules = _build_modules(factories, device, placed, seed, t5, dtype)
 
     pipe = StableDiffusion3Pipeline(
         transformer=modules["transformer"],
@@ -132,8 +155,8 @@ def build_random_pipeline(
         tokenizer=tokenizer,
         text_encoder_2=modules["clip_g"],
         tokenizer_2=tokenizer_2,
-        text_encoder_3=modules["t5"],
-        tokenizer_3=tokenizer_3,
+        text_encoder_3=modules.get("t5"),
+        tokenizer_3=tokenizer_3 if t5 else None,
     )
     logger.log(
         logging.DEBUG if device.type == "meta" else logging.INFO,  # a meta build only counts (count_parameters)

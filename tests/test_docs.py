@@ -92,7 +92,7 @@ def test_a_new_option_makes_the_reference_out_of_date_until_it_is_regenerated() 
     from pydantic import Field
 
     class Grown(Settings):
-        no_t5: bool = Field(False, description="load the model without its T5 text encoder")
+        no_clip_g: bool = Field(False, description="load the model without CLIP-G")
 
     generator = options_generator()
     current = OPTIONS_PAGE.read_text()
@@ -100,7 +100,7 @@ def test_a_new_option_makes_the_reference_out_of_date_until_it_is_regenerated() 
         regenerated = generator.render(current)
     assert regenerated != current
     other = section(regenerated, "Other options")
-    assert "| `--no-t5`<br>`SERVER_NO_T5` | switch | off | load the model without its T5 text encoder |" in other
+    assert "| `--no-clip-g`<br>`SERVER_NO_CLIP_G` | switch | off | load the model without CLIP-G |" in other
 
 
 def _parser_actions() -> dict[str, argparse.Action]:

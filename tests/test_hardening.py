@@ -46,7 +46,8 @@ LEAK_SIGNS = ("Traceback", 'File "', ".py", "/etc", "/work", "/tmp", "Error:")
 
 class FaultyTransformer:
     """A private copy of the tiny transformer whose forward calls (one per denoising step) can be observed and
-    held, slowed down or made to fail."""
+    held, slowed down or made to fail. Armed once the server is ready: the start-up measurement's pass (memory
+    admission) and the step engine's calibration are not a request's steps."""
 
     def __init__(self, pipeline: Any) -> None:
         self.module = copy.deepcopy(pipeline.transformer)  # the session pipeline is never touched
@@ -59,8 +60,11 @@ class FaultyTransformer:
         self.started = threading.Event()
         self._lock = threading.Lock()  # protects widths and errors: every generation thread touches them
         self.widths: list[int] = []
+        self.armed = False
 
     def _before_forward(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if not self.armed:
+            return
         latents = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         with self._lock:
             self.widths.append(int(latents.shape[-1]))
@@ -93,6 +97,7 @@ def faulty(make_server: Callable[..., Any], tiny_pipeline: Any) -> Iterator[Call
         pipe = StableDiffusion3Pipeline(**{**tiny_pipeline.components, "transformer": fault.module})
         made.append(fault)
         live = make_server(loader=lambda s: SimpleNamespace(pipeline=pipe, device=torch.device("cpu")), **settings)
+        fault.armed = True
         return live, fault
 
     yield make

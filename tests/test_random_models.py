@@ -63,7 +63,7 @@ def _n_params(module: torch.nn.Module) -> int:
 
 
 def test_preset_names() -> None:
-    assert RANDOM_PRESETS == ("random:tiny", "random:sd3.5-medium")
+    assert RANDOM_PRESETS == ("random:tiny", "random:small", "random:sd3.5-medium")
     assert all(is_random_preset(name) for name in RANDOM_PRESETS)
     assert is_random_preset("random:whatever")
     assert not is_random_preset("stabilityai/stable-diffusion-3.5-medium")

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from .scheduler import BaseAsyncScheduler
-from .wrappers import ThreadSafeImageProcessorWrapper, ThreadSafeTokenizerWrapper, ThreadSafeVAEWrapper
+from .wrappers import ThreadSafeImageProcessorWrapper, ThreadSafeTokenizerWrapper, ThreadSafeVAEWrapper, TiledVAE
 
 logger = logging.getLogger(__name__)
 
@@ -148,8 +148,11 @@ class RequestScopedPipeline:
         # in the view's config; the view must keep the base's config as it is.
         object.__setattr__(view, name, value)
 
-    def make_view(self, num_inference_steps: int | None = None, device: str | torch.device | None = None) -> Any:
-        """Build the per-request view: a shallow copy with its own scheduler, mutables and locked tokenizers."""
+    def make_view(
+        self, num_inference_steps: int | None = None, device: str | torch.device | None = None, vae_tiling: bool = False
+    ) -> Any:
+        """Build the per-request view: a shallow copy with its own scheduler, mutables and locked tokenizers;
+        ``vae_tiling``: its VAE decodes in tiles (``TiledVAE``; the shared VAE is not touched)."""
         view = copy.copy(self._base)
 
         if self._scheduler is not None:
@@ -170,13 +173,20 @@ class RequestScopedPipeline:
         if self.image_processor_lock is not None and getattr(self._base, "image_processor", None) is not None:
             wrapped = ThreadSafeImageProcessorWrapper(self._base.image_processor, self.image_processor_lock)
             self._set(view, "image_processor", wrapped)
+        if vae_tiling and getattr(view, "vae", None) is not None:
+            self._set(view, "vae", TiledVAE(view.vae))
         return view
 
     def generate(
-        self, *args: Any, num_inference_steps: int = 50, device: str | torch.device | None = None, **kwargs: Any
+        self,
+        *args: Any,
+        num_inference_steps: int = 50,
+        device: str | torch.device | None = None,
+        vae_tiling: bool = False,
+        **kwargs: Any,
     ) -> Any:
         """Run the pipeline for one request on its own view and return the pipeline's output."""
-        view = self.make_view(num_inference_steps, device=device)
+        view = self.make_view(num_inference_steps, device=device, vae_tiling=vae_tiling)
         offload = getattr(view, "model_cpu_offload_context", None)
         context = offload() if callable(offload) else contextlib.nullcontext()
         with context:

@@ -17,6 +17,7 @@ __all__ = [
     "ThreadSafeImageProcessorWrapper",
     "ThreadSafeTokenizerWrapper",
     "ThreadSafeVAEWrapper",
+    "TiledVAE",
 ]
 
 Lock = Any  # threading.Lock / RLock / anything with the context-manager protocol
@@ -92,3 +93,35 @@ class ThreadSafeImageProcessorWrapper(LockedProxy):
     """An image processor whose pre/post-processing calls are serialised."""
 
     locked_methods = frozenset({"preprocess", "postprocess", "resize", "normalize", "denormalize"})
+
+
+class TiledVAE:
+    """A VAE whose ``decode`` is diffusers' tiled decode, for one request's view; everything else is the shared VAE.
+
+    Why not ``vae.enable_tiling()``: it sets ``use_tiling`` on the shared module, so every request running at once
+    would tile (or stop tiling) with it. This proxy decides per view and leaves the module alone. Its decode is
+    exactly what ``AutoencoderKL.decode`` does with tiling on (``_decode``: ``tiled_decode`` once the latents are
+    larger than a tile, the plain decoder below that; slicing aside, which the server never turns on).
+    """
+
+    def __init__(self, vae: Any) -> None:
+        object.__setattr__(self, "wrapped", vae)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "wrapped":
+            raise AttributeError(name)
+        return getattr(self.wrapped, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self.wrapped, name, value)
+
+    def decode(self, z: Any, return_dict: bool = True, generator: Any = None) -> Any:
+        vae = self.wrapped
+        inner = getattr(vae, "wrapped", vae)  # the module under a lock wrapper, for its tile size
+        tile = inner.tile_latent_min_size
+        if z.shape[-1] > tile or z.shape[-2] > tile:
+            return vae.tiled_decode(z, return_dict=return_dict)
+        return vae.decode(z, return_dict=return_dict)
+
+    def __repr__(self) -> str:
+        return f"TiledVAE({self.wrapped!r})"

@@ -69,6 +69,8 @@ async def status(request: Request) -> dict[str, Any]:
         "requests": dict(engine.stats) if engine else {},
         "images_stored": len(state.store),
         "adapters": _adapter_info(engine),
+        "model_load": _load_info(settings, loaded),
+        "memory_admission": _memory_admission(engine),
     }
 
 
@@ -90,6 +92,26 @@ def _engine_info(engine: Any, settings: Any, cache: Any) -> dict[str, Any]:
     if runner_stats is not None:
         info.update(max_batch_size=settings.max_batch_size, batching=runner_stats)
     info["prompt_cache"] = cache.stats() if cache is not None else None
+    return info
+
+
+def _memory_admission(engine: Any) -> dict[str, Any] | None:
+    """The measured-memory estimate and budget, and what the running requests hold (None: not admitting by it)."""
+    memory = getattr(engine, "memory", None)
+    if memory is None:
+        return None
+    return {**memory.status(), "held_bytes": engine.memory_held}
+
+
+def _load_info(settings: Any, loaded: Any) -> dict[str, Any]:
+    """How the model was loaded: quantized components, T5 on or off, the text encoders' device, tiled decoding."""
+    pipeline = getattr(loaded, "pipeline", None)
+    info: dict[str, Any] = settings.load_options.describe()
+    if pipeline is not None:  # what the loaded pipeline holds, whatever the loader
+        info["t5"] = getattr(pipeline, "text_encoder_3", None) is not None
+        encoder = getattr(pipeline, "text_encoder", None)
+        info["encoders_device"] = str(next(encoder.parameters()).device) if encoder is not None else None
+    info.update(vae_tiling=settings.vae_tiling, vae_tiling_above=settings.vae_tiling_above)
     return info
 
 
