@@ -211,6 +211,10 @@ def measure_costs(admission: MemoryAdmission, pipeline: Any, device: Any) -> Non
         passed = meter.measure(lambda: transformer(latents, embeds, pooled, timestep, return_dict=False))
         vae_latents = latents[:1].to(vae.dtype)
         decoded = meter.measure(lambda: vae.decode(vae_latents, return_dict=False))
+    # A CPU's process figures may not move at all when the allocator reuses memory an earlier piece of work freed:
+    # what the work must hold (a pass's output, as large as its input; the decoded image) is the least it costs.
+    passed = max(passed, latents.numel() * latents.element_size())
+    decoded = max(decoded, 3 * pixels * vae_latents.element_size())
     admission.pass_per_pixel = passed / (2 * pixels)
     admission.decode_per_pixel = decoded / pixels
     admission.measured_at = (side * scale, side * scale)

@@ -188,7 +188,8 @@ def test_the_server_measures_at_start_up_and_refuses_what_can_never_fit(make_ser
     live = make_server(memory_budget=64 * MB, memory_reserve=0, default_steps=2)
     status = httpx.get(live.url + "/api/status").json()["memory_admission"]
     assert status["budget_bytes"] == 64 * MB and status["measured_at"] == "32x32"
-    assert status["pass_bytes_per_pixel"] > 0 and status["decode_bytes_per_pixel"] > 0
+    # Never less than what the work must hold (a process's RSS may not move when freed memory is reused).
+    assert status["pass_bytes_per_pixel"] > 0 and status["decode_bytes_per_pixel"] >= 12
     costs = status["image_cost_bytes"]  # the default size and the largest side served
     assert set(costs) == {"64x64", "1024x1024"} and 0 < costs["64x64"] < costs["1024x1024"]
     live.engine.memory.pass_per_pixel = 100.0  # deterministic from here: 64 MiB holds 2 x 128 x 400x400 pixels

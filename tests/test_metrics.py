@@ -113,6 +113,7 @@ def test_gauges_read_the_engine_and_an_overload_is_counted(make_server: Callable
     server = make_server(
         loader=lambda s: SimpleNamespace(pipeline=pipe, device=torch.device("cpu")), max_concurrency=1, max_queue=1
     )
+    fault.armed = True  # the start-up memory measurement's pass is not a request's step
     body = {"prompt": PROMPT, "num_inference_steps": 1, "width": 32, "height": 32}
     before, _ = scrape(server.url)
     fault.gate.clear()
