@@ -19,6 +19,7 @@ __all__ = [
     "GenerationTimeout",
     "Listener",
     "MemoryWait",
+    "ModelUnavailable",
     "NotReady",
     "OutOfMemory",
     "Overloaded",
@@ -75,6 +76,15 @@ class MemoryWait(Overloaded):
     def __init__(self, wait: float, retry_after: int) -> None:
         super().__init__(f"memory for this request frees in about {wait:.0f}s")
         self.wait, self.retry_after = wait, retry_after
+
+
+class ModelUnavailable(EngineError):
+    """The request's model cannot be made resident: ``reason`` "too_large" (it cannot fit the memory budget even
+    alone) or "load_failed" (its load failed; the cause is in the server's log)."""
+
+    def __init__(self, model: str, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.model, self.reason, self.message = model, reason, message
 
 
 class GenerationTimeout(EngineError):
