@@ -114,7 +114,8 @@ def to_generation(
         width=width,
         request_id=request_id(request),
         loras=loras_of(request, body),
-        model=model.name,
+        # Several models: the one that runs it (the engine's key, and the answer says it); one model: "" as before.
+        model=model.name if request.app.state.models.several else "",
     )
 
 

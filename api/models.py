@@ -47,9 +47,11 @@ class ServerModels:
         default: str,
         strict: bool = False,
         configured: Callable[[str], list[str]] | None = None,
+        several: bool = False,
     ) -> None:
         self.names = names
         self.default = default
+        self.several = several  # a server of several models (a registry), not of one
         self.strict = strict
         self.views: dict[str, ModelView] = {}
         # Loads a model never seen (several models: ``attach``); None: the one model is known once loaded.
@@ -62,10 +64,6 @@ class ServerModels:
         if view is not None:
             return view.adapter_names()
         return self._configured(name) if self._configured is not None else []
-
-    @property
-    def several(self) -> bool:
-        return self._view_of is not None
 
     def owner_of(self, adapter: str) -> str | None:
         """The model whose LoRA pool has ``adapter`` (the default's first), among the models seen so far."""
@@ -169,6 +167,6 @@ def server_models(settings: Any) -> ServerModels:
     if settings.several_models:
         specs = settings.model_specs
         default = next(spec.name for spec in specs if spec.default)
-        return ServerModels([spec.name for spec in specs], default, settings.strict_model_names, configured)
+        return ServerModels([spec.name for spec in specs], default, settings.strict_model_names, configured, True)
     name = settings.model_name
     return ServerModels([name], name, settings.strict_model_names)

@@ -61,6 +61,7 @@ async def native_answer(
         "output_compression": encoding.compression,
         "loras": [{"name": name, "scale": scale} for name, scale in generation.loras],
         "mask_blur": generation.mask_blur if generation.mask_image is not None else None,
+        "model": generation.model or None,  # several models: which one served
     }
     payload = InferenceResponse(
         response=[build_image_url(base, name) for name in names],
@@ -68,7 +69,8 @@ async def native_answer(
         parameters=ResolvedParameters.model_validate(resolved),
         request_id=generation.request_id,
     )
-    return payload.model_dump()
+    # A server of one model answers as it always did, without the model's name.
+    return payload.model_dump(exclude=None if generation.model else {"parameters": {"model"}})
 
 
 @router.get(

@@ -79,6 +79,8 @@ async def openai_answer(
         "output_format": encoding.format,
         "size": f"{generation.width}x{generation.height}",
     }
+    if generation.model:  # several models: which one served
+        answer["model"] = generation.model
     if generation.loras:
         answer["loras"] = [{"name": name, "scale": scale} for name, scale in generation.loras]
     return JSONResponse(answer, headers=timing_headers(result))
