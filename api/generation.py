@@ -72,8 +72,7 @@ def to_generation(
     """
     from engine import GenerationRequest
 
-    settings = request.app.state.settings
-    model = model_of(request)
+    settings, model = request.app.state.settings, model_of(request)
     geometry = model.geometry
     limits = limit_messages(settings, geometry)
     prompt, negative_prompt, steps = body.prompt, body.negative_prompt, body.num_inference_steps
@@ -99,8 +98,7 @@ def to_generation(
         message = _size_problem(value, max_side(settings, geometry), geometry.size_multiple, limits[field])
         if message:
             raise bad(field, message)
-    problem = _over_budget(request.app.state.engine, model, n, width, height, body.guidance_scale)
-    if problem:
+    if problem := _over_budget(request.app.state.engine, model, n, width, height, body.guidance_scale):
         raise bad("n", problem)
     return GenerationRequest(
         prompt=prompt,
@@ -114,8 +112,7 @@ def to_generation(
         width=width,
         request_id=request_id(request),
         loras=loras_of(request, body),
-        # Several models: the one that runs it (the engine's key, and the answer says it); one model: "" as before.
-        model=model.name if request.app.state.models.several else "",
+        model=model.name if request.app.state.models.several else "",  # one model: "" (answers as before)
     )
 
 

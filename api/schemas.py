@@ -111,7 +111,11 @@ class InferenceRequest(OutputOptions):
 
 
 class ResolvedParameters(BaseModel):
-    model: str | None = Field(None, description="the model that served the request")
+    """The parameters a generation ran with; a server of several models adds ``model``, the one that served it (a
+    server of one model answers as it always did)."""
+
+    model_config = ConfigDict(extra="allow")
+
     prompt: str
     negative_prompt: str | None
     num_inference_steps: int

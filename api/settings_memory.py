@@ -50,7 +50,7 @@ class MemorySettings(BaseSettings):
     memory_budget: str = Field(
         "0",
         description="one server's memory budget: bytes (1073741824), a size (6GB, 500MB, 1.5GiB) or a fraction of the "
-        "device (0.8, 80%). One model: what the running requests may take (0: the free memory measured after the "
+        "device (0.8). One model: what the running requests may take (0: the free memory measured after the "
         "load). Several models: their weights and the running requests together; models are unloaded to stay in it "
         "(0: the device's memory less --memory-reserve)",
     )

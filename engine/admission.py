@@ -51,11 +51,11 @@ from typing import Any
 import torch
 
 from .adapters import AdapterPool
-from .fair_queue import FairQueue
+from .fair_queue import FairQueue, FairShare
 from .memory import is_oom, release_memory
 from .memory_admission import MemoryAdmission
 from .memory_gate import MemoryGate
-from .progress import Ticket, counter_of, notify, tell_listeners
+from .progress import Ticket, counter_of, tell_listeners
 from .served import Holds, ModelSource, Served
 from .types import (
     ClientGone,
@@ -66,7 +66,6 @@ from .types import (
     Listener,
     NotReady,
     OutOfMemory,
-    Overloaded,
     Previewer,
     Progress,
     ProgressEvent,
@@ -78,7 +77,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["Engine"]
 
 
-class Engine(Holds, MemoryGate):
+class Engine(FairShare, Holds, MemoryGate):
     """Runs ``runner(request, on_step)`` in worker threads under admission control.
 
     ``runner`` must call ``on_step(step_index, latents)`` after every denoising step; that call raises
@@ -219,26 +218,6 @@ class Engine(Holds, MemoryGate):
             self._positions.pop(waiter, None)
             self._told.pop(waiter, None)
             self._waiting.pop(waiter, None)
-
-    def _shed_for(self, model: str) -> None:
-        """The queue is full: make room for a request of ``model`` by shedding the newest waiter of a model that holds
-        more of the queue (it is answered ``Overloaded``), or raise ``Overloaded`` (engine.fair_queue)."""
-        shed = self._waiters.displaced_by(model)
-        if shed is None:
-            raise Overloaded
-        self._waiters.remove(shed)
-        shed.set_exception(Overloaded())
-
-    def _announce_positions(self) -> None:
-        """Tell every waiter that asked for progress its place in the queue (the queue moved): 1 = the next to start,
-        in the order the fair queue would start them."""
-        if not self._positions:
-            return
-        for position, waiter in enumerate(self._waiters.order(self._running_by_model), start=1):
-            progress = self._positions.get(waiter)
-            if progress is not None and self._told.get(waiter) != position:
-                self._told[waiter] = position
-                notify(progress, ProgressEvent("queued", position=position))
 
     def _thread_done(self, ticket: Ticket, future: asyncio.Future[Any]) -> None:
         if not future.cancelled():

@@ -25,7 +25,10 @@ import itertools
 from collections import Counter, deque
 from collections.abc import Iterator, Mapping
 
-__all__ = ["FairQueue"]
+from .progress import notify
+from .types import Overloaded, Progress, ProgressEvent
+
+__all__ = ["FairQueue", "FairShare"]
 
 Waiter = asyncio.Future[None]
 Key = tuple[int, int, int]  # (running, last start, arrival): the smallest is served first
@@ -126,3 +129,32 @@ class FairQueue:
         if longest == model or len(self._queues[longest]) <= mine:
             return None
         return self._queues[longest][-1]
+
+
+class FairShare:
+    """The engine's side of the fair queue (a mixin of ``Engine``): shedding for a newcomer, telling positions."""
+
+    _waiters: FairQueue
+    _running_by_model: Counter[str]
+    _positions: dict[Waiter, Progress]
+    _told: dict[Waiter, int]
+
+    def _shed_for(self, model: str) -> None:
+        """The queue is full: make room for a request of ``model`` by shedding the newest waiter of a model that holds
+        more of the queue (it is answered ``Overloaded``), or raise ``Overloaded`` (engine.fair_queue)."""
+        shed = self._waiters.displaced_by(model)
+        if shed is None:
+            raise Overloaded
+        self._waiters.remove(shed)
+        shed.set_exception(Overloaded())
+
+    def _announce_positions(self) -> None:
+        """Tell every waiter that asked for progress its place in the queue (the queue moved): 1 = the next to start,
+        in the order the fair queue would start them."""
+        if not self._positions:
+            return
+        for position, waiter in enumerate(self._waiters.order(self._running_by_model), start=1):
+            progress = self._positions.get(waiter)
+            if progress is not None and self._told.get(waiter) != position:
+                self._told[waiter] = position
+                notify(progress, ProgressEvent("queued", position=position))

@@ -61,16 +61,17 @@ async def native_answer(
         "output_compression": encoding.compression,
         "loras": [{"name": name, "scale": scale} for name, scale in generation.loras],
         "mask_blur": generation.mask_blur if generation.mask_image is not None else None,
-        "model": generation.model or None,  # several models: which one served
     }
+    resolved = {name: value for name, value in resolved.items() if name in ResolvedParameters.model_fields}
+    if generation.model:  # several models: which one served (a server of one model answers as it always did)
+        resolved["model"] = generation.model
     payload = InferenceResponse(
         response=[build_image_url(base, name) for name in names],
         seed=result.seed,
         parameters=ResolvedParameters.model_validate(resolved),
         request_id=generation.request_id,
     )
-    # A server of one model answers as it always did, without the model's name.
-    return payload.model_dump(exclude=None if generation.model else {"parameters": {"model"}})
+    return payload.model_dump()
 
 
 @router.get(
