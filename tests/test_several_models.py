@@ -10,6 +10,8 @@ The models are tests/model_dirs.py's family: ``large`` and ``medium`` share thei
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ import openai
 import pytest
 import torch
 from conftest import LiveServer, wait_ready
-from http_helpers import NATIVE, fetch_png, open_png
+from http_helpers import NATIVE, assert_envelope, fetch_png, open_png
 from model_dirs import FAMILY, save_family
 
 from api.loading import usable_cores
@@ -49,7 +51,12 @@ def _serve(tmp_path: Path, models: list[str], **options: Any) -> LiveServer:
 
 @pytest.fixture(scope="module")
 def several(family: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Any:
-    live = _serve(tmp_path_factory.mktemp("several"), [f"{name}={family[name]}" for name in FAMILY])
+    """The three models; ``medium`` has a LoRA adapter, ``sparkle`` (made for random:tiny, the family's preset)."""
+    from lora_helpers import make_adapter
+
+    adapter = make_adapter(tmp_path_factory.mktemp("adapter"), seed=5)
+    models = [f"{name}={family[name]}" for name in FAMILY]
+    live = _serve(tmp_path_factory.mktemp("several"), models, lora=[f"medium:sparkle={adapter}"])
     yield live
     live.stop()
 
@@ -124,7 +131,9 @@ def test_concurrent_requests_for_different_models_all_succeed(several: LiveServe
 
 def test_routing_by_name_listing_and_the_openai_client(several: LiveServer) -> None:
     client = openai.OpenAI(base_url=f"{several.url}/v1", api_key="unused")
-    assert [m.id for m in client.models.list().data] == list(FAMILY)
+    listed = client.models.list().data
+    assert [m.id for m in listed] == ["large", "medium", "sparkle", "other"]
+    assert listed[2].model_extra["parent"] == "medium", "an adapter is listed under its model"
     answer = client.images.generate(model="other", prompt="a fox", size="64x64", extra_body={"num_inference_steps": 1})
     assert answer.model_extra["model"] == "other"
     unknown = client.images.generate(model="dall-e-3", prompt="a fox", size="64x64", extra_body={"seed": 3})
@@ -171,3 +180,54 @@ def test_a_budget_of_two_evicts_the_least_recently_used_and_brings_it_back(
         assert np.array_equal(first, again), "the model brought back gave another image"
     finally:
         live.stop()
+
+
+def test_an_adapter_of_one_model_asked_on_another_is_refused_naming_both(several: LiveServer) -> None:
+    loras = [{"name": "sparkle", "scale": 1.0}]
+    refused = httpx.post(f"{several.url}{NATIVE}", json={**BODY, "model": "large", "loras": loras}, timeout=60)
+    error = assert_envelope(refused, 400, "loras[0].name")
+    assert error["code"] == "adapter_of_another_model", error
+    assert "'medium'" in error["message"] and "'large'" in error["message"], "the 400 does not name both models"
+    plain, _ = _served(several, model="medium")
+    with_adapter, payload = _served(several, model="medium", loras=loras)
+    assert payload["parameters"]["model"] == "medium" and not np.array_equal(plain, with_adapter)
+
+
+def _a1111(live: LiveServer, **body: Any) -> tuple[np.ndarray, dict[str, Any]]:
+    call = {"prompt": BODY["prompt"], "steps": BODY["num_inference_steps"], "seed": BODY["seed"], "width": 64}
+    answer = httpx.post(f"{live.url}/sdapi/v1/txt2img", json={**call, "height": 64, **body}, timeout=120)
+    assert answer.status_code == 200, answer.text
+    payload = answer.json()
+    image = np.asarray(open_png(base64.b64decode(payload["images"][0])))
+    return image, json.loads(payload["info"])
+
+
+def test_a1111_checkpoints_list_every_model_and_select_the_one_that_runs(several: LiveServer) -> None:
+    """``sd_model_checkpoint`` picks the model: per request in ``override_settings``, for the A1111 API through
+    ``POST /sdapi/v1/options`` (as A1111 switches its checkpoint); the other APIs keep the server's default."""
+    url = f"{several.url}/sdapi/v1"
+    assert [m["title"] for m in httpx.get(f"{url}/sd-models").json()] == list(FAMILY)
+    assert httpx.get(f"{url}/options").json()["sd_model_checkpoint"] == "large"
+    medium, _ = _served(several, model="medium")
+    large, _ = _served(several)
+    image, info = _a1111(several, override_settings={"sd_model_checkpoint": "medium"})
+    assert np.array_equal(image, medium) and info["sd_model_name"] == "medium"
+    assert np.array_equal(_a1111(several)[0], large), "an override changed the API's checkpoint"
+    assert httpx.get(f"{url}/loras").json() == []  # large's adapters: none
+    tagged = {"prompt": BODY["prompt"] + " <lora:sparkle:0.5>"}
+    refused = httpx.post(f"{url}/txt2img", json={**tagged, "steps": 1, "width": 64, "height": 64}, timeout=60)
+    assert refused.status_code == 400 and "belongs to model 'medium'" in refused.json()["error"]["message"]
+    try:
+        options = httpx.get(f"{url}/options").json()
+        answer = httpx.post(f"{url}/options", json={**options, "sd_model_checkpoint": "medium"})
+        assert answer.status_code == 200 and answer.json()["sd_model_checkpoint"] == "medium"
+        assert httpx.get(f"{url}/options").json()["sd_model_checkpoint"] == "medium"
+        image, info = _a1111(several)
+        assert np.array_equal(image, medium) and info["sd_model_name"] == "medium"
+        assert [lora["name"] for lora in httpx.get(f"{url}/loras").json()] == ["sparkle"]
+        assert _a1111(several, **tagged)[1]["sd_model_name"] == "medium"
+        assert _served(several)[1]["parameters"]["model"] == "large", "the native API's default changed"
+        unknown = httpx.post(f"{url}/options", json={"sd_model_checkpoint": "nope"})
+        assert unknown.status_code == 400 and "'other'" in unknown.json()["error"]["message"]
+    finally:
+        httpx.post(f"{url}/options", json={"sd_model_checkpoint": "large"})
