@@ -73,6 +73,7 @@ def create_app(settings: Settings | None = None, loader: Callable[[Settings], An
     app.state.jobs = make_job_store(settings, _finisher_for(store), lambda: app.state.engine, failure_of)
     app.state.models = server_models(settings)  # the configured models' names; each one's view once it loads
     app.state.modelset = None  # several models: the registry's ModelSet (api.several)
+    app.state.bundles = {}  # several models: each resident model's runner, caches (api.several.Bundle), by name
     app.state.engine = None
     app.state.loaded = None
     app.state.prompt_cache = None

@@ -106,8 +106,15 @@ def _budgets(settings: Settings, device: Any) -> tuple[int, int]:
     return budget, cpu_budget
 
 
-def make_model_set(settings: Settings, loader: Callable[[Settings], Any] | None, device: Any, kind: str) -> Any:
-    """The ``ModelSet`` of the settings' models, building each one's ``Bundle`` on its loader thread."""
+def make_model_set(
+    settings: Settings,
+    loader: Callable[[Settings], Any] | None,
+    device: Any,
+    kind: str,
+    live: dict[str, Bundle] | None = None,
+) -> Any:
+    """The ``ModelSet`` of the settings' models, building each one's ``Bundle`` on its loader thread; ``live`` is
+    kept to the bundles built and not closed yet, by model (``api.metrics`` reads their runners and caches)."""
     from api.loading import _start, build_served, model_view
     from Pipelines import resolve_dtype
     from registry.models import ModelSet
@@ -115,6 +122,7 @@ def make_model_set(settings: Settings, loader: Callable[[Settings], Any] | None,
     budget, cpu_budget = _budgets(settings, device)
     fixed = settings.memory_budget != "0"
     holder: dict[str, Any] = {}
+    live = {} if live is None else live
 
     def weights() -> int:  # what the resident models hold of a fixed budget (read on the event loop)
         return int(holder["set"].status()["used"]) if "set" in holder else 0
@@ -124,7 +132,13 @@ def make_model_set(settings: Settings, loader: Callable[[Settings], Any] | None,
             settings, loaded.pipeline, loaded.device, kind, spec.name, weights if fixed else None
         )
         view = model_view(spec.name, loaded, served.adapters, served.memory)
-        return Bundle(served, view, scoped, cache)
+        bundle = live[spec.name] = Bundle(served, view, scoped, cache)
+        return bundle
+
+    def close(bundle: Bundle) -> None:
+        if live.get(bundle.view.name) is bundle:
+            del live[bundle.view.name]
+        bundle.close()
 
     load = None
     if loader is not None:  # a custom loader (tests, embedders) takes settings naming the one model it loads
@@ -141,7 +155,7 @@ def make_model_set(settings: Settings, loader: Callable[[Settings], Any] | None,
         dtype=resolve_dtype(settings.dtype, device),
         options=settings.load_options,
         build=build,
-        close=lambda bundle: bundle.close(),
+        close=close,
         digests_dir=settings.data_dir,
     )
     holder["set"] = models
@@ -159,7 +173,7 @@ async def load_models(app: FastAPI, settings: Settings, loader: Callable[[Settin
     device = resolve_device(settings.device)
     kind = engine_kind(settings, device.type)
     try:
-        models = make_model_set(settings, loader, device, kind)
+        models = make_model_set(settings, loader, device, kind, app.state.bundles)
         views = app.state.models
         source = RegistrySource(models, views)
         views.attach(models)

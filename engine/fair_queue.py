@@ -139,6 +139,12 @@ class FairShare:
     _positions: dict[Waiter, Progress]
     _told: dict[Waiter, int]
 
+    def by_model(self) -> dict[str, tuple[int, int]]:
+        """Generations (running, waiting for a slot) now, per model that has any (GET /metrics)."""
+        waiting = self._waiters.counts()
+        names = {name for name, n in self._running_by_model.items() if n} | set(waiting)
+        return {name: (self._running_by_model[name], waiting.get(name, 0)) for name in names}
+
     def _shed_for(self, model: str) -> None:
         """The queue is full: make room for a request of ``model`` by shedding the newest waiter of a model that holds
         more of the queue (it is answered ``Overloaded``), or raise ``Overloaded`` (engine.fair_queue)."""

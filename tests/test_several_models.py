@@ -231,3 +231,37 @@ def test_a1111_checkpoints_list_every_model_and_select_the_one_that_runs(several
         assert unknown.status_code == 400 and "'other'" in unknown.json()["error"]["message"]
     finally:
         httpx.post(f"{url}/options", json={"sd_model_checkpoint": "large"})
+
+
+def test_metrics_per_model_with_configured_names_only(several: LiveServer) -> None:
+    from test_metrics import scrape, value
+
+    before, _ = scrape(several.url)
+    _served(several, model="medium")
+    _served(several, model="nobody-knows")  # goes to the default: counted as large's
+    after, _ = scrape(several.url)
+
+    def moved(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert moved("sd_requests_total", api="native", status="200", model="medium") == 1
+    assert moved("sd_requests_total", api="native", status="200", model="large") == 1
+    assert moved("sd_images_total", model="medium") == 1 and moved("sd_images_total", model="other") == 0
+    assert moved("sd_generation_seconds_count", model="large") == 1
+    # The first scrape and the two images fetched: requests of no model.
+    assert moved("sd_requests_total", api="other", status="200", model="") == 3
+    for name in FAMILY:
+        assert value(after, "sd_requests_running", model=name) == 0
+        assert ("sd_model_loads_total", (("model", name),)) in after  # every model, loaded or not
+        assert (
+            sum(value(after, "sd_model_state", model=name, state=s) for s in ("unloaded", "loading", "resident", "cpu"))
+            == 1
+        )
+    assert value(after, "sd_model_state", model="medium", state="resident") == 1
+    assert value(after, "sd_model_loads_total", model="medium") >= 1
+    assert value(after, "sd_model_bytes", model="medium", held="shared") > 0
+    assert value(after, "sd_model_bytes", model="other", held="shared") == 0
+    assert value(after, "sd_models_memory_used_bytes") > 0
+    assert moved("sd_prompt_cache_misses_total", model="medium") >= 1
+    labelled = {dict(labels).get("model") for (_, labels) in after if "model" in dict(labels)}
+    assert labelled <= {*FAMILY, ""}, labelled
