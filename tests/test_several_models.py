@@ -150,13 +150,11 @@ def test_strict_names_answer_404_model_not_found(family: dict[str, Path], tmp_pa
         live.stop()
 
 
-@pytest.mark.parametrize("engine", ["threads", "step"])
-def test_a_budget_of_two_evicts_the_least_recently_used_and_brings_it_back(
-    family: dict[str, Path], tmp_path: Path, engine: str
-) -> None:
-    """A budget that fits two of the three: asking for the third evicts the least recently used idle one; asking
-    for that one again loads it back, with the same image as before."""
-    probe = _serve(tmp_path, [f"{name}={family[name]}" for name in FAMILY], engine=engine)
+@pytest.fixture(scope="module")
+def budget_of_two(family: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> int:
+    """A budget that fits any two of the three models, never the three (their measured weights, from a server that
+    loaded them all)."""
+    probe = _serve(tmp_path_factory.mktemp("probe"), [f"{name}={family[name]}" for name in FAMILY])
     try:
         for name in FAMILY:
             _served(probe, model=name)
@@ -166,19 +164,85 @@ def test_a_budget_of_two_evicts_the_least_recently_used_and_brings_it_back(
     total = {name: sizes[name]["bytes_alone"] + sizes[name]["bytes_shared"] for name in FAMILY}
     # Any two fit, never the three: large and medium together hold the shared parts once. Half of medium's own
     # bytes short of the three: far beyond where a load's estimate and its measurement differ (a few KB).
-    budget = total["large"] + total["other"] + sizes["medium"]["bytes_alone"] // 2
+    return total["large"] + total["other"] + sizes["medium"]["bytes_alone"] // 2
+
+
+def _states(live: LiveServer) -> dict[str, str]:
+    return {n: m["state"] for n, m in httpx.get(f"{live.url}/api/status").json()["models"]["models"].items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["threads", "step"])
+def test_a_budget_of_two_evicts_the_least_recently_used_and_brings_it_back(
+    family: dict[str, Path], tmp_path: Path, engine: str, budget_of_two: int
+) -> None:
+    """A budget that fits two of the three: asking for the third evicts the least recently used idle one; asking
+    for that one again loads it back, with the same image as before."""
     models = [f"{name}={family[name]}" for name in FAMILY]
     # Admission by measured memory off: the budget is the weights' alone here, whatever the requests would take.
-    live = _serve(tmp_path, models, engine=engine, memory_budget=str(budget), memory_admission="off")
+    live = _serve(tmp_path, models, engine=engine, memory_budget=str(budget_of_two), memory_admission="off")
     try:
         first, _ = _served(live, model="large")
         _served(live, model="other")
         _served(live, model="medium")  # evicts large, the least recently used
-        states = {n: m["state"] for n, m in httpx.get(f"{live.url}/api/status").json()["models"]["models"].items()}
+        states = _states(live)
         assert states["large"] != "resident" and states["medium"] == "resident", states
         again, _ = _served(live, model="large")
         assert np.array_equal(first, again), "the model brought back gave another image"
     finally:
+        live.stop()
+
+
+class Gate:
+    """Holds every denoising step of one resident model's transformer at a gate (a forward pre-hook on the loaded
+    module, added once the server runs: no start-up pass is held)."""
+
+    def __init__(self, transformer: torch.nn.Module) -> None:
+        import threading
+
+        self.open = threading.Event()
+        self.entered = threading.Event()
+        self.handle = transformer.register_forward_pre_hook(self._wait)
+
+    def _wait(self, *_: Any) -> None:
+        self.entered.set()
+        self.open.wait(60)  # bounded: a failing test never hangs the server
+
+    def release(self) -> None:
+        self.open.set()
+        self.handle.remove()
+
+
+def test_a_model_with_a_request_in_flight_is_never_evicted(
+    family: dict[str, Path], tmp_path: Path, budget_of_two: int
+) -> None:
+    """large, the least recently used, is held by a running request when medium needs room: other (idle) goes."""
+    from test_metrics import scrape, value
+
+    models = [f"{name}={family[name]}" for name in FAMILY]
+    live = _serve(tmp_path, models, memory_budget=str(budget_of_two), memory_admission="off", max_concurrency=2)
+    gate = None
+    try:
+        _served(live, model="other")  # large (the default) and other resident
+        gate = Gate(live.app.state.bundles["large"].view.loaded.pipeline.transformer)
+        with ThreadPoolExecutor(1) as pool:
+            held = pool.submit(_served, live, model="large")
+            assert gate.entered.wait(60), "the request for large never started"
+            _served(live, model="other")  # other is now used after large: large is the least recently used
+            metrics, _ = scrape(live.url)
+            assert value(metrics, "sd_requests_running", model="large") == 1
+            assert value(metrics, "sd_model_requests_in_flight", model="large") == 1
+            _served(live, model="medium")  # needs room: other goes, never large
+            states = _states(live)
+            assert states["large"] == "resident" and states["medium"] == "resident", states
+            assert states["other"] != "resident", states
+            gate.release()
+            image, payload = held.result(timeout=120)
+        assert payload["parameters"]["model"] == "large"
+        assert np.array_equal(image, _served(live, model="large")[0]), "the held request's image is not large's"
+    finally:
+        if gate is not None:
+            gate.release()
         live.stop()
 
 
