@@ -61,6 +61,20 @@ def several(family: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -
     live.stop()
 
 
+@pytest.fixture(scope="module")
+def several_step(family: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The three models on the step engine (one loop: a request alone runs with every core, as diffusers' does)."""
+    live = _serve(tmp_path_factory.mktemp("several-step"), [f"{name}={family[name]}" for name in FAMILY], engine="step")
+    yield live
+    live.stop()
+
+
+@pytest.fixture(scope="module")
+def references(family: dict[str, Path]) -> dict[str, np.ndarray]:
+    """diffusers' image of each model for BODY, with every usable core (a slot's share on these servers)."""
+    return {name: _reference(family[name], usable_cores()) for name in FAMILY}
+
+
 def _served(live: LiveServer, **body: Any) -> tuple[np.ndarray, dict[str, Any]]:
     with httpx.Client(base_url=live.url, timeout=120) as client:
         answer = client.post(NATIVE, json={**BODY, **body})
@@ -85,13 +99,16 @@ def _reference(folder: Path, threads: int) -> np.ndarray:
         return pool.submit(run).result()
 
 
-def test_each_model_gives_its_own_diffusers_image(several: LiveServer, family: dict[str, Path]) -> None:
-    images = {}
+@pytest.mark.parametrize("engine", ["threads", "step"])
+def test_each_model_gives_its_own_diffusers_image(
+    engine: str, references: dict[str, np.ndarray], request: pytest.FixtureRequest
+) -> None:
+    live = request.getfixturevalue("several" if engine == "threads" else "several_step")
     for name in FAMILY:
-        images[name], payload = _served(several, model=name)
+        image, payload = _served(live, model=name)
         assert payload["parameters"]["model"] == name, "the answer does not say which model served"
-        assert np.array_equal(images[name], _reference(family[name], usable_cores())), name
-    assert not np.array_equal(images["large"], images["medium"]), "two models gave one image"
+        assert np.array_equal(image, references[name]), name
+    assert not np.array_equal(references["large"], references["medium"]), "two models gave one image"
 
 
 def test_a_model_gives_what_a_server_of_it_alone_gives(
@@ -118,15 +135,25 @@ def test_shared_components_are_loaded_once(several: LiveServer) -> None:
     assert several.app.state.modelset is not None
 
 
-def test_concurrent_requests_for_different_models_all_succeed(several: LiveServer) -> None:
+@pytest.mark.parametrize("engine", ["threads", "step"])
+def test_concurrent_requests_for_different_models_all_succeed(engine: str, request: pytest.FixtureRequest) -> None:
+    """Six requests at once, two per model: all answered by their model (on the step engine, each model's own
+    denoising loop ran their passes: /metrics has each one's pass sizes)."""
+    live = request.getfixturevalue("several" if engine == "threads" else "several_step")
+
     async def main() -> list[httpx.Response]:
-        async with httpx.AsyncClient(base_url=several.url, timeout=120) as client:
+        async with httpx.AsyncClient(base_url=live.url, timeout=120) as client:
             bodies = [{**BODY, "model": name, "seed": seed} for seed in (1, 2) for name in FAMILY]
             return await asyncio.gather(*(client.post(NATIVE, json=body) for body in bodies))
 
     answers = asyncio.run(main())
     assert [a.status_code for a in answers] == [200] * 6, [a.text for a in answers if a.status_code != 200]
     assert [a.json()["parameters"]["model"] for a in answers] == list(FAMILY) * 2
+    if engine == "step":
+        from test_metrics import scrape, value
+
+        metrics, _ = scrape(live.url)
+        assert all(value(metrics, "sd_batch_size_count", model=name) >= 2 for name in FAMILY), "passes per model"
 
 
 def test_routing_by_name_listing_and_the_openai_client(several: LiveServer) -> None:
@@ -326,6 +353,9 @@ def test_metrics_per_model_with_configured_names_only(several: LiveServer) -> No
     assert value(after, "sd_model_bytes", model="medium", held="shared") > 0
     assert value(after, "sd_model_bytes", model="other", held="shared") == 0
     assert value(after, "sd_models_memory_used_bytes") > 0
-    assert moved("sd_prompt_cache_misses_total", model="medium") >= 1
+    lookups = moved("sd_prompt_cache_hits_total", model="medium") + moved(
+        "sd_prompt_cache_misses_total", model="medium"
+    )
+    assert lookups >= 1, "medium's prompt cache was not counted"
     labelled = {dict(labels).get("model") for (_, labels) in after if "model" in dict(labels)}
     assert labelled <= {*FAMILY, ""}, labelled
