@@ -213,7 +213,7 @@ class SD3Server:
         if self.metrics_port:
             rank = serve.get_replica_context().rank.local_rank
             _serve_metrics_while_running(self.api, self.settings, self.metrics_port + rank, replica)
-        logger.info("replica %s: serving %s", replica, self.settings.model)
+        logger.info("replica %s: serving %s", replica, self.settings.model_source)
         return self.api
 
     def check_health(self) -> None:
@@ -353,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         deploy_config(config, APP_NAME)
         url = f"http://{settings.host}:{settings.port}"
-        logger.info("serving %s, %d replica(s), at %s", settings.model, scale.num_replicas, url)
+        logger.info("serving %s, %d replica(s), at %s", settings.model_source, scale.num_replicas, url)
         threading.Event().wait()
     except _Stop as stop:
         logger.info("%s: stopping; replicas drain for up to %gs", stop, settings.shutdown_timeout)
