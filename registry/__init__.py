@@ -11,6 +11,19 @@ here knows HTTP. Importing the package is light (no torch): torch loads with the
   ``Part``.
 - ``registry.loader``: ``load_model(spec, options, device, dtype, cache, digests=None)``, ``plan_model``.
 - ``registry.models``: ``ModelSet``, ``Resident``, ``ModelTooLarge``, ``ModelLoadFailed``, ``ModelsRefused``.
+
+Where this differs from (or adds to) the interface agreed in issue 30's split:
+
+- ``ModelSet(specs, load=None, *, budget, cpu_budget=0, device="cpu", dtype=None, options=None, build=None,
+  close=None, digests_dir=None, estimate=None)``: ``load`` may be omitted (the default loads through the set's
+  ``ComponentCache``, ``.cache``) and then ``dtype`` (None: the device's default) and ``options`` (a
+  ``LoadOptions`` for every model) say how; ``digests_dir`` keeps the weight files' digests across restarts;
+  ``estimate(spec) -> list[Part]`` is a custom ``load``'s estimate.
+- ``on_state(listener)`` registers ``listener(name, state)``, called on the event loop (``.listeners`` the list).
+- ``start()`` raises ``ModelsRefused`` (``.refused``: one ``ModelTooLarge`` per model that can never fit alone).
+- ``async stop()`` unloads every model (``close`` on each served bundle), for a server's shutdown.
+- ``acquire`` raises ``KeyError`` for a name that is not configured (``resolve`` first).
+- ``apply_flags(specs, default=None, preload=(), pin=())`` marks the ``--preload`` / ``--pin`` names on the specs.
 """
 
 from .memory import device_total, parse_memory
