@@ -308,6 +308,7 @@ def _parse(argv: list[str] | None) -> tuple[Settings, Scale, int, float | None]:
         description="Serve N replicas on a local Ray cluster. Every server flag (python serverasync.py --help) "
         "applies to each replica.",
         add_help=False,
+        allow_abbrev=False,  # --model is the server's, not short for --models-per-replica
     )
     parser.add_argument("--num-replicas", type=int, default=1, help="replicas (each loads the model once)")
     parser.add_argument("--num-cpus", type=float, default=1.0, help="CPUs reserved per replica (Ray scheduling)")

@@ -112,6 +112,41 @@ def test_models_per_replica_is_a_scale_option() -> None:
         build_app({"model": "random:tiny", "models_per_replica": "-1"})
 
 
+def test_when_rays_lru_drops_a_model_the_replica_unloads_it_if_idle() -> None:
+    """Ray's own unload code (``_ModelMultiplexWrapper.unload_model_lru``, run on a stand-in for its wrapper: its
+    metrics are no-ops) on the tokens ``ReplicaModels`` hands Ray: the model leaves the replica's set, unless a
+    request holds it."""
+    from collections import OrderedDict
+    from types import SimpleNamespace
+
+    from ray.serve.multiplex import _ModelMultiplexWrapper
+
+    from deploy.multiplex import ReplicaModels
+    from registry import parse_model_options
+    from registry.models import ModelSet
+
+    class Quiet:
+        def __getattr__(self, _name: str) -> Any:
+            return lambda *args, **kwargs: None
+
+    async def run() -> dict[str, str]:
+        models = ModelSet(parse_model_options(["a=random:tiny", "b=random:tiny"]), budget=1 << 40)
+        replica = ReplicaModels(SimpleNamespace(state=SimpleNamespace(modelset=models)), per_replica=1)
+        ray = SimpleNamespace(models=OrderedDict(), models_unload_counter=Quiet(), model_unload_latency_ms=Quiet())
+        ray.registered_model_gauge = Quiet()
+        for name in ("a", "b"):
+            ray.models[name] = await replica._load(name)
+        held = await models.acquire("b")
+        await _ModelMultiplexWrapper.unload_model_lru(ray)  # drops a: idle, unloaded
+        await _ModelMultiplexWrapper.unload_model_lru(ray)  # drops b: in flight, stays
+        states = {name: m["state"] for name, m in models.status()["models"].items()}
+        models.release(held)
+        await models.stop()
+        return states
+
+    assert asyncio.run(run()) == {"a": "unloaded", "b": "resident"}
+
+
 # -- two replicas, three models, on a real local Ray cluster --------------------------------------------------------
 
 
@@ -192,6 +227,7 @@ def test_each_model_gives_the_image_of_a_lone_server_of_it(
         through_ray = pixels(fetch_png(_post(served.url, name).json()["response"][0]))
         # The replicas' slots: 2 on a CPU, each with one thread (Ray's OMP_NUM_THREADS or the two cores split).
         folder = tmp_path / name
+        folder.mkdir()
         settings = Settings(model=[str(family[name])], data_dir=str(folder), image_dir=str(folder / "images"))
         alone = LiveServer(create_app(settings.model_copy(update={"max_concurrency": 2})))
         try:
