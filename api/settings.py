@@ -14,7 +14,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from api.settings_jobs import JobSettings
 from api.settings_memory import MemorySettings
-from api.settings_models import ModelsSettings
+from api.settings_models import ModelsSettings, strip_model_prefix
 from models.dtypes import DTYPE_ALIASES
 
 __all__ = ["ENV_PREFIX", "Settings", "SettingsError", "max_image_bytes", "parse_settings"]
@@ -205,6 +205,24 @@ class Settings(ModelsSettings, MemorySettings, JobSettings, BaseSettings):
     def _split_loras(cls, value: Any) -> Any:
         if isinstance(value, str):  # the environment's form: NAME=PATH,NAME=PATH
             return [part for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("lora")
+    @classmethod
+    def _check_lora_syntax(cls, value: list[str]) -> list[str]:
+        from api.adapters import parse_lora_options
+
+        # Each entry alone (a MODEL: prefix set aside); names per model are checked once the models are known.
+        for entry in value:
+            parse_lora_options([strip_model_prefix(entry)])
+        return value
+
+    @field_validator("lora_dir")
+    @classmethod
+    def _check_lora_dirs(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            if not Path(entry).expanduser().is_dir() and not Path(strip_model_prefix(entry)).expanduser().is_dir():
+                raise ValueError(f"{entry}: no such directory (make it, or name another)")
         return value
 
     @model_validator(mode="after")

@@ -18,7 +18,7 @@ from pydantic_settings import BaseSettings, NoDecode
 
 from registry.specs import ModelSpec, apply_flags, parse_model_options, read_models_file
 
-__all__ = ["DEFAULT_MODEL", "ModelsSettings", "split_model_prefix"]
+__all__ = ["DEFAULT_MODEL", "ModelsSettings", "split_model_prefix", "strip_model_prefix"]
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-3.5-medium"
 _PREFIX = re.compile(r"^(?P<model>[A-Za-z0-9][A-Za-z0-9._-]{0,63}):(?P<rest>.+)$")
@@ -29,6 +29,12 @@ def _listed(value: Any) -> Any:
     if isinstance(value, str):
         return [part.strip() for part in value.split(",") if part.strip()]
     return value
+
+
+def strip_model_prefix(value: str) -> str:
+    """``value`` without a leading ``MODEL:`` (any name: which models exist is checked later)."""
+    match = _PREFIX.match(value.strip())
+    return match["rest"].strip() if match else value.strip()
 
 
 def split_model_prefix(value: str, models: list[str], default: str) -> tuple[str, str]:
@@ -86,6 +92,16 @@ class ModelsSettings(BaseSettings):
         if not value:
             raise ValueError("name at least one model")
         parse_model_options(value)
+        return value
+
+    @field_validator("preload", "pin")
+    @classmethod
+    def _check_names(cls, value: list[str]) -> list[str]:
+        from registry.specs import NAME_PATTERN
+
+        for name in value:
+            if not NAME_PATTERN.fullmatch(name) and ":" not in name and "/" not in name:
+                raise ValueError(f"{name!r} is not a model's name (--model NAME=SOURCE names one)")
         return value
 
     @field_validator("models_file")
