@@ -127,7 +127,10 @@ def multiplex_models(api: Any, per_replica: int) -> ReplicaModels:
     @contextlib.asynccontextmanager
     async def lifespan(target: Any) -> AsyncIterator[Any]:
         async with original(target) as state:
-            await models.report_resident()
+            try:
+                await models.report_resident()
+            except Exception:  # noqa: BLE001 - the replica serves every model anyway, without the locality
+                logger.exception("reporting the loaded models to Ray Serve failed")
             yield state
 
     api.router.lifespan_context = lifespan
