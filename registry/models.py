@@ -143,6 +143,27 @@ class ModelSet:
             model.last_used = time.monotonic()
             self._cond.notify_all()
 
+    async def unload(self, name: str) -> bool:
+        """Unload ``name`` now if it is resident, idle and unpinned (to the CPU tier where there is one, as an
+        eviction); True if it was. A model in flight, pinned or loading stays: the budget decides later, as for any
+        other. For a caller that knows the model will not be asked for here soon (Ray Serve's multiplexing sends its
+        requests to other replicas: deploy/multiplex.py)."""
+        model = self._models[name]  # KeyError: ``resolve`` first
+        self._loop = asyncio.get_running_loop()
+        return await asyncio.wrap_future(self._thread.submit(lambda: self._unload_idle(model)))
+
+    def _unload_idle(self, model: _Model) -> bool:
+        """(Loader thread.) See ``unload``."""
+        with self._cond:
+            if model.state != "resident" or model.in_flight or model.job is not None or model.spec.pinned:
+                return False
+            model.evictions += 1
+            state = "cpu" if self.tiered else "unloaded"
+            self._set_state(model, state)
+            keep = device_keys({m.spec.name: m.parts for m in self._models.values() if m.state == "resident"})
+        self._evict(model, state, keep)
+        return True
+
     def _queue_load(self, model: _Model) -> _Job:
         """(Under the lock.) A load of ``model`` queued on the loader thread, awaited through the job's future."""
         assert self._loop is not None

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from model_dirs import ENCODERS_AND_VAE, save_family
+from model_dirs import ENCODERS_AND_VAE, FAMILY, save_family
 
 from models.options import LoadOptions
 from registry import apply_flags, parse_memory, parse_model_options, read_models_file
@@ -241,6 +241,30 @@ def test_neither_a_model_in_flight_nor_a_pinned_one_is_evicted(family: dict[str,
         await models.stop()
 
     asyncio.run(run_then_release())
+
+
+def test_unload_drops_an_idle_model_never_one_in_flight_nor_a_pinned_one(
+    family: dict[str, Path], sizes: dict[str, int]
+) -> None:
+    async def run() -> None:
+        models = ModelSet(specs_of(family, pin=("other",)), budget=1 << 40)
+        for name in FAMILY:
+            models.release(await models.acquire(name))
+        held = await models.acquire("medium")
+        assert not await models.unload("medium")  # in flight
+        assert not await models.unload("other")  # pinned
+        assert await models.unload("large")  # idle: gone, the parts it shares with medium stay for medium
+        assert states(models) == {"large": "unloaded", "medium": "resident", "other": "resident"}
+        assert models.status()["models"]["large"]["evictions"] == 1
+        assert not await models.unload("large")  # not resident: nothing to do
+        models.release(held)
+        assert await models.unload("medium")
+        again = await models.acquire("large")  # comes back on demand, as after any eviction
+        assert states(models)["large"] == "resident" and models.status()["models"]["large"]["loads"] == 2
+        models.release(again)
+        await models.stop()
+
+    asyncio.run(run())
 
 
 def test_concurrent_requests_never_lose_their_model(family: dict[str, Path], sizes: dict[str, int]) -> None:
