@@ -17,6 +17,7 @@ from http_helpers import assert_envelope
 from api.errors import APIError, install_error_handlers, validation_message
 from api.generation import to_generation
 from api.loading import ModelGeometry
+from api.models import ModelView, server_models
 from api.routes import ops
 from api.routes.openai import parse_size
 from api.schemas import InferenceRequest
@@ -39,6 +40,7 @@ def test_the_ops_router_serves_alone_from_app_state(tmp_path) -> None:
     )  # the attributes the routes read
     app.state.settings = Settings(model="random:tiny", image_dir=str(tmp_path))
     app.state.engine, app.state.loaded, app.state.load_error = None, None, None
+    app.state.models, app.state.modelset = server_models(app.state.settings), None  # one model, as create_app sets
     app.state.store = []
     live = LiveServer(app)
     try:
@@ -58,13 +60,13 @@ def test_the_ops_router_serves_alone_from_app_state(tmp_path) -> None:
 
 
 def _request(**settings: Any) -> Any:
-    """What to_generation reads of a request: app.state (settings, geometry, default guidance) and the request id."""
-    state = SimpleNamespace(
-        settings=Settings(model="random:tiny", **settings),
-        geometry=ModelGeometry(16, 64, 1024),
-        default_guidance=6.5,
-        engine=object(),
-    )
+    """What to_generation reads of a request: app.state (settings, the model's view: geometry, default guidance) and
+    the request id."""
+    configured = Settings(model="random:tiny", **settings)
+    models = server_models(configured)
+    view = ModelView(models.default, ModelGeometry(16, 64, 1024), 6.5, loaded=None)
+    models.views[view.name] = view  # as the load publishes it
+    state = SimpleNamespace(settings=configured, models=models, modelset=None, engine=object())
     return SimpleNamespace(app=SimpleNamespace(state=state), state=SimpleNamespace(request_id="rid"))
 
 
