@@ -47,6 +47,7 @@ if str(BENCH_DIR) not in sys.path:
     sys.path.insert(0, str(BENCH_DIR))
 
 import httpx  # noqa: E402
+import psutil  # noqa: E402
 from benchlib.arms import ServerArm  # noqa: E402
 from benchlib.common import MIB, log, publish  # noqa: E402
 from benchlib.stats import PeakRSS  # noqa: E402
@@ -123,6 +124,7 @@ class Sample:
     rss: int
     peak: int | None = None  # the highest RSS seen during the block before it
     heap: dict[str, Any] | None = None  # the heap probe's figures (--heap)
+    threads: int | None = None  # the server's threads
 
 
 @dataclass
@@ -153,7 +155,8 @@ class EngineSoak:
     def sample(self, label: str, settle: float, peak: int | None = None) -> None:
         time.sleep(settle)  # the engine's idle-time work (engine.admission: release when idle) runs first
         assert self.arm.proc is not None
-        self.samples.append(Sample(label, PeakRSS(self.arm.proc.pid).sample(), peak, self.heap()))
+        rss, threads = PeakRSS(self.arm.proc.pid).sample(), psutil.Process(self.arm.proc.pid).num_threads()
+        self.samples.append(Sample(label, rss, peak, self.heap(), threads))
 
 
 async def drive(url: str, mix: Mix, indices: range, clients: int, soak: EngineSoak) -> None:
@@ -212,9 +215,10 @@ def soak_all(args: argparse.Namespace, mix: Mix, work: Path) -> list[EngineSoak]
             soaks.append(start(name, args, work))
         for soak in soaks:
             log(f"{soak.name}: warm-up, {args.warmup_requests} requests")
-            asyncio.run(drive(soak.arm.url, mix, range(WARMUP_FROM, WARMUP_FROM + args.warmup_requests), args.clients, soak))
+            warmup = range(WARMUP_FROM, WARMUP_FROM + args.warmup_requests)
+            asyncio.run(drive(soak.arm.url, mix, warmup, args.clients, soak))
             soak.sample("after warm-up", args.settle)
-            soak.seconds = 0.0
+            soak.seconds, soak.tasks = 0.0, {}
         for start_at in range(0, args.requests, args.block):
             indices = range(start_at, min(args.requests, start_at + args.block))
             for soak in soaks:
@@ -243,6 +247,7 @@ def _cells(sample: Sample, heap: bool) -> list[str]:
     if heap:
         info = sample.heap or {}
         cells += [_mib(info.get("heap_in_use")), _mib(info.get("heap_free")), str(info.get("arenas", "-"))]
+        cells.append(str(sample.threads or "-"))
     return cells
 
 
@@ -257,7 +262,7 @@ def growth(samples: list[Sample]) -> tuple[int, int, int]:
 
 def render(args: argparse.Namespace, command: str, soaks: list[EngineSoak]) -> str:
     """The samples of every engine side by side (MiB), then the growth rows, failures and times."""
-    per = ["RSS", "peak in block"] + (["malloc in use", "malloc free, kept", "arenas"] if args.heap else [])
+    per = ["RSS", "peak in block"] + (["malloc in use", "malloc free, kept", "arenas", "threads"] if args.heap else [])
     header = "| | " + " | ".join(f"{soak.name}: {what}" for soak in soaks for what in per) + " |"
     out = [
         f"### Memory soak {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}: {args.model}, "
@@ -290,6 +295,11 @@ def render(args: argparse.Namespace, command: str, soaks: list[EngineSoak]) -> s
         rows["growth over the second half"] += [_delta(second), _delta(peak), *pad]
         rows["failed requests"] += [str(len(soak.failures)), "", *pad]
     out += [f"| **{label}** | " + " | ".join(cells) + " |" for label, cells in rows.items()]
+    for soak in soaks:
+        last = next((s.heap for s in reversed(soak.samples) if s.heap and "grown" in s.heap), None)
+        if last:
+            out += ["", f"{soak.name}: Python's objects {_mib(last['traced_bytes'])} MiB (tracemalloc); grown most "
+                    "since the warm-up:", "", *(f"- `{line}`" for line in last["grown"])]  # fmt: skip
     return "\n".join(out) + "\n"
 
 

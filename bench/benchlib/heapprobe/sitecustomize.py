@@ -7,8 +7,8 @@ this one installs two signal handlers that write what glibc's allocator holds to
 - ``SIGUSR1``: the process's RSS, ``mallinfo2()`` (bytes in use in malloc's arenas, free but kept there, mapped
   directly), the number of arenas (``malloc_info``), and with ``SOAK_TRACEMALLOC=1`` the bytes Python's own objects
   hold (tracemalloc) and the 12 source lines whose allocations grew most since the first probe;
-- ``SIGUSR2``: the same after ``malloc_trim(0)``, with the RSS before it: how much of the RSS was free memory that
-  the allocator kept rather than memory anything still uses.
+- ``SIGUSR2``: the same after ``malloc_trim(0)``, with the RSS before it and the seconds it took: how much of the
+  RSS was free memory that the allocator kept rather than memory anything still uses.
 
 Measurement only: it changes nothing the server does between probes.
 """
@@ -21,6 +21,7 @@ import os
 import re
 import signal
 import tempfile
+import time
 import tracemalloc
 
 _FIELDS = ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")
@@ -65,7 +66,9 @@ def _probe(signum: int, frame: object) -> None:
     libc.mallinfo2.restype = _Mallinfo2
     result: dict[str, object] = {"rss_before_trim": _rss()}
     if signum == signal.SIGUSR2:
+        started = time.perf_counter()
         libc.malloc_trim(0)
+        result["trim_s"] = time.perf_counter() - started
     info = libc.mallinfo2()
     result.update(
         rss=_rss(),
