@@ -27,6 +27,7 @@ __all__ = [
     "default_engine",
     "default_loader",
     "engine_kind",
+    "idle_release",
     "load_model",
     "usable_cores",
 ]
@@ -157,6 +158,22 @@ def compile_blocks(transformer: Any) -> None:
         block.compile(dynamic=True)
 
 
+def idle_release() -> None:
+    """What the engine hands back when it falls idle (``Engine(release=...)``): the device's cached blocks
+    (``engine.memory.release_memory``) and the heap's free pages (``models.quantize.trim_heap``, without its full
+    collection: ~0.2 s holding the GIL with a pipeline loaded).
+
+    Why the heap: glibc's allocator gives each thread that allocates its own arena (up to 8 per core) and keeps what
+    a request frees there for later allocations; the step engine's slot, loop and encoder threads held ~60 MiB of
+    such free memory after 1,000 mixed requests on random:tiny, growing with every block, which a trim gave back
+    (bench/soak_memory.py, bench/RESULTS.md "Memory soak")."""
+    from engine.memory import release_memory
+    from models.quantize import trim_heap
+
+    release_memory()
+    trim_heap(collect=False)
+
+
 def build_engine(settings: Settings, pipeline: Any, device: Any) -> tuple[Any, Any, Any]:
     """The engine the settings ask for (or the device's default), its RequestScopedPipeline and prompt cache."""
     from engine import Engine
@@ -202,6 +219,7 @@ def build_engine(settings: Settings, pipeline: Any, device: Any) -> tuple[Any, A
         max_pixels=pixel_budget(settings, ModelGeometry.of(pipeline)),
         adapters=adapters,
         memory=memory_admission(settings, pipeline, device),
+        release=idle_release,
     )
     return engine, scoped, cache
 

@@ -227,7 +227,8 @@ def soak_all(args: argparse.Namespace, mix: Mix, work: Path) -> list[EngineSoak]
         for soak in soaks:
             if args.heap:
                 trimmed = soak.heap(trim=True) or {}
-                soak.samples.append(Sample("after malloc_trim(0)", int(trimmed.get("rss", 0)), heap=trimmed))
+                label = f"after malloc_trim(0), {trimmed.get('trim_s', 0) * 1000:.0f} ms"
+                soak.samples.append(Sample(label, int(trimmed.get("rss", 0)), heap=trimmed))
     finally:
         for soak in soaks:
             soak.arm.stop()
