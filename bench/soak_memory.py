@@ -227,8 +227,7 @@ def soak_all(args: argparse.Namespace, mix: Mix, work: Path) -> list[EngineSoak]
         for soak in soaks:
             if args.heap:
                 trimmed = soak.heap(trim=True) or {}
-                label = f"after malloc_trim(0), {trimmed.get('trim_s', 0) * 1000:.0f} ms"
-                soak.samples.append(Sample(label, int(trimmed.get("rss", 0)), heap=trimmed))
+                soak.samples.append(Sample("after malloc_trim(0)", int(trimmed.get("rss", 0)), heap=trimmed))
     finally:
         for soak in soaks:
             soak.arm.stop()
@@ -282,7 +281,9 @@ def render(args: argparse.Namespace, command: str, soaks: list[EngineSoak]) -> s
     ]
     for soak in soaks:
         tasks = ", ".join(f"{n} {task}" for task, n in sorted(soak.tasks.items()))
-        out.append(f"- {soak.name}: {soak.seconds / 60:.1f} min for the soak; answered: {tasks}")
+        trim = next((s.heap["trim_s"] for s in soak.samples if s.heap and "trim_s" in s.heap), None)
+        trimmed = "" if trim is None else f"; malloc_trim(0) at the end took {trim * 1000:.0f} ms"
+        out.append(f"- {soak.name}: {soak.seconds / 60:.1f} min for the soak; answered: {tasks}{trimmed}")
     out += ["", "RSS in MiB, sampled idle after each block; peak: the highest RSS during the block.", ""]
     out += [header, "|---" + "|---:" * (len(per) * len(soaks)) + "|"]
     for row, sample in enumerate(soaks[0].samples):
