@@ -197,7 +197,8 @@ def start(name: str, args: argparse.Namespace, work: Path) -> EngineSoak:
     if args.heap:
         probe = work / f"{name}-heap.json"
         path = os.pathsep.join(p for p in (str(PROBE_DIR), os.environ.get("PYTHONPATH", "")) if p)
-        env.update(PYTHONPATH=path, SOAK_HEAP_PROBE=str(probe), SOAK_TRACEMALLOC="1" if args.tracemalloc else "0")
+        env.update(PYTHONPATH=path, SOAK_HEAP_PROBE=str(probe))
+        env.update(SOAK_TRACEMALLOC=str(int(args.tracemalloc)), SOAK_TENSORS=str(int(args.tensors)))
     # What benchlib's ServerArm reads: the server's model and device, one plain warm-up request, small.
     arm_args = argparse.Namespace(
         model=args.model, device=args.device, dtype=args.dtype, prompt=SUBJECTS[0], size=min(args.sizes),
@@ -242,12 +243,15 @@ def _delta(value: int) -> str:
     return f"{value / MIB:+,.0f}"
 
 
-def _cells(sample: Sample, heap: bool) -> list[str]:
+def _cells(sample: Sample, heap: bool, tensors: bool) -> list[str]:
     cells = [_mib(sample.rss), _mib(sample.peak)]
     if heap:
         info = sample.heap or {}
         cells += [_mib(info.get("heap_in_use")), _mib(info.get("heap_free")), str(info.get("arenas", "-"))]
         cells.append(str(sample.threads or "-"))
+        if tensors:
+            count = info.get("tensor_storages")
+            cells.append(f"{_mib(info.get('tensor_bytes'))} ({count})" if count is not None else "-")
     return cells
 
 
@@ -263,6 +267,7 @@ def growth(samples: list[Sample]) -> tuple[int, int, int]:
 def render(args: argparse.Namespace, command: str, soaks: list[EngineSoak]) -> str:
     """The samples of every engine side by side (MiB), then the growth rows, failures and times."""
     per = ["RSS", "peak in block"] + (["malloc in use", "malloc free, kept", "arenas", "threads"] if args.heap else [])
+    per += ["tensors (storages)"] if args.heap and args.tensors else []
     header = "| | " + " | ".join(f"{soak.name}: {what}" for soak in soaks for what in per) + " |"
     out = [
         f"### Memory soak {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}: {args.model}, "
@@ -287,7 +292,7 @@ def render(args: argparse.Namespace, command: str, soaks: list[EngineSoak]) -> s
     out += ["", "RSS in MiB, sampled idle after each block; peak: the highest RSS during the block.", ""]
     out += [header, "|---" + "|---:" * (len(per) * len(soaks)) + "|"]
     for row, sample in enumerate(soaks[0].samples):
-        cells = [c for soak in soaks for c in _cells(soak.samples[row], args.heap)]
+        cells = [c for soak in soaks for c in _cells(soak.samples[row], args.heap, args.tensors)]
         out.append(f"| {sample.label} | " + " | ".join(cells) + " |")
     pad = [""] * (len(per) - 2)
     rows = {"growth over the soak": [], "growth over the second half": [], "failed requests": []}
@@ -324,6 +329,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--heap", action="store_true", help="also what glibc's allocator holds (benchlib/heapprobe)")
     parser.add_argument("--tracemalloc", action="store_true", help="with --heap: Python's objects too (slow)")
+    parser.add_argument("--tensors", action="store_true", help="with --heap: the CPU tensors alive too")
     parser.add_argument("--server-args", default="", help="more server options, both engines")
     parser.add_argument("--server-env", action="append", default=[], help="KEY=VALUE for both servers")
     parser.add_argument("--smoke", action="store_true", help="a few requests, small and quick: the report's shape")

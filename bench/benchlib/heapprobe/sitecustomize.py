@@ -6,7 +6,8 @@ this one installs two signal handlers that write what glibc's allocator holds to
 
 - ``SIGUSR1``: the process's RSS, ``mallinfo2()`` (bytes in use in malloc's arenas, free but kept there, mapped
   directly), the number of arenas (``malloc_info``), and with ``SOAK_TRACEMALLOC=1`` the bytes Python's own objects
-  hold (tracemalloc) and the 12 source lines whose allocations grew most since the first probe;
+  hold (tracemalloc) and the 12 source lines whose allocations grew most since the first probe, and with
+  ``SOAK_TENSORS=1`` the bytes of the CPU tensors alive (their storages, found by the garbage collector);
 - ``SIGUSR2``: the same after ``malloc_trim(0)``, with the RSS before it and the seconds it took: how much of the
   RSS was free memory that the allocator kept rather than memory anything still uses.
 
@@ -15,11 +16,14 @@ Measurement only: it changes nothing the server does between probes.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import gc
 import json
 import os
 import re
 import signal
+import sys
 import tempfile
 import time
 import tracemalloc
@@ -61,6 +65,20 @@ def _python_objects() -> dict[str, object]:
     }
 
 
+def _tensors() -> dict[str, object]:
+    """The CPU tensors alive (reachable by the garbage collector): their storages' bytes and count."""
+    torch = sys.modules.get("torch")
+    if torch is None or os.environ.get("SOAK_TENSORS") != "1":
+        return {}
+    storages: dict[int, int] = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and obj.device.type == "cpu" and not obj.is_meta:
+            with contextlib.suppress(Exception):  # a tensor without storage (sparse, a subclass) is not counted
+                storage = obj.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+    return {"tensor_bytes": sum(storages.values()), "tensor_storages": len(storages)}
+
+
 def _probe(signum: int, frame: object) -> None:
     libc = ctypes.CDLL("libc.so.6")
     libc.mallinfo2.restype = _Mallinfo2
@@ -77,6 +95,7 @@ def _probe(signum: int, frame: object) -> None:
         heap_mmapped=info.hblkhd,
         arenas=_arenas(libc),
         **_python_objects(),
+        **_tensors(),
     )
     path = os.environ["SOAK_HEAP_PROBE"]
     with open(path + ".tmp", "w") as out:
