@@ -288,7 +288,9 @@ def render(args: argparse.Namespace, command: str, soaks: list[EngineSoak]) -> s
         tasks = ", ".join(f"{n} {task}" for task, n in sorted(soak.tasks.items()))
         trim = next((s.heap["trim_s"] for s in soak.samples if s.heap and "trim_s" in s.heap), None)
         trimmed = "" if trim is None else f"; malloc_trim(0) at the end took {trim * 1000:.0f} ms"
-        out.append(f"- {soak.name}: {soak.seconds / 60:.1f} min for the soak; answered: {tasks}{trimmed}")
+        rate = args.requests / soak.seconds if soak.seconds else 0.0
+        timing = f"{soak.seconds:.0f} s for the soak ({rate:.2f} requests/s)"
+        out.append(f"- {soak.name}: {timing}; answered: {tasks}{trimmed}")
     out += ["", "RSS in MiB, sampled idle after each block; peak: the highest RSS during the block.", ""]
     out += [header, "|---" + "|---:" * (len(per) * len(soaks)) + "|"]
     for row, sample in enumerate(soaks[0].samples):
