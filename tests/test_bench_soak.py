@@ -47,3 +47,13 @@ def test_soak_refuses_an_unknown_engine_and_odd_sizes() -> None:
         command = [sys.executable, str(REPO / "bench" / "soak_memory.py"), *flags]
         done = subprocess.run(command, capture_output=True, text=True, timeout=120)
         assert done.returncode == 2 and message in done.stderr, done.stderr
+
+
+def test_conv_cache_prints_both_rounds() -> None:
+    command = [sys.executable, str(REPO / "bench" / "conv_cache.py"), "--sizes", "32,48", "--max-batch", "3"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| ")]
+    assert [cells[0].strip() for cells in rows] == ["round", "first round", "second round, the same shapes"]
+    for cells in rows[1:]:
+        assert cells[1].strip() == "12" and all(re.fullmatch(r"[+-]\d+\.\d", c.strip()) for c in cells[2:])
