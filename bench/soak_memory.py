@@ -137,6 +137,7 @@ class EngineSoak:
     failures: list[str] = field(default_factory=list)
     tasks: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    loops: int | None = None  # the step engine's denoising loops (its start-up calibration chooses on a CPU)
     probe: Path | None = None
 
     def heap(self, trim: bool = False) -> dict[str, Any] | None:
@@ -231,6 +232,7 @@ def soak_all(args: argparse.Namespace, mix: Mix, work: Path) -> list[EngineSoak]
                 soak.samples.append(Sample("after malloc_trim(0)", int(trimmed.get("rss", 0)), heap=trimmed))
     finally:
         for soak in soaks:
+            soak.loops = (soak.arm.batching() or {}).get("loops")
             soak.arm.stop()
     return soaks
 
@@ -290,6 +292,7 @@ def render(args: argparse.Namespace, command: str, soaks: list[EngineSoak]) -> s
         trimmed = "" if trim is None else f"; malloc_trim(0) at the end took {trim * 1000:.0f} ms"
         rate = args.requests / soak.seconds if soak.seconds else 0.0
         timing = f"{soak.seconds:.0f} s for the soak ({rate:.2f} requests/s)"
+        timing += f", {soak.loops} denoising loop(s)" if soak.loops else ""
         out.append(f"- {soak.name}: {timing}; answered: {tasks}{trimmed}")
     out += ["", "RSS in MiB, sampled idle after each block; peak: the highest RSS during the block.", ""]
     out += [header, "|---" + "|---:" * (len(per) * len(soaks)) + "|"]
