@@ -164,9 +164,9 @@ def idle_release() -> None:
     collection: ~0.2 s holding the GIL with a pipeline loaded).
 
     Why the heap: glibc's allocator gives each thread that allocates its own arena (up to 8 per core) and keeps what
-    a request frees there for later allocations; the step engine's slot, loop and encoder threads held ~60 MiB of
-    such free memory after 1,000 mixed requests on random:tiny, growing with every block, which a trim gave back
-    (bench/soak_memory.py, bench/RESULTS.md "Memory soak")."""
+    a request frees there for later allocations. The step engine's slot, loop and encoder threads kept more with
+    every block of a soak; after 2,000 mixed requests on random:tiny a trim gave back 52 MiB, in 9 ms
+    (bench/soak_memory.py; bench/RESULTS.md, "Memory soak")."""
     from engine.memory import release_memory
     from models.quantize import trim_heap
 
