@@ -126,7 +126,10 @@ def main(argv: list[str] | None = None, loader: Callable[[Settings], Any] | None
 
     quiet_library_logs()
     try:
-        device, dtype = preflight(settings.model, settings.device, settings.dtype, settings.load_options)
+        # Every model, each alone; the default's answer names the device and dtype.
+        options = (settings.device, settings.dtype, settings.load_options)
+        checked = {spec.name: preflight(spec.source, *options) for spec in settings.model_specs}
+        device, dtype = checked[settings.default_model]
         check_adapters(settings)
     except (ModelLoadError, ValueError) as exc:
         sock.close()
@@ -148,11 +151,12 @@ def check_adapters(settings: Settings) -> None:
     a bad one ends the start with exit 2 before the model loads, not after."""
     from api.adapters import check_adapter_file, parse_lora_options
 
-    for name, path in parse_lora_options(settings.lora).items():
-        try:
-            check_adapter_file(path)
-        except ValueError as exc:
-            raise ValueError(f"--lora {name}: {exc}") from None
+    for entries in settings.loras_by_model().values():
+        for name, path in parse_lora_options(entries).items():
+            try:
+                check_adapter_file(path)
+            except ValueError as exc:
+                raise ValueError(f"--lora {name}: {exc}") from None
 
 
 def _serve(settings: Settings, sock: socket.socket, app: FastAPI) -> int:
@@ -211,7 +215,7 @@ def _log_start(settings: Settings, sock: socket.socket, device: Any, dtype: Any)
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     logger.info(
         "serving %s on %s as %s (engine: %s) at http://%s:%d; loading the model (GET /ready says when done)",
-        settings.model,
+        ", ".join(f"{s.name}={s.source}" if s.name != s.source else s.source for s in settings.model_specs),
         device,
         str(dtype).removeprefix("torch."),
         engine_kind(settings, device.type),

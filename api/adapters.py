@@ -16,6 +16,7 @@ from typing import Any
 from fastapi import Request
 
 from api.errors import APIError
+from api.models import model_of
 
 __all__ = [
     "ADAPTER_NAME",
@@ -68,20 +69,31 @@ def parse_lora_options(values: list[str]) -> dict[str, Path]:
 
 def loras_of(request: Request, body: Any) -> tuple[tuple[str, float], ...]:
     """The request's adapter set, in order: the OpenAI ``model`` naming an adapter first (at scale 1), then
-    ``loras``. 400 naming the adapter the server does not have; the base model's name (or any other unknown
-    ``model``, e.g. ``dall-e-3``) adds nothing."""
+    ``loras``, all of the model the request runs on (``api.models``). 400 naming the adapter the model does not have
+    (and the model it belongs to, if another); a model's name (or any other unknown ``model``, e.g. ``dall-e-3``)
+    adds nothing."""
     chosen: list[tuple[str, float]] = []
+    view = model_of(request)
     model = getattr(body, "model", None)
-    if model == request.app.state.settings.model_name:
+    if model == view.name or model in request.app.state.models.names:
         model = None
     loras = getattr(body, "loras", None) or []
     if not model and not loras:
         return ()  # the common case: no adapter, and no look at the adapter directory on the request path
-    pool = getattr(request.app.state.engine, "adapters", None)
+    pool = view.adapters
     names = pool.names() if pool is not None else []
     if model and model in names:
         chosen.append((model, 1.0))
     for i, lora in enumerate(loras):
+        owner = request.app.state.models.owner_of(lora.name)
+        if lora.name not in names and owner is not None:
+            raise APIError(
+                400,
+                f"loras[{i}].name: LoRA adapter {lora.name!r} belongs to model {owner!r}, not to {view.name!r}; "
+                f"name model {owner!r} to use it",
+                param=f"loras[{i}].name",
+                code="adapter_of_another_model",
+            )
         if lora.name not in names:
             listed = ", ".join(names) if names else "none are configured (--lora, --lora-dir)"
             raise APIError(
@@ -122,12 +134,14 @@ def adapter_error(exc: Exception) -> APIError | None:
 
 
 def model_entries(request: Request, created: int) -> list[dict[str, Any]]:
-    """``GET /v1/models``: the base model, then every adapter, each naming the base as its ``parent``."""
-    base = request.app.state.settings.model_name
-    entries = [{"id": base, "object": "model", "created": created, "owned_by": "local"}]
-    pool = getattr(request.app.state.engine, "adapters", None)
-    for name in pool.names() if pool is not None else []:
-        entries.append(
-            {"id": name, "object": "model", "created": created, "owned_by": "local", "parent": base, "root": base}
-        )
+    """``GET /v1/models``: every model (loaded or not; the default first), each followed by its adapters (of the
+    models loaded at least once), each naming its model as its ``parent``."""
+    models = request.app.state.models
+    entries = []
+    for base in [models.default, *(name for name in models.names if name != models.default)]:
+        entries.append({"id": base, "object": "model", "created": created, "owned_by": "local"})
+        for name in models.adapters_of(base):
+            entries.append(
+                {"id": name, "object": "model", "created": created, "owned_by": "local", "parent": base, "root": base}
+            )
     return entries

@@ -26,6 +26,7 @@ from api.middleware import (
     RequestIdMiddleware,
     StopOnShutdownMiddleware,
 )
+from api.models import server_models
 from api.openapi import publish_limits
 from api.routes import ROUTERS, UPLOAD_PATHS
 from api.settings import Settings
@@ -70,6 +71,9 @@ def create_app(settings: Settings | None = None, loader: Callable[[Settings], An
     app.state.store = store
     failure_of = job_failure(settings.request_timeout)
     app.state.jobs = make_job_store(settings, _finisher_for(store), lambda: app.state.engine, failure_of)
+    app.state.models = server_models(settings)  # the configured models' names; each one's view once it loads
+    app.state.modelset = None  # several models: the registry's ModelSet (api.several)
+    app.state.bundles = {}  # several models: each resident model's runner, caches (api.several.Bundle), by name
     app.state.engine = None
     app.state.loaded = None
     app.state.prompt_cache = None
@@ -110,6 +114,8 @@ def _lifespan(
             await state.jobs.close(settings.shutdown_timeout)
             if engine is not None:
                 engine.close()
+            if state.modelset is not None:
+                await state.modelset.stop()  # every model's runner and adapters closed
             for task in (state.load_task, state.prune_task):
                 task.cancel()
 

@@ -70,7 +70,9 @@ class _ImageFields(OutputOptions):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: Short | None = Field(None, description="accepted and ignored: the loaded model answers")
+    model: Short | None = Field(
+        None, description="the model to run (GET /v1/models); an unknown name: the default model"
+    )
     n: Annotated[int, Field(ge=1, le=OPENAI_MAX_N)] = 1
     size: Annotated[str, Field(max_length=16)] | None = Field(
         None, description="'WIDTHxHEIGHT' or 'auto' (default): the image's size, fitted to the limits"

@@ -25,6 +25,7 @@ from api.errors import APIError
 from api.generation import to_generation
 from api.images_in import EditInputs, decode_string, read_inputs, resized
 from api.limits import max_side
+from api.models import model_of, use_model
 
 __all__ = ["edit_generation", "fit_size", "native_generation", "task_status"]
 
@@ -50,7 +51,7 @@ def fit_size(size: tuple[int, int], largest: int, multiple: int) -> tuple[int, i
 
 def target_size(request: Request, size: tuple[int, int], width: int | None, height: int | None) -> tuple[int, int]:
     """The size an edit generates at (see the module's notes); explicit sides are checked by ``to_generation``."""
-    settings, geometry = request.app.state.settings, request.app.state.geometry
+    settings, geometry = request.app.state.settings, model_of(request).geometry
     largest, multiple = max_side(settings, geometry), geometry.size_multiple
     if width is not None and height is not None:
         return width, height
@@ -88,7 +89,7 @@ def task_status(loaded: Any) -> dict[str, Any] | None:
 
 def _unavailable(request: Request, task: str) -> str | None:
     """Why the loaded model cannot run ``task`` (None: it can)."""
-    reasons = _reasons(request.app.state.loaded.pipeline)
+    reasons = _reasons(model_of(request).loaded.pipeline)
     return reasons.get(task, f"this server's engine has no {task} task")
 
 
@@ -109,6 +110,8 @@ async def edit_generation(
     ``to_generation`` takes them."""
     from engine.tasks import get_task
 
+    if getattr(request.state, "model_view", None) is None:
+        await use_model(request, getattr(body, "model", None))
     if mask_blur is not None and inputs.mask is None:
         mask = names.get("mask", "mask")
         raise APIError(
@@ -141,6 +144,7 @@ async def edit_generation(
 
 async def native_generation(request: Request, body: Any, names: dict[str, str], n: int) -> Any:
     """The generation of a native or job body: text-to-image as before, or an edit when it carries ``image``."""
+    await use_model(request, body.model)
     if body.image is None:
         for field in ("mask_image", "strength", "mask_blur"):
             if getattr(body, field) is not None:

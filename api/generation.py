@@ -19,6 +19,7 @@ from api.adapters import adapter_error, loras_of
 from api.deps import ready_engine, request_id, watch_disconnect
 from api.errors import APIError, internal_error
 from api.limits import limit_messages, max_side
+from api.models import model_error, model_of
 
 if TYPE_CHECKING:
     from engine import EngineError, GenerationRequest, GenerationResult, Progress
@@ -71,8 +72,8 @@ def to_generation(
     """
     from engine import GenerationRequest
 
-    settings = request.app.state.settings
-    geometry = request.app.state.geometry
+    settings, model = request.app.state.settings, model_of(request)
+    geometry = model.geometry
     limits = limit_messages(settings, geometry)
     prompt, negative_prompt, steps = body.prompt, body.negative_prompt, body.num_inference_steps
 
@@ -97,8 +98,7 @@ def to_generation(
         message = _size_problem(value, max_side(settings, geometry), geometry.size_multiple, limits[field])
         if message:
             raise bad(field, message)
-    problem = _over_budget(request.app.state.engine, n, width, height, body.guidance_scale)
-    if problem:
+    if problem := _over_budget(request.app.state.engine, model, n, width, height, body.guidance_scale):
         raise bad("n", problem)
     return GenerationRequest(
         prompt=prompt,
@@ -107,11 +107,12 @@ def to_generation(
         num_images=n,
         seed=secrets.randbits(32) if body.seed is None else body.seed,
         # The value used, so the answer reports it: the pipeline's own default when the request gave none.
-        guidance_scale=request.app.state.default_guidance if body.guidance_scale is None else body.guidance_scale,
+        guidance_scale=model.default_guidance if body.guidance_scale is None else body.guidance_scale,
         height=height,
         width=width,
         request_id=request_id(request),
         loras=loras_of(request, body),
+        model=model.name if request.app.state.models.several else "",  # one model: "" (answers as before)
     )
 
 
@@ -133,12 +134,13 @@ def _size_problem(value: int, max_size: int, multiple: int, limit: str) -> str |
     return None
 
 
-def _over_budget(engine: Any, n: int, width: int, height: int, guidance: float | None) -> str | None:
-    """Why the engine could never run these images at once (None: it could): its pixel budget, its memory budget."""
+def _over_budget(engine: Any, model: Any, n: int, width: int, height: int, guidance: float | None) -> str | None:
+    """Why the engine could never run these images at once (None: it could): its pixel budget, the model's memory
+    budget."""
     budget = getattr(engine, "max_pixels", 0)
     if budget and n * width * height > budget:
         return _too_large(n, width, height, budget)
-    memory = getattr(engine, "memory", None)
+    memory = model.memory
     return memory.refusal(width, height, n, guidance is None or guidance > 1) if memory is not None else None
 
 
@@ -159,7 +161,7 @@ async def run_generation(
 
     ``progress``: the engine's progress callback. ``gone``: an event the caller may set to stop the generation as a
     client disconnect does (a streamed answer whose body was abandoned)."""
-    from engine import ClientGone, GenerationTimeout, NotReady, OutOfMemory, Overloaded
+    from engine import ClientGone, GenerationTimeout, ModelUnavailable, NotReady, OutOfMemory, Overloaded
     from engine.adapters import ERRORS as ADAPTER_ERRORS
 
     engine = ready_engine(request)
@@ -171,7 +173,7 @@ async def run_generation(
             # The client left as its generation finished: saving the images would leave files nobody can name.
             raise ClientGone
         return result
-    except (Overloaded, NotReady, GenerationTimeout, OutOfMemory, ClientGone, *ADAPTER_ERRORS) as exc:
+    except (Overloaded, NotReady, GenerationTimeout, OutOfMemory, ClientGone, ModelUnavailable, *ADAPTER_ERRORS) as exc:
         if isinstance(exc, ClientGone):
             logger.info("request %s: client disconnected, generation stopped", generation.request_id)
         raise as_api_error(exc, engine, request.app.state.settings.request_timeout) from None
@@ -185,11 +187,22 @@ def log_generation(generation: GenerationRequest) -> None:
 
 
 def as_api_error(exc: EngineError, engine: Any, request_timeout: float) -> APIError:
-    from engine import GenerationTimeout, MemoryWait, NotReady, OutOfMemory, Overloaded, TooLarge, TooLargeForMemory
+    from engine import (
+        GenerationTimeout,
+        MemoryWait,
+        ModelUnavailable,
+        NotReady,
+        OutOfMemory,
+        Overloaded,
+        TooLarge,
+        TooLargeForMemory,
+    )
 
     adapters = adapter_error(exc)
     if adapters is not None:
         return adapters
+    if isinstance(exc, ModelUnavailable):
+        return model_error(exc.model, exc.reason, exc.message)
     if isinstance(exc, TooLargeForMemory):  # as for TooLarge: the edits' routes meet it here
         return APIError(400, f"Too large: {exc.message}.", "invalid_request_error", code="invalid_value")
     if isinstance(exc, MemoryWait):

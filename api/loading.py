@@ -92,7 +92,7 @@ def default_loader(settings: Settings) -> Any:
     from Pipelines import ModelPipelineInitializer
 
     initializer = ModelPipelineInitializer(
-        settings.model,
+        settings.model_source,
         settings.type_models,
         device=settings.device,
         dtype=settings.dtype,
@@ -103,7 +103,11 @@ def default_loader(settings: Settings) -> Any:
 
 async def load_model(app: FastAPI, settings: Settings, loader: Callable[[Settings], Any] | None) -> None:
     """Load the model off the event loop, then build the engine and publish both on ``app.state``."""
-    from utils.requestscopedpipeline import default_guidance_scale
+    if settings.several_models:
+        from api.several import load_models
+
+        await load_models(app, settings, loader)
+        return
 
     def load_and_build() -> tuple[Any, Any, Any, Any]:
         loaded = _start((loader or default_loader)(settings))
@@ -121,20 +125,32 @@ async def load_model(app: FastAPI, settings: Settings, loader: Callable[[Setting
     app.state.loaded = loaded
     app.state.scoped = scoped
     app.state.prompt_cache = cache
-    app.state.geometry = ModelGeometry.of(loaded.pipeline)
-    app.state.default_guidance = default_guidance_scale(loaded.pipeline)
+    view = model_view(settings.model_name, loaded, engine.adapters, engine.memory)
+    app.state.models.views[view.name] = view
+    app.state.geometry = view.geometry
+    app.state.default_guidance = view.default_guidance
     engine.listeners.append(app.state.metrics.observe_generation)
     app.state.engine = engine
     engine.set_ready()
     logger.info(
         "model %s ready on %s in %.1fs (engine=%s, max_concurrency=%d, max_queue=%d)",
-        settings.model,
+        settings.model_source,
         loaded.device,
         time.monotonic() - started,
         engine.kind,
         engine.max_concurrency,
         settings.max_queue,
     )
+
+
+def model_view(name: str, loaded: Any, adapters: Any, memory: Any) -> Any:
+    """What the routes need of a loaded model (api.models.ModelView)."""
+    from api.models import ModelView
+    from utils.requestscopedpipeline import default_guidance_scale
+
+    pipeline = loaded.pipeline
+    geometry = ModelGeometry.of(pipeline)
+    return ModelView(name, geometry, default_guidance_scale(pipeline), loaded, adapters, memory)
 
 
 def pixel_budget(settings: Settings, geometry: ModelGeometry) -> int:
@@ -177,16 +193,42 @@ def idle_release() -> None:
 def build_engine(settings: Settings, pipeline: Any, device: Any) -> tuple[Any, Any, Any]:
     """The engine the settings ask for (or the device's default), its RequestScopedPipeline and prompt cache."""
     from engine import Engine
+
+    kind = engine_kind(settings, device.type)
+    served, scoped, cache = build_served(settings, pipeline, device, kind)
+    engine = Engine(
+        served.runner,
+        settings.max_concurrency or default_concurrency(device.type, kind),
+        settings.max_queue,
+        settings.request_timeout,
+        cpu_threads=usable_cores() if device.type == "cpu" else None,
+        kind=kind,
+        previewer=served.previewer,
+        log_interval=settings.progress_log_interval,
+        max_pixels=pixel_budget(settings, ModelGeometry.of(pipeline)),
+        adapters=served.adapters,
+        memory=served.memory,
+        release=idle_release,
+    )
+    return engine, scoped, cache
+
+
+def build_served(
+    settings: Settings, pipeline: Any, device: Any, kind: str, model: str | None = None, weights: Any = None
+) -> tuple[Any, Any, Any]:
+    """One model as the engine runs it (``engine.served.Served``: its runner of ``kind``, LoRA pool, previewer and
+    memory admission), its RequestScopedPipeline and prompt cache. ``model``: its name among several (None: the one
+    model); ``weights``: what the resident models hold, taken from a fixed --memory-budget (several models)."""
     from engine.previews import LatentPreviewer
     from engine.prompt_cache import PromptCache
+    from engine.served import Served
     from engine.step import StepRunner
     from engine.threads import pipeline_runner
     from utils import RequestScopedPipeline
 
-    kind = engine_kind(settings, device.type)
-    adapters = adapter_pool(settings, pipeline)
+    adapters = adapter_pool(settings, pipeline, model)
     scoped = RequestScopedPipeline(pipeline)
-    cache = PromptCache(settings.prompt_cache_size, identity=cache_identity(settings, pipeline))
+    cache = PromptCache(settings.prompt_cache_size, identity=cache_identity(settings, pipeline, model))
     cores = usable_cores() if device.type == "cpu" else None
     if kind == "step":
         if settings.compile:
@@ -207,24 +249,11 @@ def build_engine(settings: Settings, pipeline: Any, device: Any) -> tuple[Any, A
         runner = pipeline_runner(scoped, device, cache, adapters, tiles=settings.tiles)
     previewer = LatentPreviewer(pipeline.vae, pipeline.vae_scale_factor)
     previewer.fit()  # at load, so that no request waits for it (bench/RESULTS.md: its cost)
-    engine = Engine(
-        runner,
-        settings.max_concurrency or default_concurrency(device.type, kind),
-        settings.max_queue,
-        settings.request_timeout,
-        cpu_threads=cores,
-        kind=kind,
-        previewer=previewer,
-        log_interval=settings.progress_log_interval,
-        max_pixels=pixel_budget(settings, ModelGeometry.of(pipeline)),
-        adapters=adapters,
-        memory=memory_admission(settings, pipeline, device),
-        release=idle_release,
-    )
-    return engine, scoped, cache
+    memory = memory_admission(settings, pipeline, device, weights)
+    return Served(runner, previewer, adapters, memory, name=model or ""), scoped, cache
 
 
-def memory_admission(settings: Settings, pipeline: Any, device: Any) -> Any:
+def memory_admission(settings: Settings, pipeline: Any, device: Any, weights: Any = None) -> Any:
     """Admission by measured memory (engine.memory_admission), its costs measured on the loaded model now; None when
     turned off (--memory-admission off) or when the measurement failed (the pixel budget and the slots still hold)."""
     if settings.memory_admission == "off":
@@ -238,7 +267,8 @@ def memory_admission(settings: Settings, pipeline: Any, device: Any) -> Any:
     admission = MemoryAdmission(
         MemoryMeter(device),
         reserve=settings.memory_reserve,
-        budget=settings.memory_budget,
+        budget=budget_bytes(settings.memory_budget, device),
+        weights=weights,
         max_wait=settings.memory_wait or settings.request_timeout,
         tiles=settings.tiles,
         tile_pixels=tile,
@@ -253,7 +283,16 @@ def memory_admission(settings: Settings, pipeline: Any, device: Any) -> Any:
     return admission
 
 
-def cache_identity(settings: Settings, pipeline: Any) -> tuple[Any, ...]:
+def budget_bytes(text: str, device: Any) -> int:
+    """--memory-budget in bytes (a fraction is of the device's memory; 0: none given)."""
+    from registry.memory import device_total, parse_memory
+
+    if text.strip() in ("", "0"):
+        return 0
+    return parse_memory(text, device_total(device) if any(c in text for c in ".%") else 0)
+
+
+def cache_identity(settings: Settings, pipeline: Any, model: str | None = None) -> tuple[Any, ...]:
     """What produced a cached embedding besides its text: the model, the encoders' dtype and device, whether T5 is
     loaded and how the encoders are quantized (a server cannot change them while it runs; the key still says them)."""
     from engine.prompt_cache import encoders_device
@@ -262,21 +301,23 @@ def cache_identity(settings: Settings, pipeline: Any) -> tuple[Any, ...]:
     options = settings.load_options
     quantized = tuple(sorted((c, k) for c, k in options.quantize.items() if c != "transformer"))
     t5 = getattr(pipeline, "text_encoder_3", None) is not None
-    return (settings.model, str(dtype), str(encoders_device(pipeline)), ("t5", t5), ("quantized", quantized))
+    identity = (model or settings.model_source, str(dtype), str(encoders_device(pipeline)))
+    return (*identity, ("t5", t5), ("quantized", quantized))
 
 
-def adapter_pool(settings: Settings, pipeline: Any) -> Any:
-    """The LoRA pool the settings ask for (None: no adapters); the --lora ones are loaded now."""
-    from pathlib import Path
-
+def adapter_pool(settings: Settings, pipeline: Any, model: str | None = None) -> Any:
+    """The LoRA pool the settings give ``model`` (None: the default model's; the result None: no adapters); its
+    --lora ones are loaded now."""
     from api.adapters import parse_lora_options
 
-    if not settings.lora and not settings.lora_dir:
+    model = model or settings.default_model
+    entries = settings.loras_by_model().get(model, [])
+    directory = settings.lora_dirs().get(model)
+    if not entries and directory is None:
         return None
     from engine.adapters import AdapterPool
 
-    directory = Path(settings.lora_dir).expanduser() if settings.lora_dir else None
-    return AdapterPool(pipeline, parse_lora_options(settings.lora), directory, settings.max_loras)
+    return AdapterPool(pipeline, parse_lora_options(entries), directory, settings.max_loras)
 
 
 async def _in_passing_thread(fn: Callable[[], Any]) -> Any:

@@ -80,6 +80,9 @@ class InferenceRequest(OutputOptions):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: Prompt
+    model: Annotated[str, Field(max_length=256)] | None = Field(
+        None, description="the model to run (GET /v1/models); default: the server's default model"
+    )
     negative_prompt: Annotated[str, Field(max_length=100_000)] | None = None
     num_inference_steps: Steps | None = Field(None, description="default: the server's --default-steps")
     num_images_per_prompt: Annotated[int, Field(ge=1, le=64)] = 1
@@ -108,6 +111,11 @@ class InferenceRequest(OutputOptions):
 
 
 class ResolvedParameters(BaseModel):
+    """The parameters a generation ran with; a server of several models adds ``model``, the one that served it (a
+    server of one model answers as it always did)."""
+
+    model_config = ConfigDict(extra="allow")
+
     prompt: str
     negative_prompt: str | None
     num_inference_steps: int

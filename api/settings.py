@@ -9,11 +9,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import AliasChoices, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from api.settings_jobs import JobSettings
 from api.settings_memory import MemorySettings
+from api.settings_models import ModelsSettings, strip_model_prefix
 from models.dtypes import DTYPE_ALIASES
 
 __all__ = ["ENV_PREFIX", "Settings", "SettingsError", "max_image_bytes", "parse_settings"]
@@ -22,18 +23,12 @@ ENV_PREFIX = "SERVER_"
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d{1,3})?)$")
 
 
-class Settings(MemorySettings, JobSettings, BaseSettings):
+class Settings(ModelsSettings, MemorySettings, JobSettings, BaseSettings):
     """Server configuration. CLI flags override environment variables, which override defaults. The small-memory
     options (quantization, T5, the encoders' device, tiled decoding, memory admission) are ``MemorySettings``'."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", populate_by_name=True)
 
-    model: str = Field(
-        "stabilityai/stable-diffusion-3.5-medium",
-        validation_alias=AliasChoices("model", f"{ENV_PREFIX}MODEL", "MODEL_PATH"),
-        description="hub id, local save_pretrained directory, or random:tiny / random:sd3.5-medium "
-        "(env SERVER_MODEL or MODEL_PATH)",
-    )
     type_models: str = Field("t2im", description="pipeline type; only t2im (text-to-image) today")
     host: str = Field("0.0.0.0", description="address to bind")
     port: int = Field(8500, ge=0, le=65535, description="port to bind (0: any free port)")
@@ -87,10 +82,13 @@ class Settings(MemorySettings, JobSettings, BaseSettings):
     lora: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="a LoRA adapter requests may name: NAME=PATH, PATH a .safetensors file in diffusers' format (or a "
-        "folder holding one); repeat the flag for more (environment: comma-separated) (default: none)",
+        "folder holding one), or MODEL:NAME=PATH for a model other than the default; repeat the flag for more "
+        "(environment: comma-separated) (default: none)",
     )
-    lora_dir: str | None = Field(
-        None, description="a folder of LoRA adapters (*.safetensors), each named by its file name, loaded on first use"
+    lora_dir: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="a folder of LoRA adapters (*.safetensors), each named by its file name, loaded on first use; "
+        "MODEL:DIR for a model other than the default, repeating the flag (default: none)",
     )
     max_loras: int = Field(
         8, ge=1, le=1000, description="LoRA adapters loaded at once; beyond, the least recently used idle one goes"
@@ -202,7 +200,7 @@ class Settings(MemorySettings, JobSettings, BaseSettings):
             raise ValueError("log_level must be debug, info, warning or error")
         return value.lower()
 
-    @field_validator("lora", mode="before")
+    @field_validator("lora", "lora_dir", mode="before")
     @classmethod
     def _split_loras(cls, value: Any) -> Any:
         if isinstance(value, str):  # the environment's form: NAME=PATH,NAME=PATH
@@ -211,13 +209,44 @@ class Settings(MemorySettings, JobSettings, BaseSettings):
 
     @field_validator("lora")
     @classmethod
-    def _check_loras(cls, value: list[str]) -> list[str]:
+    def _check_lora_syntax(cls, value: list[str]) -> list[str]:
         from api.adapters import parse_lora_options
 
-        parse_lora_options(value)  # the files themselves are checked before loading (serverasync.check_adapters)
+        # Each entry alone (a MODEL: prefix set aside); names per model are checked once the models are known.
+        for entry in value:
+            parse_lora_options([strip_model_prefix(entry)])
         return value
 
-    @field_validator("lora_dir", "data_dir")
+    @field_validator("lora_dir")
+    @classmethod
+    def _check_lora_dirs(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            if not Path(entry).expanduser().is_dir() and not Path(strip_model_prefix(entry)).expanduser().is_dir():
+                raise ValueError(f"{entry}: no such directory (make it, or name another)")
+        return value
+
+    @model_validator(mode="after")
+    def _check_loras(self) -> Settings:
+        from api.adapters import parse_lora_options
+
+        # The files themselves are checked before loading (serverasync.check_adapters).
+        for model, entries in self.loras_by_model().items():
+            try:
+                parse_lora_options(entries)
+            except ValueError as exc:
+                raise ValueError(f"--lora: {exc}") from None
+            if len(entries) > self.max_loras:
+                whose = "" if model == self.default_model else f" of {model}"
+                raise ValueError(
+                    f"max_loras ({self.max_loras}) is below the {len(entries)} adapters{whose} named with --lora"
+                )
+        try:
+            self.lora_dirs()
+        except ValueError as exc:
+            raise ValueError(f"--lora-dir: {exc}") from None
+        return self
+
+    @field_validator("data_dir")
     @classmethod
     def _check_directory(cls, value: str | None) -> str | None:
         if value and not Path(value).expanduser().is_dir():
@@ -251,8 +280,6 @@ class Settings(MemorySettings, JobSettings, BaseSettings):
         if self.compile and (self.lora or self.lora_dir):
             # A compiled graph bakes in the adapters it was traced with; switching them per pass would recompile.
             raise ValueError("compile cannot serve LoRA adapters (--lora, --lora-dir): use one or the other")
-        if len(self.lora) > self.max_loras:
-            raise ValueError(f"max_loras ({self.max_loras}) is below the {len(self.lora)} adapters named with --lora")
         return self
 
     @model_validator(mode="after")
@@ -282,10 +309,13 @@ class Settings(MemorySettings, JobSettings, BaseSettings):
         a local path (a file system path is never shown to a client)."""
         if self.served_model_name:
             return self.served_model_name
-        path = Path(self.model).expanduser()
-        if path.is_absolute() or self.model.startswith((".", "~")) or path.exists():
+        spec = next(spec for spec in self.model_specs if spec.default)
+        if spec.name != spec.source:  # named: --model NAME=SOURCE
+            return spec.name
+        path = Path(spec.source).expanduser()
+        if path.is_absolute() or spec.source.startswith((".", "~")) or path.exists():
             return path.resolve().name or "model"
-        return self.model
+        return spec.source
 
     @property
     def cors_origin_list(self) -> list[str]:

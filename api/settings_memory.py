@@ -47,8 +47,12 @@ class MemorySettings(BaseSettings):
         description="on: admit requests by their measured memory (a pass's and a decode's peak, measured at start-up "
         "and as requests run alone, must fit the free memory less --memory-reserve); off: slots and pixels only",
     )
-    memory_budget: int = Field(
-        0, ge=0, description="bytes the running requests may take (0: the free memory measured after the load)"
+    memory_budget: str = Field(
+        "0",
+        description="one server's memory budget: bytes (1073741824), a size (6GB, 500MB, 1.5GiB) or a fraction of the "
+        "device (0.8). One model: what the running requests may take (0: the free memory measured after the "
+        "load). Several models: their weights and the running requests together; models are unloaded to stay in it "
+        "(0: the device's memory less --memory-reserve)",
     )
     memory_reserve: int = Field(
         512 * 1024 * 1024, ge=0, description="bytes of the free memory kept out of the requests' budget"
@@ -86,6 +90,16 @@ class MemorySettings(BaseSettings):
         if value.lower() not in ("on", "off", "auto"):
             raise ValueError("vae_tiling must be on, off or auto")
         return value.lower()
+
+    @field_validator("memory_budget", mode="before")
+    @classmethod
+    def _check_memory_budget(cls, value: Any) -> str:
+        from registry.memory import parse_memory
+
+        text = str(value).strip()
+        if text != "0":  # 0: see the description
+            parse_memory(text, 1)  # the syntax now; a fraction is of the device, known once it is chosen
+        return text
 
     @field_validator("memory_admission")
     @classmethod

@@ -1,8 +1,10 @@
-"""Middleware for Ray Serve's HTTP proxy: a replica that dies mid-request, and Ray's own overload answers.
+"""Middleware for Ray Serve's HTTP proxy: a replica that dies mid-request, Ray's own overload answers, and (several
+models) the header that routes a request to a replica holding its model (``deploy/routing.py``).
 
 Ray loads it in its proxy actor when ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=deploy.proxy:proxy_middlewares``
 is in the environment of the Ray processes (``deploy/ray_serve.py`` sets it for the cluster it starts; see
-docs/operations/scaling-out.md). Without it everything works but these two cases: Ray answers them in plain text.
+docs/operations/scaling-out.md). Without it everything works but these cases: Ray answers the first two in plain
+text, and routes a request for any model to any replica.
 
 - A replica that dies before answering (killed, out of memory, its node lost) ends the request with no response at
   all, which Ray's HTTP server turns into a bare ``500 Internal Server Error``. Here the request is sent again, to
@@ -22,6 +24,7 @@ from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import error_response
+from deploy.routing import ModelRouting, replay
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +36,9 @@ REPLICA_HEADER = b"x-replica"
 
 
 def proxy_middlewares() -> list[Middleware]:
-    """Ray's proxy callback (``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH``)."""
-    return [Middleware(ReplicaFailover)]
+    """Ray's proxy callback (``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH``): the model's header first (several
+    models: ``deploy/routing.py``), so a replayed request goes to a replica holding its model too."""
+    return [Middleware(ModelRouting), Middleware(ReplicaFailover)]
 
 
 class ReplicaFailover:
@@ -60,7 +64,7 @@ class ReplicaFailover:
 
         for attempt in range(1, ATTEMPTS + 1):
             answer = _Answer(scope, send)
-            await self.app(scope, recording_receive if attempt == 1 else _replay(kept, receive), answer.send)
+            await self.app(scope, recording_receive if attempt == 1 else replay(kept, receive), answer.send)
             if answer.started:
                 return
             if not replayable or attempt == ATTEMPTS:
@@ -90,15 +94,6 @@ class _Answer:
         if self._replaced:
             return  # the body of the answer replaced above
         await self._send(message)
-
-
-def _replay(kept: list[Message], receive: Receive) -> Receive:
-    pending = list(kept)
-
-    async def replay_receive() -> Message:
-        return pending.pop(0) if pending else await receive()
-
-    return replay_receive
 
 
 async def _answer_503(scope: Scope, send: Send, message: str, code: str, retry_after: str = "1") -> None:

@@ -16,6 +16,9 @@ options from the server's connection limits (``http_options``; what Ray's proxy 
 proxy's: ``deploy/nginx_config.py``). Backpressure: the engine keeps its own bound (slots + queue, then the 503
 envelope with ``Retry-After``); Ray's per-replica limit is that bound plus headroom for cheap requests (image fetches,
 probes), so they do not queue behind generations and an overloaded replica answers with the engine's envelope.
+Several models (``--model NAME=SOURCE`` more than once): each replica holds some of them in its own budget, and Ray
+routes a request to a replica holding its model (Ray Serve's model multiplexing: ``deploy/routing.py`` in the proxy,
+``deploy/multiplex.py`` in the replicas).
 """
 
 from __future__ import annotations
@@ -81,10 +84,13 @@ class Scale:
     min_replicas: int = 1
     max_replicas: int = 0
     target_ongoing_requests: float | None = None  # default: the engine's slots (see deployment_options)
+    models_per_replica: int = 0  # several models: Ray's max_num_models_per_replica (0: every model; deploy/multiplex)
 
     def __post_init__(self) -> None:
-        if self.num_replicas < 1 or self.min_replicas < 0 or self.max_replicas < 0:
-            raise ValueError("num_replicas must be at least 1, min_replicas and max_replicas at least 0")
+        if self.num_replicas < 1 or self.min_replicas < 0 or self.max_replicas < 0 or self.models_per_replica < 0:
+            raise ValueError(
+                "num_replicas must be at least 1, min_replicas, max_replicas and models_per_replica at least 0"
+            )
         if self.num_cpus < 0 or self.num_gpus < 0:
             raise ValueError("num_cpus and num_gpus must not be negative")
         if self.max_replicas and self.min_replicas > self.max_replicas:
@@ -196,9 +202,9 @@ def hold_until_loaded(app: Any) -> None:
 class SD3Server:
     """One replica: the app from ``create_app``, its own model and engine."""
 
-    def __init__(self, settings: dict[str, Any], metrics_port: int = 0) -> None:
+    def __init__(self, settings: dict[str, Any], metrics_port: int = 0, models_per_replica: int = 0) -> None:
         self.settings = Settings(**settings)
-        self.metrics_port = metrics_port
+        self.metrics_port, self.models_per_replica = metrics_port, models_per_replica
         self.api: Any = None  # the FastAPI app (the wrapper Ray adds owns `app`)
         # The app's own log lines (model ready, requests) in the replica's log, as the single server prints them.
         logging.basicConfig(level=self.settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
@@ -210,10 +216,14 @@ class SD3Server:
         replica = serve.get_replica_context().replica_id.unique_id
         self.api.add_middleware(ReplicaHeader, name=replica)
         hold_until_loaded(self.api)
+        if self.settings.several_models:  # requests go to the replicas holding their model (deploy/multiplex.py)
+            from deploy.multiplex import multiplex_models
+
+            multiplex_models(self.api, self.models_per_replica)
         if self.metrics_port:
             rank = serve.get_replica_context().rank.local_rank
             _serve_metrics_while_running(self.api, self.settings, self.metrics_port + rank, replica)
-        logger.info("replica %s: serving %s", replica, self.settings.model)
+        logger.info("replica %s: serving %s", replica, self.settings.model_source)
         return self.api
 
     def check_health(self) -> None:
@@ -243,7 +253,8 @@ def serve_app(settings: Settings, scale: Scale, metrics_port: int = 0) -> Any:
     # other: an absolute path (a replica's working directory is Ray's, not ours), shared on a cluster (NFS, a volume).
     explicit = settings.model_dump(exclude_unset=True)
     explicit.update(_absolute_paths(settings))
-    return SD3Server.options(**deployment_options(settings, scale)).bind(explicit, metrics_port)
+    options = deployment_options(settings, scale)
+    return SD3Server.options(**options).bind(explicit, metrics_port, scale.models_per_replica)
 
 
 def _absolute_paths(settings: Settings) -> dict[str, str]:
@@ -258,7 +269,7 @@ def _absolute_paths(settings: Settings) -> dict[str, str]:
 
 
 _SCALE_NAMES = {f.name for f in fields(Scale)}
-_INT_SCALE = {"num_replicas", "min_replicas", "max_replicas"}
+_INT_SCALE = {"num_replicas", "min_replicas", "max_replicas", "models_per_replica"}
 _DEPLOY_NAMES = {*_SCALE_NAMES, "metrics_port"}
 
 
@@ -297,6 +308,7 @@ def _parse(argv: list[str] | None) -> tuple[Settings, Scale, int, float | None]:
         description="Serve N replicas on a local Ray cluster. Every server flag (python serverasync.py --help) "
         "applies to each replica.",
         add_help=False,
+        allow_abbrev=False,  # --model is the server's, not short for --models-per-replica
     )
     parser.add_argument("--num-replicas", type=int, default=1, help="replicas (each loads the model once)")
     parser.add_argument("--num-cpus", type=float, default=1.0, help="CPUs reserved per replica (Ray scheduling)")
@@ -304,6 +316,9 @@ def _parse(argv: list[str] | None) -> tuple[Settings, Scale, int, float | None]:
     parser.add_argument("--max-replicas", type=int, default=0, help="autoscale up to this many (0: fixed)")
     parser.add_argument("--min-replicas", type=int, default=1, help="autoscale down to this many")
     parser.add_argument("--metrics-port", type=int, default=0, help="replica i's own /metrics on this port + i")
+    parser.add_argument(
+        "--models-per-replica", type=int, default=0, help="several models: how many one replica holds (0: all)"
+    )
     parser.add_argument("--ray-cpus", type=float, default=None, help="CPUs the local Ray may use (default: all)")
     known, rest = parser.parse_known_args(argv)
     if "-h" in rest or "--help" in rest:
@@ -315,8 +330,17 @@ def _parse(argv: list[str] | None) -> tuple[Settings, Scale, int, float | None]:
         num_gpus=known.num_gpus,
         min_replicas=known.min_replicas,
         max_replicas=known.max_replicas,
+        models_per_replica=known.models_per_replica,
     )
     return settings, scale, known.metrics_port, known.ray_cpus
+
+
+def _routes_environment(settings: Settings) -> dict[str, str]:
+    """Several models: the names Ray's proxy routes by (``deploy/routing.py``), for the cluster's environment."""
+    from deploy.routing import ROUTES_VARIABLE, model_routes
+
+    routes = model_routes(settings)
+    return {ROUTES_VARIABLE: routes.to_json()} if routes is not None else {}
 
 
 class _Stop(BaseException):
@@ -344,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"deploy/ray_serve.py: error: {exc}", file=sys.stderr)
         return 2
-    if not start_ray(ray_cpus, REPO, {PROXY_CALLBACK_VARIABLE: PROXY_CALLBACK}):
+    if not start_ray(ray_cpus, REPO, {PROXY_CALLBACK_VARIABLE: PROXY_CALLBACK, **_routes_environment(settings)}):
         return EXIT_RAY_UNAVAILABLE
     # After ray.init, which installs its own SIGTERM handler (exit at once, status 15).
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -353,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         deploy_config(config, APP_NAME)
         url = f"http://{settings.host}:{settings.port}"
-        logger.info("serving %s, %d replica(s), at %s", settings.model, scale.num_replicas, url)
+        logger.info("serving %s, %d replica(s), at %s", settings.model_source, scale.num_replicas, url)
         threading.Event().wait()
     except _Stop as stop:
         logger.info("%s: stopping; replicas drain for up to %gs", stop, settings.shutdown_timeout)

@@ -6,6 +6,11 @@ most ``max_concurrency`` at once, first come first served, gives the same throug
 (N + 1) / 2 x S, and bounds memory. Beyond the slots, up to ``max_queue`` requests wait; beyond that the answer is
 an immediate overload error, before any work is done.
 
+Several models (``models``, an ``engine.served.ModelSource``): each request runs on its own model's runner, which the
+source holds resident while it runs (``engine.served``); the slots and the queue are shared fairly between the
+models (``engine.fair_queue``: a free slot goes to the model running fewest, a full queue sheds the longest model's
+newest waiter). With one model, all of this is the FIFO described above.
+
 Cost as well as count: with a pixel budget (``max_pixels``), the requests running hold at most that many pixels
 (width x height x images, what their memory grows with). A request waits in the FIFO queue until a slot and its
 pixels are free, the head holding the ones behind it (a large request is never starved by small ones); one larger
@@ -33,13 +38,12 @@ Observers (metrics): every ``submit`` ends by calling each of ``Engine.listeners
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import gc
 import logging
 import threading
 import time
-from collections import deque
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -47,10 +51,12 @@ from typing import Any
 import torch
 
 from .adapters import AdapterPool
+from .fair_queue import FairQueue, FairShare
 from .memory import is_oom, release_memory
 from .memory_admission import MemoryAdmission
 from .memory_gate import MemoryGate
-from .progress import Ticket, counter_of, notify, tell_listeners
+from .progress import Ticket, counter_of, tell_listeners
+from .served import Holds, ModelSource, Served
 from .types import (
     ClientGone,
     GenerationCancelled,
@@ -60,7 +66,6 @@ from .types import (
     Listener,
     NotReady,
     OutOfMemory,
-    Overloaded,
     Previewer,
     Progress,
     ProgressEvent,
@@ -72,7 +77,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["Engine"]
 
 
-class Engine(MemoryGate):
+class Engine(FairShare, Holds, MemoryGate):
     """Runs ``runner(request, on_step)`` in worker threads under admission control.
 
     ``runner`` must call ``on_step(step_index, latents)`` after every denoising step; that call raises
@@ -93,6 +98,7 @@ class Engine(MemoryGate):
         max_pixels: int = 0,
         adapters: AdapterPool | None = None,
         memory: MemoryAdmission | None = None,
+        models: ModelSource | None = None,
     ) -> None:
         if max_concurrency < 1 or max_queue < 0 or max_pixels < 0:
             raise ValueError("max_concurrency must be >= 1, max_queue and max_pixels >= 0")
@@ -114,13 +120,18 @@ class Engine(MemoryGate):
         self.max_pixels = max_pixels  # pixels running at once (0: no budget, slots alone)
         self.adapters = adapters  # an AdapterPool: a request's LoRA adapters are loaded before it takes a slot
         self.memory = memory  # admission by measured memory (None: slots and pixels only)
+        # Several models: each request's runner, previewer, adapters and memory admission come from here (None: the
+        # engine's one model, the attributes above).
+        self.models = models
         self._active = 0
         self._pixels = 0  # what the running requests hold of max_pixels
         self._running: set[Ticket] = set()  # their tickets: the memory they hold, their steps
+        self._running_by_model: Counter[str] = Counter()  # how many run per model: the fair queue's measure
         self._epoch = 0  # counts starts: a request that saw none but its own during its run ran alone
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._waiters = FairQueue()  # one FIFO per model, served fairly between them (engine.fair_queue)
         self._waiting: dict[asyncio.Future[None], Ticket] = {}  # each waiter's ticket (its cost), for the hand-over
         self._positions: dict[asyncio.Future[None], Progress] = {}  # waiters that asked for progress
+        self._told: dict[asyncio.Future[None], int] = {}  # the position each of them was last told
         # Held while idle-time memory is released. A generation passes through it before starting, and a release
         # only runs if no slot is taken once it holds it, so a release never overlaps (and stalls) a generation.
         self._memory_lock = threading.Lock()
@@ -168,10 +179,13 @@ class Engine(MemoryGate):
         if self._active >= self.max_concurrency or over:
             return False
         # Alone, a request runs: it fitted on arrival, and a budget shrunk since by other processes never grows back.
-        return self.memory is None or not self._running or self.memory_held + ticket.cost <= self.memory.budget
+        memory = self._memory_of(ticket)
+        return memory is None or not self._running or self.memory_held + ticket.cost <= memory.budget
 
     def _take(self, ticket: Ticket) -> None:
         self._active += 1
+        self._running_by_model[ticket.request.model] += 1
+        self._waiters.started(ticket.request.model)
         self._pixels += ticket.request.pixels
         self._running.add(ticket)
         self._epoch += 1
@@ -182,41 +196,28 @@ class Engine(MemoryGate):
             self._take(ticket)
             return
         if len(self._waiters) >= self.max_queue:
-            raise Overloaded
+            self._shed_for(ticket.request.model)  # a fair share of the queue for each model, or Overloaded
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
+        self._waiters.push(waiter, ticket.request.model)
         self._waiting[waiter] = ticket
         if ticket.progress is not None:
             self._positions[waiter] = ticket.progress
-            notify(ticket.progress, ProgressEvent("queued", position=len(self._waiters)))
+        self._announce_positions()
         try:
             await self._race(waiter, gone, deadline)
         except BaseException:
-            if waiter.done() and not waiter.cancelled():
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 self._release_slot(ticket)  # the slot was handed to us as we gave up: pass it on
             else:
                 waiter.cancel()
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(waiter)
+                self._waiters.remove(waiter)
                 self._start_waiting()  # a head that did not fit may have been holding the others back
                 self._announce_positions()
             raise
         finally:
             self._positions.pop(waiter, None)
+            self._told.pop(waiter, None)
             self._waiting.pop(waiter, None)
-
-    def _announce_positions(self) -> None:
-        """Tell every waiter that asked for progress its new place in the queue (the queue moved)."""
-        if not self._positions:
-            return
-        position = 0
-        for waiter in self._waiters:
-            if waiter.done():
-                continue
-            position += 1
-            progress = self._positions.get(waiter)
-            if progress is not None:
-                notify(progress, ProgressEvent("queued", position=position))
 
     def _thread_done(self, ticket: Ticket, future: asyncio.Future[Any]) -> None:
         if not future.cancelled():
@@ -229,6 +230,7 @@ class Engine(MemoryGate):
         self._active -= 1
         self._pixels -= ticket.request.pixels
         self._running.discard(ticket)
+        self._running_by_model[ticket.request.model] -= 1
         if self._start_waiting():
             self._announce_positions()
         if self._active == 0:
@@ -236,18 +238,17 @@ class Engine(MemoryGate):
             self._executor.submit(self._release_if_idle)
 
     def _start_waiting(self) -> bool:
-        """Hand slots to the queue's head while it fits (FIFO: a head that does not fit yet waits, and so do the
-        ones behind it). True if anyone started."""
+        """Hand slots to the queue's head while it fits (the fair queue's head: a head that does not fit yet waits,
+        and so do the ones behind it). True if anyone started."""
         started = False
-        while self._waiters:
-            waiter = self._waiters[0]
+        while (waiter := self._waiters.head(self._running_by_model)) is not None:
             if waiter.done():  # it gave up and is on its way out
-                self._waiters.popleft()
+                self._waiters.remove(waiter)
                 continue
             ticket = self._waiting[waiter]
             if not self._fits(ticket):
                 break
-            self._waiters.popleft()
+            self._waiters.remove(waiter)
             self._take(ticket)
             waiter.set_result(None)
             started = True
@@ -310,21 +311,13 @@ class Engine(MemoryGate):
         gone = gone if gone is not None else asyncio.Event()
         deadline = ticket.arrived + self.request_timeout if self.request_timeout > 0 else None
         try:
-            async with self._adapters_held(request, gone, deadline):
-                return await self._admit_and_run(ticket, gone, deadline)
+            async with self._model_held(ticket, gone, deadline) as served:
+                ticket.served = served
+                async with self._adapters_held(request, served, gone, deadline):
+                    return await self._admit_and_run(ticket, gone, deadline)
         except Exception as exc:
             self.stats[counter_of(exc, gone)] += 1
             raise
-
-    def _adapters_held(self, request: GenerationRequest, gone: asyncio.Event, deadline: float | None) -> Any:
-        """The request's LoRA adapters, loaded before it takes a slot (no slot waits on a file) and held until it
-        ends (``AdapterPool.hold``, which refuses names it lacks); a full queue still refuses at once."""
-        if not request.loras:
-            return contextlib.nullcontext()
-        if len(self._waiters) >= self.max_queue and not self._fits(Ticket(request)):
-            raise Overloaded
-        pool = self.adapters or AdapterPool.refuse(request.loras)
-        return pool.hold(request.loras, lambda loading: self._race(loading, gone, deadline))
 
     async def _admit_and_run(self, ticket: Ticket, gone: asyncio.Event, deadline: float | None) -> GenerationResult:
         request = ticket.request
@@ -392,9 +385,7 @@ class Engine(MemoryGate):
         return False
 
     def close(self) -> None:
+        """Stop the slot threads and the one model's runner and adapters (a model source closes its own)."""
         self._executor.shutdown(wait=False, cancel_futures=True)
-        if self.adapters is not None:
-            self.adapters.close()
-        close_runner = getattr(self.runner, "close", None)
-        if callable(close_runner):
-            close_runner()  # the step strategy's loop and encoder threads
+        if self.models is None:
+            Served(self.runner, adapters=self.adapters).close()  # the step strategy's loop and encoder threads

@@ -12,7 +12,8 @@ a GPU, the process's on a CPU):
   pixels, a backend's workspace). Requests estimated under 64 MiB teach no ratio: their fixed overheads (a thread
   pool started, an allocator's arena grown) are noise per pixel.
 
-The budget is ``--memory-budget``, or the free memory measured while the engine is idle (after the load, and again
+The budget is ``--memory-budget`` (with several models, less what their resident weights hold: one budget of
+weights and requests together), or the free memory measured while the engine is idle (after the load, and again
 each time it falls idle), less ``--memory-reserve``. The engine admits while the running requests' costs and the
 newcomer's fit it; a request that cannot fit even alone is refused at once with the sizes that would
 (``refusal``), and one whose wait for memory would pass ``max_wait`` is refused with a Retry-After (``wait``).
@@ -55,10 +56,14 @@ class MemoryAdmission:
         tile_pixels: int = 0,
         size_multiple: int = 16,
         max_side: int = 1024,
+        weights: Callable[[], int] | None = None,
     ) -> None:
         self.meter = meter
         self.reserve = reserve
         self.fixed_budget = budget  # --memory-budget (0: the free memory measured when idle)
+        # Several models: the bytes the resident models' weights hold now, which a fixed budget covers too (the
+        # free memory measured when idle has them out already).
+        self.weights = weights
         self.max_wait = max_wait  # seconds a request may wait for memory (0: no limit)
         self.tiles = tiles or (lambda width, height: False)
         self.tile_pixels = tile_pixels  # a VAE tile's pixels (0: no tiling)
@@ -76,7 +81,8 @@ class MemoryAdmission:
     def budget(self) -> int:
         """Bytes the running requests may hold together."""
         free = self.fixed_budget or self.free_idle
-        return max(0, free - self.reserve)
+        held = self.weights() if self.fixed_budget and self.weights is not None else 0
+        return max(0, free - held - self.reserve)
 
     def refresh(self) -> None:
         """Measure the free memory again (the engine is idle: nothing of a request's is in it). From a worker thread:

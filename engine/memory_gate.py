@@ -16,7 +16,6 @@ if TYPE_CHECKING:
     import asyncio
 
     from .memory_admission import MemoryAdmission
-    from .types import Previewer, Runner
 
 __all__ = ["MemoryGate"]
 
@@ -26,13 +25,15 @@ class MemoryGate:
 
     memory: MemoryAdmission | None
     max_pixels: int
-    runner: Runner
-    previewer: Previewer | None
     log_interval: float
     _running: set[Ticket]
     _waiting: dict[asyncio.Future[None], Ticket]
     _active: int
     _epoch: int
+
+    def _memory_of(self, ticket: Ticket) -> MemoryAdmission | None:
+        """The memory admission of the request's model (the engine's own before its model is known)."""
+        return ticket.served.memory if ticket.served is not None else self.memory
 
     @property
     def memory_held(self) -> int:
@@ -44,27 +45,31 @@ class MemoryGate:
         pixels = ticket.request.pixels
         if self.max_pixels and pixels > self.max_pixels:
             raise TooLarge(pixels, self.max_pixels)
-        if self.memory is None:
+        memory = self._memory_of(ticket)
+        if memory is None:
             return
-        ticket.cost = self.memory.request_cost(ticket.request)
-        if not self.memory.fits_alone(ticket.cost):
+        ticket.cost = memory.request_cost(ticket.request)
+        if not memory.fits_alone(ticket.cost):
             request = ticket.request
             guided = request.guidance_scale is None or request.guidance_scale > 1
-            message = self.memory.refusal(request.width, request.height, request.num_images, guided) or ""
-            raise TooLargeForMemory(message, ticket.cost, self.memory.budget)
+            message = memory.refusal(request.width, request.height, request.num_images, guided) or ""
+            raise TooLargeForMemory(message, ticket.cost, memory.budget)
         now, ahead = time.monotonic(), sum(t.cost for t in self._waiting.values())
-        wait = self.memory.wait(ticket.cost, ahead, [(t.cost, t.seconds_left(now)) for t in self._running])
-        if wait is not None and self.memory.max_wait and wait > self.memory.max_wait:
+        wait = memory.wait(ticket.cost, ahead, [(t.cost, t.seconds_left(now)) for t in self._running])
+        if wait is not None and memory.max_wait and wait > memory.max_wait:
             raise MemoryWait(wait, max(1, math.ceil(wait)))
 
     def _measured(self, ticket: Ticket) -> list[Any]:
         """Run the request; if it ran alone, its peak memory teaches the estimate (``MemoryAdmission.observe``)."""
-        call = functools.partial(self.runner, ticket.request, ticket.step_callback(self.previewer, self.log_interval))
+        served = ticket.served
+        on_step = ticket.step_callback(served.previewer, self.log_interval)
+        call = functools.partial(served.runner, ticket.request, on_step)
         epoch = self._epoch  # read from the worker thread: a start since changes it
-        if self.memory is None or self._active != 1:
+        memory = served.memory
+        if memory is None or self._active != 1:
             return call()
         images: list[Any] = []
-        peak = self.memory.meter.measure(lambda: images.extend(call()))
+        peak = memory.meter.measure(lambda: images.extend(call()))
         if self._epoch == epoch and self._active == 1:
-            self.memory.observe(ticket.request, peak)
+            memory.observe(ticket.request, peak)
         return images

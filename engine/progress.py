@@ -91,6 +91,7 @@ class Ticket:
     started_at: float | None = None
     progress: Progress | None = None
     loop: asyncio.AbstractEventLoop | None = None
+    served: Any = None  # its model (engine.served.Served), once held
     cost: int = 0  # its estimated peak memory (bytes) while it runs, held against the memory budget
     steps_done: int = 0
     total_steps: int = 0

@@ -19,6 +19,7 @@ __all__ = [
     "GenerationTimeout",
     "Listener",
     "MemoryWait",
+    "ModelUnavailable",
     "NotReady",
     "OutOfMemory",
     "Overloaded",
@@ -77,6 +78,15 @@ class MemoryWait(Overloaded):
         self.wait, self.retry_after = wait, retry_after
 
 
+class ModelUnavailable(EngineError):
+    """The request's model cannot be made resident: ``reason`` "too_large" (it cannot fit the memory budget even
+    alone) or "load_failed" (its load failed; the cause is in the server's log)."""
+
+    def __init__(self, model: str, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.model, self.reason, self.message = model, reason, message
+
+
 class GenerationTimeout(EngineError):
     """The request's deadline passed; its generation was stopped."""
 
@@ -117,6 +127,8 @@ class GenerationRequest:
     # inpainting: the feather at the mask's edge, pixels (A1111's mask_blur: the Gaussian blur's radius); 0 = a hard
     # edge. The final images are the input outside the mask, blended across a band about the edge (engine.tasks).
     mask_blur: int = 0
+    # The model that runs it: a name the engine's model source knows ("": the engine's only model).
+    model: str = ""
 
     def summary(self) -> str:
         """One line for the log: size, steps, images, seed and the prompt (truncated)."""
@@ -136,16 +148,18 @@ class GenerationRequest:
 class ProgressEvent:
     """What happened to one request; see the module docstring. ``previews`` holds PIL images (one per image)."""
 
-    type: str  # "queued", "started" or "step"
+    type: str  # "loading" (its model is being loaded), "queued", "started" or "step"
     position: int | None = None  # queued: 1 = next to start
     step: int | None = None  # step: steps done so far (1..total)
     total: int | None = None
     elapsed_s: float | None = None  # step: seconds since the request started (left the queue)
     previews: list[Any] | None = None
+    model: str | None = None  # loading: the model
 
     def to_dict(self) -> dict[str, Any]:
         """The event's JSON-ready fields (previews left out), for event streams."""
-        fields = {"type": self.type, "position": self.position, "step": self.step, "total": self.total}
+        fields = {"type": self.type, "model": self.model, "position": self.position, "step": self.step}
+        fields["total"] = self.total
         fields["elapsed_s"] = None if self.elapsed_s is None else round(self.elapsed_s, 3)
         return {k: v for k, v in fields.items() if v is not None}
 

@@ -158,7 +158,9 @@ class Job:
         """The engine's progress callback (on the event loop): update the state, tell the subscribers."""
         if self.finished:
             return  # a step reported by the worker thread as the job was cancelled
-        if event.type == "queued":
+        if event.type == "loading":  # several models: the job's model is being loaded (it holds no slot yet)
+            self._publish("loading", {"model": event.model})
+        elif event.type == "queued":
             self.position = event.position
             self._publish("queued", {"position": event.position})
         elif event.type == "started":

@@ -39,6 +39,13 @@ vocabulary, so any prompt tokenizes) and a unigram vocabulary for T5. They use t
 real transformers classes, so a pipeline built here round-trips through
 ``save_pretrained`` / ``StableDiffusion3Pipeline.from_pretrained``.
 
+``random:encoder-heavy`` (not advertised: not in ``RANDOM_PRESETS``; the family of several models in tests/model_dirs.py
+and bench/several_models.py)
+    Shaped like SD3.5-medium, whose text encoders outweigh its transformer (5.6B parameters beside 2.24B), at about
+    1/180 of its size: text encoders of 30M parameters (T5 25M) beside a 10M transformer, and the VAE of
+    ``random:small``; 44M in all (174 MB in fp32). Models that share their encoders and VAE share most of their
+    memory, as SD3.5-large and -medium do.
+
 This module is the presets' names and configs (light: no torch); ``models.random_build`` builds them and
 ``models.random_tokenizers`` makes their stand-in tokenizers.
 """
@@ -168,6 +175,51 @@ PRESET_CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
             "hidden_act": "gelu",
         },
         "t5": {"d_model": 256, "d_ff": 1024, "d_kv": 32, "num_heads": 8, "num_layers": 4},
+    },
+    "random:encoder-heavy": {
+        "transformer": {
+            "sample_size": 32,
+            "patch_size": 2,
+            "in_channels": 16,
+            "out_channels": 16,
+            "num_layers": 4,
+            "attention_head_dim": 64,
+            "num_attention_heads": 4,
+            "joint_attention_dim": 512,
+            "caption_projection_dim": 256,
+            "pooled_projection_dim": 128,
+            "pos_embed_max_size": 64,
+            "dual_attention_layers": (0, 1),
+            "qk_norm": "rms_norm",
+        },
+        "vae": {
+            "in_channels": 3,
+            "out_channels": 3,
+            "down_block_types": ("DownEncoderBlock2D",) * 4,
+            "up_block_types": ("UpDecoderBlock2D",) * 4,
+            "block_out_channels": (32, 64, 128, 128),
+            "layers_per_block": 1,
+            "latent_channels": 16,
+            "norm_num_groups": 16,
+            "sample_size": 256,
+        },
+        "clip_l": {
+            "hidden_size": 128,
+            "intermediate_size": 512,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "projection_dim": 64,
+            "hidden_act": "quick_gelu",
+        },
+        "clip_g": {
+            "hidden_size": 256,
+            "intermediate_size": 1024,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "projection_dim": 64,
+            "hidden_act": "gelu",
+        },
+        "t5": {"d_model": 512, "d_ff": 2048, "d_kv": 64, "num_heads": 8, "num_layers": 6},
     },
     "random:sd3.5-medium": {
         # stabilityai/stable-diffusion-3.5-medium transformer/config.json

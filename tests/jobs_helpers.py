@@ -128,3 +128,16 @@ def count_steps(live: Any) -> CountingRunner:
     counting = CountingRunner(live.engine.runner)
     live.engine.runner = counting
     return counting
+
+
+def stepping_runner(request: Any, on_step: Any) -> list[Any]:
+    """An engine runner that steps (10 ms each) until done or cancelled, like a pipeline, and makes no image."""
+    for step in range(request.num_inference_steps):
+        time.sleep(0.01)
+        on_step(step, None)
+    return [f"image of {request.seed}"]
+
+
+async def answer_images(generation: Any, result: Any) -> dict[str, Any]:
+    """A job's answer: the runner's images as they are."""
+    return {"images": result.images}

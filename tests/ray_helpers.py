@@ -39,20 +39,30 @@ def free_ports_in_a_row(count: int) -> list[int]:
 class ServeProcess:
     """``python deploy/ray_serve.py`` with two replicas on a free loopback port."""
 
-    def __init__(self, tmp: Path, max_queue: int, job_store: str | None = None) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        max_queue: int,
+        job_store: str | None = None,
+        models: tuple[str, ...] = ("random:tiny",),
+        extra: tuple[str, ...] = (),
+    ) -> None:
+        """``models``: each a ``--model`` value; ``extra``: more flags of the script or the server."""
         self.url = f"http://127.0.0.1:{free_port()}"
         self.metrics_ports = free_ports_in_a_row(2)  # replica i's own /metrics: the first + i
         self.log_path = tmp / "ray_serve.log"
         command = [
             sys.executable,
             str(REPO / "deploy" / "ray_serve.py"),
-            *("--model", "random:tiny", "--num-replicas", "2", "--num-cpus", "0.5", "--ray-cpus", "2"),
+            *(flag for model in models for flag in ("--model", model)),
+            *("--num-replicas", "2", "--num-cpus", "0.5", "--ray-cpus", "2"),
             *("--host", "127.0.0.1", "--port", self.url.rsplit(":", 1)[1], "--image-dir", str(tmp / "images")),
             *("--data-dir", str(tmp)),  # its own default job store, jobs.db there (unless --job-store)
             *("--max-queue", str(max_queue), "--default-steps", "2", "--shutdown-timeout", "10"),
             # Ray's proxy closes connections idle this long between requests (its keep_alive_timeout_s).
             *("--keep-alive-timeout", str(KEEP_ALIVE_S), "--metrics-port", str(self.metrics_ports[0])),
             *(("--job-store", job_store) if job_store else ()),  # every replica gets it
+            *extra,
         ]
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         # Its own session: a fallback kill reaches Ray's processes even if the script dies first.

@@ -70,7 +70,10 @@ def test_images_edit_with_a_file_a_list_of_one_and_a_list_of_two(server: Any, tm
     images = [decoded(item.b64_json) for item in listed.data]
     assert [im.size for im in images] == [(48, 32)] * 2
     assert images[0].tobytes() != images[1].tobytes()
-    assert images[0].tobytes() == decoded(single.data[0].b64_json).tobytes()  # same seed, same first image
+    # Same seed, same first image: its own noise, so the same picture; the pixels to a rounding, since a batch of
+    # two runs other kernels than a batch of one and some CPUs round them apart (one level, measured).
+    first, alone = (np.asarray(im, dtype=np.int16) for im in (images[0], decoded(single.data[0].b64_json)))
+    assert np.abs(first - alone).max() <= 2 and np.abs(first - alone).mean() < 0.05
     with pytest.raises(openai.BadRequestError) as caught:
         client.images.edit(image=[path.read_bytes(), path.read_bytes()], **options)
     assert caught.value.code == "too_many_images" and "one image per request" in str(caught.value)

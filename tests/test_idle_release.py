@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import ctypes
 import threading
+from pathlib import Path
 
 import httpx
 import psutil
 import pytest
+from conftest import LiveServer, wait_ready
 
 MIB = 1 << 20
 BLOCK = 64 * 1024  # below glibc's mmap threshold: served from an arena, as a request's tensors of that size are
@@ -38,10 +40,31 @@ def _free_memory_the_allocator_keeps(total: int) -> list[bytes]:
     return kept
 
 
+def _several_models(tmp_path: Path) -> LiveServer:
+    """A server of two of tests/model_dirs.py's models (api/several.py builds its engine)."""
+    from model_dirs import save_family
+
+    from serverasync import Settings, create_app
+
+    family = save_family(tmp_path / "family")
+    models = [f"{name}={family[name]}" for name in ("large", "medium")]
+    live = LiveServer(create_app(Settings(model=models, data_dir=str(tmp_path), image_dir=str(tmp_path / "images"))))
+    wait_ready(live.url)
+    return live
+
+
 @pytest.mark.skipif(not _glibc(), reason="malloc_trim is glibc's")
-@pytest.mark.parametrize("engine", ["threads", "step"])
-def test_a_server_falling_idle_hands_the_heaps_free_pages_back(make_server, engine: str) -> None:
-    live = make_server(engine=engine)
+@pytest.mark.parametrize("engine", ["threads", "step", "several models"])
+def test_a_server_falling_idle_hands_the_heaps_free_pages_back(make_server, tmp_path: Path, engine: str) -> None:
+    live = _several_models(tmp_path) if engine == "several models" else make_server(engine=engine)
+    try:
+        _trims_when_idle(live)
+    finally:
+        if engine == "several models":
+            live.stop()
+
+
+def _trims_when_idle(live: LiveServer) -> None:
     released = threading.Event()
     release = live.engine.release  # the server's own, run as it is; we only learn when it has run
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import redis
+from jobs_helpers import answer_images, stepping_runner
 from redis_helpers import RedisProcess
 
 from api.generation import job_failure
@@ -105,17 +106,6 @@ def test_a_job_whose_server_keeps_dying_fails_after_its_attempts(store_url: str)
     asyncio.run(scenario())
 
 
-def _stepping_runner(request: GenerationRequest, on_step: Any) -> list[Any]:
-    for step in range(request.num_inference_steps):
-        time.sleep(0.01)
-        on_step(step, None)
-    return [f"image of {request.seed}"]
-
-
-async def _answer(generation: Any, result: Any) -> dict[str, Any]:
-    return {"images": result.images}
-
-
 class Node:
     """One "server": its own engine and job service on the shared store."""
 
@@ -123,14 +113,16 @@ class Node:
         settings = SimpleNamespace(
             max_jobs=max_jobs, job_ttl=60, job_grace=60, job_lease=3, job_max_attempts=3, request_timeout=0
         )
-        self.engine = Engine(_stepping_runner, max_concurrency=1, max_queue=4, release=lambda: None)
+        self.engine = Engine(stepping_runner, max_concurrency=1, max_queue=4, release=lambda: None)
         self.engine.set_ready()
-        self.jobs = DurableJobs(_backend(url), settings, lambda context: _answer, lambda: self.engine, job_failure(0))
+        self.jobs = DurableJobs(
+            _backend(url), settings, lambda context: answer_images, lambda: self.engine, job_failure(0)
+        )
         self.jobs.open()
 
     async def start(self, steps: int, seed: int = 0) -> str:
         request = GenerationRequest("p", steps, 1, seed, 16, 16, request_id=f"r{seed}")
-        return (await self.jobs.start(request, self.engine, _answer, context={})).id
+        return (await self.jobs.start(request, self.engine, answer_images, context={})).id
 
     async def close(self) -> None:
         await self.engine.drain(0)

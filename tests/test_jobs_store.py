@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from typing import Any
 
 import pytest
+from jobs_helpers import answer_images, stepping_runner
 
 from api.errors import APIError
 from api.generation import job_failure
@@ -21,18 +21,6 @@ FAILURE_OF = job_failure(0)  # the HTTP layer's description of a failed run (wha
 
 def _request(steps: int = 1000, seed: int = 0) -> GenerationRequest:
     return GenerationRequest("p", steps, 1, seed, 16, 16, request_id=f"r{seed}")
-
-
-def _stepping_runner(request: GenerationRequest, on_step: Any) -> list[Any]:
-    """Steps (10 ms each) until done or cancelled, like a pipeline."""
-    for step in range(request.num_inference_steps):
-        time.sleep(0.01)
-        on_step(step, None)
-    return [f"image of {request.seed}"]
-
-
-async def _answer(generation: Any, result: Any) -> dict[str, Any]:
-    return {"images": result.images}
 
 
 def test_a_slow_subscriber_loses_steps_never_started_or_done() -> None:
@@ -60,14 +48,14 @@ def test_admission_has_no_race_with_a_request_scheduled_just_before() -> None:
     (503, no job made), never accepted to fail later."""
 
     async def scenario() -> None:
-        engine = Engine(_stepping_runner, max_concurrency=1, max_queue=1, release=lambda: None)
+        engine = Engine(stepping_runner, max_concurrency=1, max_queue=1, release=lambda: None)
         engine.set_ready()
         store = JobStore(max_jobs=10, ttl=60, failure_of=FAILURE_OF)
-        first = await store.start(_request(seed=1), engine, _answer)
+        first = await store.start(_request(seed=1), engine, answer_images)
         # A request already scheduled (its task will run before the job's) takes the last place in the queue.
         other = asyncio.create_task(engine.submit(_request(seed=2)))
         with pytest.raises(APIError) as refused:
-            await store.start(_request(seed=3), engine, _answer)
+            await store.start(_request(seed=3), engine, answer_images)
         assert (refused.value.status, refused.value.code) == (503, "queue_full")
         assert refused.value.headers["Retry-After"]
         assert len(store) == 1 and engine.queued == 1
@@ -93,11 +81,11 @@ def test_eta_follows_the_step_rate() -> None:
 
 def test_close_stops_every_job_and_leaves_no_task() -> None:
     async def scenario() -> set[asyncio.Task[Any]]:
-        engine = Engine(_stepping_runner, max_concurrency=1, max_queue=4, release=lambda: None)
+        engine = Engine(stepping_runner, max_concurrency=1, max_queue=4, release=lambda: None)
         engine.set_ready()
         store = JobStore(max_jobs=10, ttl=60, failure_of=FAILURE_OF)
         store.open()
-        jobs = [await store.start(_request(seed=seed), engine, _answer) for seed in range(3)]
+        jobs = [await store.start(_request(seed=seed), engine, answer_images) for seed in range(3)]
         await asyncio.sleep(0.1)
         assert await engine.drain(0.2) is False  # the shutdown timeout: the engine aborts what is left
         await store.close(5)
@@ -112,10 +100,10 @@ def test_close_stops_every_job_and_leaves_no_task() -> None:
 
 def test_a_cancelled_job_never_reports_steps_after_its_end() -> None:
     async def scenario() -> None:
-        engine = Engine(_stepping_runner, max_concurrency=1, max_queue=1, release=lambda: None)
+        engine = Engine(stepping_runner, max_concurrency=1, max_queue=1, release=lambda: None)
         engine.set_ready()
         store = JobStore(max_jobs=10, ttl=60, failure_of=FAILURE_OF)
-        job = await store.start(_request(), engine, _answer)
+        job = await store.start(_request(), engine, answer_images)
         while job.step < 2:
             await asyncio.sleep(0.01)
         store.cancel(job)
@@ -130,10 +118,10 @@ def test_a_cancelled_job_never_reports_steps_after_its_end() -> None:
 
 def test_a_job_that_takes_a_free_slot_is_running_at_once_and_started_is_said_once() -> None:
     async def scenario() -> list[list[str]]:
-        engine = Engine(_stepping_runner, max_concurrency=1, max_queue=1, release=lambda: None)
+        engine = Engine(stepping_runner, max_concurrency=1, max_queue=1, release=lambda: None)
         engine.set_ready()
         store = JobStore(max_jobs=10, ttl=60, failure_of=FAILURE_OF)
-        job = await store.start(_request(steps=3), engine, _answer)
+        job = await store.start(_request(steps=3), engine, answer_images)
         assert (job.status, job.to_dict()["position"]) == ("running", None)
         early = job.subscribe()  # before the worker thread's "started" arrives: replayed
         await job.task  # type: ignore[misc]

@@ -78,6 +78,7 @@ def test_counters_and_histograms_move_by_exactly_the_requests_made(make_server: 
     assert moved("sd_request_latency_seconds_count", api="native") == 3
     assert moved("sd_request_latency_seconds_count", api="openai") == 2
     assert moved("sd_images_total") == 2 + 1 + 1
+    assert not [key for key in after if "model" in dict(key[1])], "a server of one model got a model label"
     assert moved("sd_steps_total") == 2 + 3 + 4
     # The engine's histograms got one observation per generation, of exactly the timings each answer reported.
     timings = [server_timing(r) for r in ok]

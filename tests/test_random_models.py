@@ -152,6 +152,16 @@ def test_save_and_reload_roundtrip(tiny: StableDiffusion3Pipeline, tmp_path: Pat
     assert loaded.tokenizer_2.pad_token == "!"
     assert loaded.tokenizer_3(PROMPT).input_ids == tiny.tokenizer_3(PROMPT).input_ids
     assert loaded.tokenizer(PROMPT).input_ids == tiny.tokenizer(PROMPT).input_ids
+    for name in MODULES:  # every weight comes back exactly
+        saved, read = getattr(tiny, name).state_dict(), getattr(loaded, name).state_dict()
+        assert saved.keys() == read.keys() and all(torch.equal(saved[k], read[k]) for k in saved), name
+    # The same image, once the weights sit where freshly allocated ones do: the loaded tensors are views into the
+    # memory-mapped file at its offsets, and on some CPUs the kernels round differently on memory aligned otherwise
+    # (a pixel off by one, measured on this project's CI machines), though every weight is equal.
+    with torch.no_grad():
+        for name in MODULES:
+            for tensor in [*getattr(loaded, name).parameters(), *getattr(loaded, name).buffers()]:
+                tensor.data = tensor.data.clone()
     np.testing.assert_array_equal(np.asarray(_generate(tiny, 64, 64)), np.asarray(_generate(loaded, 64, 64)))
 
 

@@ -26,7 +26,7 @@ import pytest
 import redis
 from fault_helpers import a_replica, fill, read_only, redis_saving_to, refusing_writes, saved, small_tmpfs
 from http_helpers import assert_envelope
-from jobs_helpers import BLOCKER, JOBS, submit, wait_final, wait_for
+from jobs_helpers import BLOCKER, JOBS, answer_images, stepping_runner, submit, wait_final, wait_for
 from redis_helpers import RedisProcess, Server
 
 from api.generation import job_failure
@@ -57,17 +57,6 @@ def tmpfs(tmp_path: Path) -> Iterator[Path]:
         yield mounted
 
 
-def _stepping_runner(request: GenerationRequest, on_step: Any) -> list[Any]:
-    for step in range(request.num_inference_steps):
-        time.sleep(0.01)
-        on_step(step, None)
-    return [f"image of {request.seed}"]
-
-
-async def _answer(generation: Any, result: Any) -> dict[str, Any]:
-    return {"images": result.images}
-
-
 class Node:
     """One "server": its own engine and job service on the shared store; ``tick=False``: a reader that never ticks
     (it neither renews, reaps nor claims)."""
@@ -76,7 +65,7 @@ class Node:
         settings = SimpleNamespace(
             max_jobs=10, job_ttl=60, job_grace=60, job_lease=lease, job_max_attempts=3, request_timeout=0
         )
-        self.engine = Engine(_stepping_runner, max_concurrency=1, max_queue=4, release=lambda: None)
+        self.engine = Engine(stepping_runner, max_concurrency=1, max_queue=4, release=lambda: None)
         self.engine.set_ready()
         if url.startswith("sqlite"):
             from jobs.sqlite import SQLiteBackend
@@ -86,13 +75,13 @@ class Node:
             from jobs.redis_store import RedisBackend
 
             backend = RedisBackend(url)
-        self.jobs = DurableJobs(backend, settings, lambda context: _answer, lambda: self.engine, job_failure(0))
+        self.jobs = DurableJobs(backend, settings, lambda context: answer_images, lambda: self.engine, job_failure(0))
         if tick:
             self.jobs.open()
 
     async def start(self, steps: int, seed: int = 0) -> str:
         request = GenerationRequest("p", steps, 1, seed, 16, 16, request_id=f"r{seed}")
-        return (await self.jobs.start(request, self.engine, _answer, context={})).id
+        return (await self.jobs.start(request, self.engine, answer_images, context={})).id
 
     async def state(self, job_id: str) -> dict[str, Any]:
         state = await self.jobs.describe(job_id)
@@ -308,7 +297,7 @@ def _refused(response: httpx.Response) -> None:
 BODY = {"prompt": "a lighthouse", "num_inference_steps": 2, "height": 64, "width": 64, "seed": 1}
 
 
-def test_a_job_posted_while_redis_refuses_writes_is_answered_503(
+def test_a_job_posted_while_redis_refuses_writes_isanswer_imagesed_503(
     make_server: Any, redis_server: RedisProcess, redis_url: str
 ) -> None:
     live = make_server(job_store=redis_url)
@@ -318,7 +307,7 @@ def test_a_job_posted_while_redis_refuses_writes_is_answered_503(
         assert wait_final(client, submit(client, BODY))["status"] == "succeeded"
 
 
-def test_a_job_posted_while_the_disk_is_full_is_answered_503(make_server: Any, tmpfs: Path) -> None:
+def test_a_job_posted_while_the_disk_is_full_isanswer_imagesed_503(make_server: Any, tmpfs: Path) -> None:
     live = make_server(job_store=f"sqlite:///{tmpfs / 'jobs.db'}")
     with httpx.Client(base_url=live.url, timeout=60) as client:
         filler = fill(tmpfs)
@@ -436,7 +425,7 @@ async def _step(node: Node, job_id: str, step: int) -> bool:
     return (await node.state(job_id))["step"] >= step
 
 
-def test_every_store_answers_the_same_fields_and_the_schema_documents_them(store_url: str) -> None:
+def test_every_storeanswer_imagess_the_same_fields_and_the_schema_documents_them(store_url: str) -> None:
     from api.schemas import JobState
     from jobs.memory import JobStore
 
@@ -445,7 +434,7 @@ def test_every_store_answers_the_same_fields_and_the_schema_documents_them(store
         node = Node(store_url)
         engine = node.engine
         request = GenerationRequest("p", 3, 1, 1, 16, 16, request_id="r1")
-        in_memory = await memory.describe((await memory.start(request, engine, _answer)).id)
+        in_memory = await memory.describe((await memory.start(request, engine, answer_images)).id)
         durable = await node.state(await node.start(3, 2))
         await memory.close(5)
         await node.close()

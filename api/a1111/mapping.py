@@ -29,11 +29,13 @@ from fastapi import Request
 from api.a1111.fields import COMMON, IMG2IMG, TXT2IMG, check_neutral
 from api.a1111.options import check_settings, state_of
 from api.a1111.prompt_tags import lora_tags
+from api.a1111.schemas import CHECKPOINT_FIELD
 from api.deps import request_id
 from api.edits import IMAGE_TO_IMAGE, edit_generation, target_size
 from api.errors import APIError
 from api.generation import to_generation
 from api.images_in import decode_string, read_inputs
+from api.models import model_of, use_model
 from api.schemas import LoraChoice
 
 CONCAT_CHANNELS = 33  # an inpainting model's transformer (engine.tasks.inpainting)
@@ -89,9 +91,9 @@ def _sampling(body: Any) -> dict[str, str]:
     return notes
 
 
-def _common(request: Request, body: Any, rules: tuple[Any, ...]) -> tuple[SimpleNamespace, dict[str, Any], Plan]:
+async def _common(request: Request, body: Any, rules: tuple[Any, ...]) -> tuple[SimpleNamespace, dict[str, Any], Plan]:
     """The checks and settings both routes share: (what ``to_generation`` reads, the effective options, the plan
-    without its generations)."""
+    without its generations). The request is routed to its checkpoint's model (``api.models.use_model``)."""
     from utils.image_store import Encoding
 
     check_neutral(body, COMMON + rules)
@@ -103,6 +105,7 @@ def _common(request: Request, body: Any, rules: tuple[Any, ...]) -> tuple[Simple
     options = dict(state_of(request).options)
     applied, ignored = check_settings(body.override_settings or {}, request, "override_settings.")
     options.update(applied)
+    await use_model(request, options[CHECKPOINT_FIELD])
     text, chosen = lora_tags(request, body.prompt, body.disable_extra_networks)
     view = SimpleNamespace(
         prompt=text,
@@ -135,9 +138,9 @@ def _spread(first: Any, count: int, previews: int) -> list[Any]:
     return [first if i == 0 else dataclasses.replace(first, seed=first.seed + i) for i in range(count)]
 
 
-def txt2img_plan(request: Request, body: Any) -> Plan:
+async def txt2img_plan(request: Request, body: Any) -> Plan:
     """The generations of a txt2img body (see the module's notes)."""
-    view, options, plan = _common(request, body, TXT2IMG)
+    view, options, plan = await _common(request, body, TXT2IMG)
     first = to_generation(request, view, NAMES, n=1, height=body.height, width=body.width, blank_prompt=True)
     plan.generations = _spread(first, body.batch_size * body.n_iter, _previews(options))
     return plan
@@ -182,7 +185,7 @@ def _notes(body: Any) -> dict[str, str]:
 
 async def img2img_plan(request: Request, body: Any) -> Plan:
     """The generations of an img2img body: image i starts from ``init_images[i % len]`` (see the module's notes)."""
-    view, options, plan = _common(request, body, IMG2IMG)
+    view, options, plan = await _common(request, body, IMG2IMG)
     blur = _mask_blur(body)
     decoded = await _inputs(request, body)
     width, height = target_size(request, decoded[0].size, body.width, body.height)
@@ -207,7 +210,7 @@ async def img2img_plan(request: Request, body: Any) -> Plan:
             raise
         if first.task != IMAGE_TO_IMAGE:
             first.mask_blur = blur
-            plan.conditioning = request.app.state.loaded.pipeline.transformer.config.in_channels == CONCAT_CHANNELS
+            plan.conditioning = model_of(request).loaded.pipeline.transformer.config.in_channels == CONCAT_CHANNELS
         firsts.append(first)
     plan.generations = _spread(firsts[0], body.batch_size * body.n_iter, _previews(options))
     for i, generation in enumerate(plan.generations):

@@ -4,7 +4,10 @@ A1111 keeps hundreds of options; the ones here are those its clients read or set
 only at its neutral value (``check_settings``):
 
 - ``sd_model_checkpoint`` (applied): the model that answers, by its title in ``GET /sdapi/v1/sd-models``, its name,
-  its name without a ``[hash]`` suffix or a file extension, or ``""`` (no change: Open WebUI sends that);
+  its name without a ``[hash]`` suffix or a file extension, or ``""`` (no change: Open WebUI sends that). It starts
+  as the server's default model; ``POST /sdapi/v1/options`` makes another configured model the one this API's
+  requests run on (as A1111 switches its checkpoint), a request's ``override_settings`` for itself alone; the model
+  loads on the first request that needs it, as any model here. The other APIs keep the server's default;
 - ``samples_format`` (applied): png (default), jpg / jpeg or webp, the encoding of the answered images;
 - ``show_progress_every_n_steps`` (applied, default 10) and ``live_previews_enable`` (applied, default true): how
   often a running request's preview (``current_image`` of ``GET /sdapi/v1/progress``) is made; 0 or -1: never;
@@ -69,14 +72,19 @@ def state_of(request: Request) -> A1111State:
     state = request.app.state
     current = getattr(state, "a1111", None)
     if current is None:
-        current = state.a1111 = A1111State(_defaults(state.settings.model_name))
+        current = state.a1111 = A1111State(_defaults(state.models.default))
     return current
 
 
 def model_entries(request: Request) -> list[dict[str, Any]]:
-    """``GET /sdapi/v1/sd-models``: the model this server serves, named as clients see it (never a file path)."""
-    name = request.app.state.settings.model_name
-    return [{"title": name, "model_name": name, "hash": None, "sha256": None, "filename": name, "config": None}]
+    """``GET /sdapi/v1/sd-models``: every model this server serves, loaded or not (the default first), named as
+    clients see them (never a file path)."""
+    models = request.app.state.models
+    names = [models.default, *(name for name in models.names if name != models.default)]
+    return [
+        {"title": name, "model_name": name, "hash": None, "sha256": None, "filename": name, "config": None}
+        for name in names
+    ]
 
 
 def _aliases(name: str) -> set[str]:

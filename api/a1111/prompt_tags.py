@@ -11,11 +11,11 @@ twice, more adapters than a request may use. The negative prompt is left as it i
 from __future__ import annotations
 
 import re
-from typing import Any
 
 from fastapi import Request
 
 from api.errors import APIError
+from api.models import model_of
 from api.schemas import MAX_LORA_SCALE, MAX_LORAS_PER_REQUEST
 
 __all__ = ["lora_tags"]
@@ -59,13 +59,19 @@ def _parse(prompt: str) -> tuple[str, list[tuple[str, float]]]:
 
 def lora_tags(request: Request, prompt: str, disabled: bool) -> tuple[str, list[tuple[str, float]]]:
     """(the text to encode, the adapters chosen); ``disabled`` (A1111's ``disable_extra_networks``): the tags are
-    still taken out, none applied. 400 naming every adapter the server does not have."""
+        still taken out, none applied. 400 naming every adapter the request's model does not have (or the model whose
+    adapter it is: ``api.models.use_model`` has routed the request)."""
     text, chosen = _parse(prompt)
     if disabled or not chosen:
         return text, []
-    pool: Any = getattr(request.app.state.engine, "adapters", None)
-    names = set(pool.names()) if pool is not None else set()
+    model = model_of(request)
+    names = set(model.adapter_names())
     unknown = [name for name, _ in chosen if name not in names]
+    for name in unknown:
+        owner = request.app.state.models.owner_of(name)
+        if owner is not None:  # several models: the adapter is another model's
+            message = f"LoRA adapter {name[:64]!r} belongs to model {owner!r}, not to {model.name!r}"
+            raise _bad(f"{message}; set sd_model_checkpoint to {owner!r} to use it", "adapter_of_another_model")
     if unknown:
         listed = ", ".join(sorted(names)) if names else "none are configured (--lora, --lora-dir)"
         missing = ", ".join(repr(name[:64]) for name in unknown)

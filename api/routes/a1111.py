@@ -17,6 +17,7 @@ from api.a1111.options import check_settings, model_entries, state_of
 from api.a1111.progress import idle_answer
 from api.a1111.run import answer
 from api.a1111.schemas import (
+    CHECKPOINT_FIELD,
     A1111Response,
     ActedOn,
     Img2ImgRequest,
@@ -39,7 +40,7 @@ TaskQuery = Annotated[str | None, Query(max_length=128, description="a request's
 @router.post("/txt2img", response_model=A1111Response, summary="A1111: generate images from a prompt")
 async def txt2img(body: Txt2ImgRequest, request: Request) -> JSONResponse:
     ready_engine(request)  # 503 while loading, before the limits (which depend on the model) are checked
-    return await answer(request, body, txt2img_plan(request, body))
+    return await answer(request, body, await txt2img_plan(request, body))
 
 
 @router.post("/img2img", response_model=A1111Response, summary="A1111: image-to-image, or inpainting with a mask")
@@ -95,7 +96,7 @@ async def set_options(body: dict[str, Any], request: Request) -> dict[str, Any]:
     return dict(options)
 
 
-@router.get("/sd-models", response_model=list[ModelItem], summary="A1111: the checkpoints (the served model)")
+@router.get("/sd-models", response_model=list[ModelItem], summary="A1111: the checkpoints (every served model)")
 async def sd_models(request: Request) -> list[dict[str, Any]]:
     return model_entries(request)
 
@@ -113,8 +114,8 @@ async def schedulers() -> list[dict[str, Any]]:
 
 @router.get("/loras", response_model=list[LoraItem], summary="A1111: the LoRA adapters (<lora:name:weight>)")
 async def loras(request: Request) -> list[dict[str, Any]]:
-    pool = getattr(request.app.state.engine, "adapters", None)
-    names = pool.names() if pool is not None else []
+    """The adapters of the model this API runs on (its ``sd_model_checkpoint``)."""
+    names = request.app.state.models.adapters_of(state_of(request).options[CHECKPOINT_FIELD])
     return [{"name": name, "alias": name, "path": None, "metadata": {}} for name in names]
 
 

@@ -62,6 +62,9 @@ async def native_answer(
         "loras": [{"name": name, "scale": scale} for name, scale in generation.loras],
         "mask_blur": generation.mask_blur if generation.mask_image is not None else None,
     }
+    resolved = {name: value for name, value in resolved.items() if name in ResolvedParameters.model_fields}
+    if generation.model:  # several models: which one served (a server of one model answers as it always did)
+        resolved["model"] = generation.model
     payload = InferenceResponse(
         response=[build_image_url(base, name) for name in names],
         seed=result.seed,

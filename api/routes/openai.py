@@ -14,6 +14,7 @@ from api.adapters import model_entries
 from api.deps import base_url, ready_engine
 from api.errors import APIError
 from api.generation import encode_all, encoding_of, run_generation, save_all, timing_headers, to_generation
+from api.models import use_model
 from api.schemas import OpenAIImageRequest, OpenAIImagesResponse, response_format_of
 from api.sse import SSE_EVENT_SCHEMA, SSE_MEDIA_TYPE
 from api.streaming import stream_generation
@@ -47,6 +48,7 @@ def parse_size(size: str | None) -> tuple[int | None, int | None]:
 )
 async def openai_generations(body: OpenAIImageRequest, request: Request) -> Response:
     ready_engine(request)  # 503 while loading, before the limits (which depend on the model) are checked
+    await use_model(request, body.model)
     width, height = parse_size(body.size)
     generation = to_generation(request, body, OPENAI_NAMES, n=body.n, height=height, width=width)
     return await openai_answer(request, generation, body)
@@ -77,11 +79,13 @@ async def openai_answer(
         "output_format": encoding.format,
         "size": f"{generation.width}x{generation.height}",
     }
+    if generation.model:  # several models: which one served
+        answer["model"] = generation.model
     if generation.loras:
         answer["loras"] = [{"name": name, "scale": scale} for name, scale in generation.loras]
     return JSONResponse(answer, headers=timing_headers(result))
 
 
-@router.get("/v1/models", summary="OpenAI-style model list: the loaded model, then its LoRA adapters")
+@router.get("/v1/models", summary="OpenAI-style model list: every model, each followed by its LoRA adapters")
 async def models(request: Request) -> dict[str, Any]:
     return {"object": "list", "data": model_entries(request, int(request.app.state.started_at))}

@@ -71,6 +71,7 @@ async def status(request: Request) -> dict[str, Any]:
         "adapters": _adapter_info(engine),
         "model_load": _load_info(settings, loaded),
         "memory_admission": _memory_admission(engine),
+        "models": _models_info(state),
     }
 
 
@@ -92,6 +93,16 @@ def _engine_info(engine: Any, settings: Any, cache: Any) -> dict[str, Any]:
     if runner_stats is not None:
         info.update(max_batch_size=settings.max_batch_size, batching=runner_stats)
     info["prompt_cache"] = cache.stats() if cache is not None else None
+    return info
+
+
+def _models_info(state: Any) -> dict[str, Any]:
+    """Every configured model: the default, and (several models) each one's state, bytes held alone and shared,
+    requests in flight, loads, evictions; the shared components; the budget and what the weights use."""
+    models = state.models
+    info: dict[str, Any] = {"default": models.default, "names": list(models.names)}
+    if state.modelset is not None:
+        info.update(state.modelset.status())
     return info
 
 
