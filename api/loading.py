@@ -27,6 +27,7 @@ __all__ = [
     "default_engine",
     "default_loader",
     "engine_kind",
+    "idle_release",
     "load_model",
     "usable_cores",
 ]
@@ -173,6 +174,22 @@ def compile_blocks(transformer: Any) -> None:
         block.compile(dynamic=True)
 
 
+def idle_release() -> None:
+    """What the engine hands back when it falls idle (``Engine(release=...)``): the device's cached blocks
+    (``engine.memory.release_memory``) and the heap's free pages (``models.quantize.trim_heap``, without its full
+    collection: ~0.2 s holding the GIL with a pipeline loaded).
+
+    Why the heap: glibc's allocator gives each thread that allocates its own arena (up to 8 per core) and keeps what
+    a request frees there for later allocations. The step engine's slot, loop and encoder threads kept more with
+    every block of a soak; after 2,000 mixed requests on random:tiny a trim gave back 52 MiB, in 9 ms
+    (bench/soak_memory.py; bench/RESULTS.md, "Memory soak")."""
+    from engine.memory import release_memory
+    from models.quantize import trim_heap
+
+    release_memory()
+    trim_heap(collect=False)
+
+
 def build_engine(settings: Settings, pipeline: Any, device: Any) -> tuple[Any, Any, Any]:
     """The engine the settings ask for (or the device's default), its RequestScopedPipeline and prompt cache."""
     from engine import Engine
@@ -191,6 +208,7 @@ def build_engine(settings: Settings, pipeline: Any, device: Any) -> tuple[Any, A
         max_pixels=pixel_budget(settings, ModelGeometry.of(pipeline)),
         adapters=served.adapters,
         memory=served.memory,
+        release=idle_release,
     )
     return engine, scoped, cache
 

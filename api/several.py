@@ -165,7 +165,7 @@ def make_model_set(
 async def load_models(app: FastAPI, settings: Settings, loader: Callable[[Settings], Any] | None) -> None:
     """Start the set (refusing models that can never fit, loading the default and the preloaded ones), then build
     the one engine over it and publish both on ``app.state``."""
-    from api.loading import default_concurrency, engine_kind, pixel_budget, usable_cores
+    from api.loading import default_concurrency, engine_kind, idle_release, pixel_budget, usable_cores
     from engine import Engine
     from Pipelines import resolve_device
 
@@ -199,6 +199,7 @@ async def load_models(app: FastAPI, settings: Settings, loader: Callable[[Settin
         log_interval=settings.progress_log_interval,
         max_pixels=pixel_budget(settings, view.geometry),
         models=source,
+        release=idle_release,
     )
     app.state.loaded, app.state.scoped, app.state.prompt_cache = view.loaded, bundle.scoped, bundle.prompt_cache
     app.state.geometry, app.state.default_guidance = view.geometry, view.default_guidance

@@ -126,11 +126,13 @@ def _load(cls: type, folder: str, config: Any, dtype: torch.dtype) -> Any:
     return module
 
 
-def trim_heap() -> None:
+def trim_heap(collect: bool = True) -> None:
     """Hand the heap's free pages back to the system (glibc's ``malloc_trim``; nothing elsewhere). After a load that
     freed full-precision weights, glibc keeps their pages for later allocations, and the process stays as large as
-    if it had never quantized."""
-    gc.collect()
+    if it had never quantized. ``collect``: a full garbage collection first (after a load; the server's idle-time
+    trim goes without, engine.memory explains why)."""
+    if collect:
+        gc.collect()
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc (macOS, musl): their allocators return large blocks themselves
