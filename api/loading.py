@@ -27,6 +27,7 @@ __all__ = [
     "default_engine",
     "default_loader",
     "engine_kind",
+    "engine_limits",
     "idle_release",
     "load_model",
     "usable_cores",
@@ -198,19 +199,27 @@ def build_engine(settings: Settings, pipeline: Any, device: Any) -> tuple[Any, A
     served, scoped, cache = build_served(settings, pipeline, device, kind)
     engine = Engine(
         served.runner,
-        settings.max_concurrency or default_concurrency(device.type, kind),
-        settings.max_queue,
-        settings.request_timeout,
-        cpu_threads=usable_cores() if device.type == "cpu" else None,
-        kind=kind,
         previewer=served.previewer,
-        log_interval=settings.progress_log_interval,
-        max_pixels=pixel_budget(settings, ModelGeometry.of(pipeline)),
         adapters=served.adapters,
         memory=served.memory,
-        release=idle_release,
+        **engine_limits(settings, device, kind, ModelGeometry.of(pipeline)),
     )
     return engine, scoped, cache
+
+
+def engine_limits(settings: Settings, device: Any, kind: str, geometry: ModelGeometry) -> dict[str, Any]:
+    """The ``Engine`` arguments every server shares, of one model or several: its slots, queue, deadline, CPU
+    threads, progress log, pixel budget, and what it hands back when it falls idle."""
+    return {
+        "max_concurrency": settings.max_concurrency or default_concurrency(device.type, kind),
+        "max_queue": settings.max_queue,
+        "request_timeout": settings.request_timeout,
+        "cpu_threads": usable_cores() if device.type == "cpu" else None,
+        "kind": kind,
+        "log_interval": settings.progress_log_interval,
+        "max_pixels": pixel_budget(settings, geometry),
+        "release": idle_release,
+    }
 
 
 def build_served(

@@ -165,7 +165,7 @@ def make_model_set(
 async def load_models(app: FastAPI, settings: Settings, loader: Callable[[Settings], Any] | None) -> None:
     """Start the set (refusing models that can never fit, loading the default and the preloaded ones), then build
     the one engine over it and publish both on ``app.state``."""
-    from api.loading import default_concurrency, engine_kind, idle_release, pixel_budget, usable_cores
+    from api.loading import engine_kind, engine_limits
     from engine import Engine
     from Pipelines import resolve_device
 
@@ -191,15 +191,8 @@ async def load_models(app: FastAPI, settings: Settings, loader: Callable[[Settin
     view = views.views.setdefault(models.default, bundle.view)
     engine = Engine(
         None,  # type: ignore[arg-type] - each request's runner comes from its model (the source)
-        settings.max_concurrency or default_concurrency(device.type, kind),
-        settings.max_queue,
-        settings.request_timeout,
-        cpu_threads=usable_cores() if device.type == "cpu" else None,
-        kind=kind,
-        log_interval=settings.progress_log_interval,
-        max_pixels=pixel_budget(settings, view.geometry),
         models=source,
-        release=idle_release,
+        **engine_limits(settings, device, kind, view.geometry),
     )
     app.state.loaded, app.state.scoped, app.state.prompt_cache = view.loaded, bundle.scoped, bundle.prompt_cache
     app.state.geometry, app.state.default_guidance = view.geometry, view.default_guidance
