@@ -24,6 +24,7 @@ import torch
 
 from models.options import LoadOptions
 from Pipelines import (
+    _ENCODERS,
     ModelLoadError,
     TextToImagePipelineSD3,
     _check_local_dir,
@@ -38,7 +39,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["load_model", "parts_of", "plan_model", "resolve_source"]
 
-_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 _NO_T5 = ("text_encoder_3", "tokenizer_3")
 _QUANT_BYTES = 1  # int8 and fp8: one byte a weight (the scales are noise beside it)
 
